@@ -1,0 +1,576 @@
+"""The embedded sqlite queue: lifecycle, scouts, retry budgets, leases, kill, downloads, URLs,
+and claims from several real OS processes at once."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from cio_worker.document import JobInfo, RetryPolicy
+from cio_worker.errors import DocumentError, LeaseLost, QueueError
+from cio_worker.hashing import md5_b64_of_bytes
+from cio_worker.queue import (
+    DownloadFile,
+    NewDownload,
+    NewTask,
+    SqliteQueue,
+    open_queue,
+)
+from cio_worker.status_view import format_status
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def job_spec(preempted: int = 3, failed: int = 1, title: str = "Clarisse - shot_A") -> dict:
+    return {
+        "title": title,
+        "project": "default",
+        "storage": "file:///tmp/storage",
+        "output_path": "C:/proj/renders",
+        "autoretry_policy": {"preempted": {"max_retries": preempted}, "failed": {"max_retries": failed}},
+    }
+
+
+def task(frames: str, scout: bool = False, tile: int = 1, tiles: int = 1) -> NewTask:
+    return NewTask(frames=frames, command=f"cnode -image_frames_list '{frames}'", tile=tile, tiles=tiles, scout=scout)
+
+
+def download(*names: str, output_dir: str = "C:/proj/renders") -> NewDownload:
+    return NewDownload(
+        output_dir=output_dir,
+        files=tuple(
+            DownloadFile(relative_path=n, md5=md5_b64_of_bytes(n.encode()), size=len(n), key=f"hashstore/{i:032x}")
+            for i, n in enumerate(names)
+        ),
+    )
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def queue(tmp_path: Path, clock: Clock):
+    q = SqliteQueue(tmp_path / "queue.db", clock=clock)
+    yield q
+    q.close()
+
+
+def states(q, job_id: str) -> list[str]:
+    return [t.state for t in q.tasks(job_id)]
+
+
+# -- lifecycle ------------------------------------------------------------------------------------
+
+
+def test_whole_lifecycle(queue: SqliteQueue, clock: Clock) -> None:
+    job_id = queue.create_job(job_spec(), [task("1-2"), task("3-4"), task("5")])
+    assert job_id == "00001"
+    assert states(queue, job_id) == ["pending"] * 3
+    assert not queue.is_finished(job_id)
+
+    leases = [queue.claim("w1", 30), queue.claim("w2", 30), queue.claim("w1", 30)]
+    assert [l.task_id for l in leases] == ["000", "001", "002"]
+    assert queue.claim("w3", 30) is None
+    doc = leases[1].document
+    assert doc.job.id == "00001" and doc.job.output_path == "C:/proj/renders"
+    assert (doc.task.id, doc.task.frames, doc.task.attempt, doc.task.frames_done) == ("001", "3-4", 1, "")
+    assert leases[1].expires_at == clock.now + 30
+    assert states(queue, job_id) == ["leased"] * 3
+
+    for lease in leases:
+        queue.complete(lease, download(f"img.{lease.task_id}.exr"))
+    assert states(queue, job_id) == ["done"] * 3
+    assert queue.is_finished(job_id)
+    rows = queue.tasks(job_id)
+    assert [r.worker for r in rows] == ["w1", "w2", "w1"]
+    assert rows[0].frames_done == "1-2"
+    (summary,) = queue.jobs()
+    assert summary.id == job_id and summary.title == "Clarisse - shot_A"
+    assert summary.counts == {"holding": 0, "pending": 0, "leased": 0, "done": 3, "failed": 0}
+    assert summary.created == clock.now and summary.finished
+    assert [e.kind for e in queue.events(job_id, "001")] == ["claimed", "done"]
+    assert queue.events(job_id)[0].kind == "created"
+    assert queue.job(job_id).id == job_id
+
+
+def test_job_and_task_ids_are_zero_padded_and_in_order(queue: SqliteQueue) -> None:
+    first = queue.create_job(job_spec(), [task(str(f)) for f in range(12)])
+    second = queue.create_job(job_spec(), [task("1")])
+    assert (first, second) == ("00001", "00002")
+    assert [t.id for t in queue.tasks(first)][-2:] == ["010", "011"]
+    # Oldest job first, then task order.
+    assert [(l.job_id, l.task_id) for l in (queue.claim("w", 10), queue.claim("w", 10))] == [("00001", "000"), ("00001", "001")]
+
+
+def test_job_info_placeholder_id_is_replaced(queue: SqliteQueue) -> None:
+    info = JobInfo(id="00000", title="t", project="p", storage="s3://b/p", output_path="/out",
+                   autoretry_policy=RetryPolicy(preempted=2, failed=0))
+    job_id = queue.create_job(info, [task("7")])
+    stored = queue.job(job_id)
+    assert stored.id == job_id == "00001"
+    assert stored.autoretry_policy == RetryPolicy(preempted=2, failed=0)
+    assert queue.claim("w", 10).document.job == stored
+
+
+def test_upload_only_job_is_finished_at_once(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(), [])
+    assert queue.is_finished(job_id)
+    assert queue.tasks(job_id) == []
+    assert queue.claim("w", 10) is None
+    assert "no tasks" in format_status(queue, job_id)
+
+
+@pytest.mark.parametrize(
+    "job, tasks, field",
+    [
+        ({**job_spec(), "storage": "ftp://x"}, [task("1")], "job.storage"),
+        (job_spec(), [task("1"), task("1-x")], "tasks[1].frames"),
+        (job_spec(), [task("1", tile=5, tiles=4)], "tasks[0].tile"),
+        (job_spec(), [NewTask("1", "")], "tasks[0].command"),
+        (job_spec(), [("1", "cmd", 1)], None),  # a plain tuple is accepted
+    ],
+)
+def test_bad_job_input_is_refused_and_nothing_stored(queue: SqliteQueue, job, tasks, field) -> None:
+    if field is None:
+        assert queue.create_job(job, tasks) == "00001"
+        return
+    with pytest.raises(DocumentError) as err:
+        queue.create_job(job, tasks)
+    assert err.value.field == field
+    assert queue.jobs() == []
+
+
+# -- scouts ---------------------------------------------------------------------------------------
+
+
+def test_scouts_run_first_and_hold_the_rest_until_release(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(), [task("1"), task("2", scout=True), task("3"), task("4", scout=True)])
+    assert states(queue, job_id) == ["holding", "pending", "holding", "pending"]
+    scouts = [queue.claim("w", 10), queue.claim("w", 10)]
+    assert [l.task_id for l in scouts] == ["001", "003"]
+    assert queue.claim("w", 10) is None
+    for lease in scouts:
+        queue.complete(lease)
+    assert not queue.is_finished(job_id)
+    assert "waiting for release" in format_status(queue)
+
+    assert queue.release_job(job_id) == 2
+    assert queue.release_job(job_id) == 0
+    assert [queue.claim("w", 10).task_id, queue.claim("w", 10).task_id] == ["000", "002"]
+
+
+def test_all_scout_job_is_all_pending(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(), [task("1", scout=True), task("2", scout=True)])
+    assert states(queue, job_id) == ["pending", "pending"]
+
+
+# -- retry budgets ---------------------------------------------------------------------------------
+
+
+def test_failed_budget_one_retry_then_final_with_reason(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(failed=1), [task("1-3")])
+    lease = queue.claim("w1", 10)
+    assert queue.fail(lease, "cnode exited with status 1") == "pending"
+    with pytest.raises(LeaseLost):
+        queue.fail(lease, "again")  # the lease ended with the report
+    retry = queue.claim("w2", 10)
+    assert retry.document.task.attempt == 2
+    assert queue.fail(retry, "licence server unreachable") == "failed"
+    (row,) = queue.tasks(job_id)
+    assert (row.state, row.reason) == ("failed", "licence server unreachable")
+    assert row.attempts == {"preempted": 0, "failed": 2, "released": 0}
+    assert queue.claim("w3", 10) is None
+    assert queue.is_finished(job_id)
+
+
+def test_failed_budget_zero_fails_at_once(queue: SqliteQueue) -> None:
+    queue.create_job(job_spec(failed=0), [task("1")])
+    assert queue.fail(queue.claim("w", 10), "missing file /proj/tex.exr") == "failed"
+
+
+def test_preempted_budget(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(preempted=1, failed=0), [task("1-4")])
+    assert queue.release(queue.claim("w1", 10), "preempted", reason="GCE preemption notice") == "pending"
+    assert queue.tasks(job_id)[0].reason == "GCE preemption notice"
+    assert queue.release(queue.claim("w2", 10), "preempted") == "failed"
+    (row,) = queue.tasks(job_id)
+    assert row.attempts["preempted"] == 2
+    assert "preempted twice" in row.reason
+
+
+def test_clean_release_counts_but_spends_no_budget(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(preempted=0, failed=0), [task("1")])
+    for _ in range(3):
+        assert queue.release(queue.claim("w", 10), cause="released", reason="agent shutting down") == "pending"
+    lease = queue.claim("w", 10)
+    assert lease.document.task.attempt == 4
+    assert queue.tasks(job_id)[0].attempts == {"preempted": 0, "failed": 0, "released": 3}
+    with pytest.raises(DocumentError):
+        queue.release(lease, cause="failed")
+    assert queue.tasks(job_id)[0].state == "leased"
+
+
+# -- leases ---------------------------------------------------------------------------------------
+
+
+def test_expired_lease_returns_task_counted_preempted_and_old_lease_is_lost(queue: SqliteQueue, clock: Clock) -> None:
+    job_id = queue.create_job(job_spec(preempted=3), [task("1")])
+    old = queue.claim("w1", 10)
+    clock.advance(11)
+    new = queue.claim("w2", 10)  # the claim reaps the expired lease first
+    assert (new.task_id, new.document.task.attempt) == ("000", 2)
+    assert new.token != old.token
+    assert queue.tasks(job_id)[0].attempts["preempted"] == 1
+    assert queue.tasks(job_id)[0].reason == "the lease of w1 expired"
+    with pytest.raises(LeaseLost) as err:
+        queue.complete(old, download("a.exr"))
+    assert "leased by w2" in str(err.value)
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(old, 10)
+    queue.complete(new, download("b.exr"))
+    assert [d.files[0].relative_path for d in queue.downloads(job_id)] == ["b.exr"]
+    assert "lease_expired" in [e.kind for e in queue.events(job_id, "000")]
+
+
+def test_expired_lease_with_budget_spent_fails(queue: SqliteQueue, clock: Clock) -> None:
+    job_id = queue.create_job(job_spec(preempted=1), [task("1")])
+    for _ in range(2):
+        queue.claim("w", 10)
+        clock.advance(10)
+        assert queue.reap() == 1
+    (row,) = queue.tasks(job_id)
+    assert (row.state, row.attempts["preempted"]) == ("failed", 2)
+    assert row.reason.startswith("lease expired twice")
+
+
+def test_heartbeat_extends_the_lease(queue: SqliteQueue, clock: Clock) -> None:
+    queue.create_job(job_spec(), [task("1")])
+    lease = queue.claim("w1", 10)
+    clock.advance(8)
+    reply = queue.heartbeat(lease, 10)
+    assert reply.expires_at == clock.now + 10 and reply.cancel is False
+    clock.advance(8)  # past the first expiry, within the extended one
+    assert queue.claim("w2", 10) is None
+    assert queue.reap() == 0
+    queue.complete(lease)
+    with pytest.raises(LeaseLost):
+        queue.complete(lease)
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(lease, 10)
+
+
+def test_complete_twice_makes_no_second_download_record(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(), [task("1")])
+    lease = queue.claim("w", 10)
+    queue.complete(lease, download("a.exr"))
+    with pytest.raises(LeaseLost):
+        queue.complete(lease, download("a.exr"))
+    assert len(queue.downloads(job_id, state=None)) == 1
+
+
+def test_bad_claim_arguments(queue: SqliteQueue) -> None:
+    with pytest.raises(DocumentError):
+        queue.claim("", 10)
+    with pytest.raises(DocumentError):
+        queue.claim("w", 0)
+
+
+# -- kill -----------------------------------------------------------------------------------------
+
+
+def test_kill_job_fails_waiting_tasks_and_cancels_leased_ones(queue: SqliteQueue, clock: Clock) -> None:
+    job_id = queue.create_job(job_spec(failed=5), [task("1", scout=True), task("2", scout=True), task("3"), task("4")])
+    running, expiring = queue.claim("w1", 10), queue.claim("w2", 10)
+    other = queue.create_job(job_spec(), [task("9")])
+    assert queue.kill_job(job_id) == 4
+    assert states(queue, job_id) == ["leased", "leased", "failed", "failed"]
+    assert queue.tasks(job_id)[2].reason == "killed by owner"
+    assert queue.heartbeat(running, 10).cancel is True
+    assert queue.claim("w3", 10).job_id == other  # nothing of the killed job is handed out
+    assert queue.fail(running, "stopped: job killed") == "failed"  # not retried despite the budget
+    clock.advance(11)
+    queue.reap()
+    assert [t.reason for t in queue.tasks(job_id)] == ["killed by owner"] * 4
+    assert queue.is_finished(job_id)
+    assert queue.jobs()[0].killed
+    with pytest.raises(LeaseLost):
+        queue.heartbeat(expiring, 10)
+
+
+def test_unknown_job_is_a_clear_error(queue: SqliteQueue) -> None:
+    for call in (queue.release_job, queue.kill_job, queue.tasks, queue.job, queue.is_finished):
+        with pytest.raises(QueueError) as err:
+            call("00042")
+        assert err.value.code == "unknown_job" and "00042" in str(err.value)
+
+
+# -- frames done ----------------------------------------------------------------------------------
+
+
+def test_frames_done_accumulate_across_attempts(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(preempted=5), [task("1-10")])
+    assert queue.release(queue.claim("w1", 10), frames_done="1-3") == "pending"
+    lease = queue.claim("w2", 10)
+    assert lease.document.task.frames_done == "1-3"
+    with pytest.raises(DocumentError) as err:
+        queue.release(lease, frames_done="11")  # not a frame of this task: refused, nothing changes
+    assert err.value.field == "frames_done"
+    assert queue.tasks(job_id)[0].state == "leased"
+    queue.release(lease, frames_done="5,4")
+    lease = queue.claim("w3", 10)
+    assert (lease.document.task.frames_done, lease.document.task.attempt) == ("1-5", 3)
+    queue.complete(lease)
+    assert queue.tasks(job_id)[0].frames_done == "1-10"
+
+
+# -- downloads ------------------------------------------------------------------------------------
+
+
+def test_download_records_and_mark_downloaded(queue: SqliteQueue) -> None:
+    job_id = queue.create_job(job_spec(), [task("1-2"), task("3-4")])
+    first, second = queue.claim("w", 10), queue.claim("w", 10)
+    queue.release(first, frames_done="1", download=download("img.0001.exr"))  # a partial delivery
+    queue.complete(second, download("img.0003.exr", "sub/img.0004.exr"))
+    records = queue.downloads(job_id)
+    assert [(r.task_id, r.state) for r in records] == [("000", "pending"), ("001", "pending")]
+    as_dict = records[1].to_dict()
+    assert set(as_dict) == {"download_id", "job_id", "task_id", "output_dir", "size", "files", "state"}
+    assert as_dict["job_id"] == "00001" and as_dict["task_id"] == "001"
+    assert as_dict["size"] == len("img.0003.exr") + len("sub/img.0004.exr")
+    assert as_dict["files"][1] == {
+        "relative_path": "sub/img.0004.exr",
+        "md5": md5_b64_of_bytes(b"sub/img.0004.exr"),
+        "size": 16,
+        "key": "hashstore/" + "0" * 31 + "1",
+    }
+    queue.mark_downloaded(records[0].download_id)
+    queue.mark_downloaded(records[0].download_id)  # again: no harm
+    assert [r.task_id for r in queue.downloads(job_id)] == ["001"]
+    assert [r.task_id for r in queue.downloads(state="downloaded")] == ["000"]
+    assert len(queue.downloads(None, state=None)) == 2
+    with pytest.raises(QueueError) as err:
+        queue.mark_downloaded("00001-007-1")
+    assert err.value.code == "unknown_download"
+    with pytest.raises(QueueError):
+        queue.downloads(state="lost")
+
+
+@pytest.mark.parametrize(
+    "bad, field",
+    [
+        (NewDownload("C:/out", (DownloadFile("/abs.exr", md5_b64_of_bytes(b""), 0, "k"),)), "download.files[0].relative_path"),
+        (NewDownload("C:/out", (DownloadFile("../up.exr", md5_b64_of_bytes(b""), 0, "k"),)), "download.files[0].relative_path"),
+        (NewDownload("C:/out", (DownloadFile("a.exr", "abc", 0, "k"),)), "download.files[0].md5"),
+        (NewDownload("C:/out", (DownloadFile("a.exr", md5_b64_of_bytes(b""), -1, "k"),)), "download.files[0].size"),
+        (NewDownload("", ()), "download.output_dir"),
+    ],
+)
+def test_bad_download_record_is_refused_and_the_lease_still_holds(queue: SqliteQueue, bad, field) -> None:
+    job_id = queue.create_job(job_spec(), [task("1")])
+    lease = queue.claim("w", 10)
+    with pytest.raises(DocumentError) as err:
+        queue.complete(lease, bad)
+    assert err.value.field == field
+    assert queue.downloads(job_id, state=None) == []
+    queue.complete(lease, download("a.exr"))
+    assert queue.tasks(job_id)[0].state == "done"
+
+
+# -- URLs and files -------------------------------------------------------------------------------
+
+
+def test_open_queue_absolute_and_relative_urls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    absolute = open_queue(f"sqlite:///{tmp_path}/abs.db")  # tmp_path starts with '/': four slashes
+    job_id = absolute.create_job(job_spec(), [task("1")])
+    absolute.close()
+    assert (tmp_path / "abs.db").is_file()
+    again = open_queue(f"sqlite:////{str(tmp_path).lstrip('/')}/abs.db")
+    assert [j.id for j in again.jobs()] == [job_id]
+    again.close()
+
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path)
+    relative = open_queue("sqlite:///sub/rel.db")
+    relative.close()
+    assert (tmp_path / "sub" / "rel.db").is_file()
+
+
+def test_bad_urls_are_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not a database, just some text that is long enough" * 10)
+    other = sqlite3.connect(tmp_path / "other.db")
+    other.execute("CREATE TABLE customers (name TEXT)")
+    other.commit()
+    other.close()
+    cases = {
+        "redis://localhost/0": "unknown scheme",
+        "queue.db": "no scheme",
+        "": "empty",
+        "sqlite://host/queue.db": "sqlite:///relative",
+        "sqlite:///": "names no database",
+        f"sqlite:///{tmp_path}/q.db?mode=ro": "no options",
+        f"sqlite:///{tmp_path}/missing/q.db": "does not exist",
+        f"sqlite:///{tmp_path}": "is a directory",
+        f"sqlite:///{tmp_path}/notes.txt": "not a cio_worker queue",
+        f"sqlite:///{tmp_path}/other.db": "not a cio_worker queue",
+    }
+    for url, words in cases.items():
+        with pytest.raises(QueueError) as err:
+            open_queue(url)
+        assert words in str(err.value), url
+    assert not (tmp_path / "missing").exists()
+    # The foreign database is left as it was: its table is there and it was not switched to WAL.
+    other = sqlite3.connect(tmp_path / "other.db")
+    assert other.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+    assert other.execute("SELECT name FROM sqlite_master").fetchall() == [("customers",)]
+    other.close()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    SqliteQueue(tmp_path / "q.db").close()
+    raw = sqlite3.connect(tmp_path / "q.db")
+    raw.execute("UPDATE schema_version SET version = 99")
+    raw.commit()
+    raw.close()
+    with pytest.raises(QueueError) as err:
+        open_queue(f"sqlite:///{tmp_path}/q.db")
+    assert err.value.code == "queue_schema"
+
+
+def test_closed_queue_refuses_calls(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q.db")
+    q.close()
+    with pytest.raises(QueueError):
+        q.jobs()
+
+
+# -- status view ----------------------------------------------------------------------------------
+
+
+def test_format_status(queue: SqliteQueue) -> None:
+    assert format_status(queue) == "no jobs in the queue"
+    job_id = queue.create_job(job_spec(title="shot_B", failed=2), [task("1-4", tile=2, tiles=4), task("5-8")])
+    first, _ = queue.claim("render-7", 10), queue.claim("render-8", 10)
+    queue.fail(first, "cnode exited with status 3")
+    listing = format_status(queue)
+    assert "00001" in listing and "shot_B" in listing and "running" in listing
+    assert listing.splitlines()[0].split()[:3] == ["JOB", "TITLE", "STATUS"]
+
+    view = format_status(queue, job_id)
+    rows = {line.split()[0]: line for line in view.splitlines() if line[:3].isdigit()}
+    assert set(rows) == {"000", "001"}
+    assert "pending" in rows["000"] and "2/4" in rows["000"] and "1 (failed 1)" in rows["000"]
+    assert "render-7" in rows["000"] and "previous: cnode exited with status 3" in rows["000"]
+    assert "leased" in rows["001"] and "render-8" in rows["001"] and "5-8" in rows["001"]
+    with pytest.raises(QueueError):
+        format_status(queue, "00009")
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+
+def _claim_until_empty(url: str, worker: str, out: str, start=None) -> None:
+    q = open_queue(url)
+    claimed = []
+    if start is not None:
+        start.wait(60)  # all processes claim at the same time, not one after another as they boot
+    while (lease := q.claim(worker, 60)) is not None:
+        q.heartbeat(lease, 60)
+        q.complete(lease, download(f"{lease.task_id}.exr"))
+        claimed.append([lease.job_id, lease.task_id, lease.token])
+    q.close()
+    Path(out).write_text(json.dumps(claimed))
+
+
+def _create_one_job(url: str, out: str) -> None:
+    q = open_queue(url)
+    job_id = q.create_job(job_spec(), [task("1")])
+    q.close()
+    Path(out).write_text(job_id)
+
+
+def _run_all(ctx, targets: list[tuple]) -> None:
+    procs = [ctx.Process(target=target, args=args) for target, args in targets]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(120)
+    assert [p.exitcode for p in procs] == [0] * len(procs)
+
+
+def test_four_processes_claim_200_tasks_each_done_exactly_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/queue.db"
+    q = open_queue(url)
+    job_id = q.create_job(job_spec(), [task(str(f)) for f in range(1, 201)])
+    ctx = multiprocessing.get_context("spawn")
+    outs = [tmp_path / f"worker{i}.json" for i in range(4)]
+    start = ctx.Barrier(4)
+    _run_all(ctx, [(_claim_until_empty, (url, f"w{i}", str(out), start)) for i, out in enumerate(outs)])
+
+    claims = [tuple(c) for out in outs for c in json.loads(out.read_text())]
+    assert len(claims) == 200
+    assert len({(j, t) for j, t, _ in claims}) == 200  # no task claimed twice
+    assert states(q, job_id) == ["done"] * 200
+    assert sorted(r.task_id for r in q.downloads(job_id)) == [f"{i:03d}" for i in range(200)]
+    assert [e.kind for e in q.events(job_id)].count("claimed") == 200
+    q.close()
+
+
+def test_fresh_file_opened_by_several_processes_at_once(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/fresh.db"
+    outs = [tmp_path / f"job{i}.txt" for i in range(4)]
+    _run_all(multiprocessing.get_context("spawn"), [(_create_one_job, (url, str(out))) for out in outs])
+    assert sorted(out.read_text() for out in outs) == ["00001", "00002", "00003", "00004"]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_queue_object_survives_fork(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q.db")
+    job_id = q.create_job(job_spec(), [task(str(f)) for f in range(1, 21)])
+    first = q.claim("parent", 60)  # the parent's connection is open and has been used
+    out = tmp_path / "child.json"
+    ctx = multiprocessing.get_context("fork")
+    _run_all(ctx, [(_claim_until_empty_with, (q, "child", str(out)))])
+    q.complete(first)  # the parent's connection still works after the child's exit
+    assert len(json.loads(out.read_text())) == 19
+    assert states(q, job_id) == ["done"] * 20
+    q.close()
+
+
+def _claim_until_empty_with(q: SqliteQueue, worker: str, out: str) -> None:
+    claimed = []
+    while (lease := q.claim(worker, 60)) is not None:
+        q.complete(lease)
+        claimed.append(lease.task_id)
+    Path(out).write_text(json.dumps(claimed))
+
+
+def test_a_stored_job_that_no_longer_reads_fails_its_tasks_and_claim_goes_on(tmp_path: Path) -> None:
+    q = SqliteQueue(tmp_path / "q.db")
+    broken = q.create_job(job_spec(), [task("1")])
+    good = q.create_job(job_spec(), [task("2")])
+    q.close()
+    raw = sqlite3.connect(tmp_path / "q.db")
+    raw.execute("UPDATE jobs SET document = ? WHERE number = 1", (json.dumps({"id": "00001", "storage": "ftp://x"}),))
+    raw.commit()
+    raw.close()
+    q = SqliteQueue(tmp_path / "q.db")
+    assert q.claim("w", 10).job_id == good
+    (row,) = q.tasks(broken)
+    assert row.state == "failed" and "stored job document is invalid" in row.reason
+    q.close()
