@@ -7,6 +7,7 @@ Every error is a DocumentError naming the field by its path in the document
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -15,15 +16,17 @@ from .environment import EnvEntry, MERGE_POLICIES
 from .errors import CioError, DocumentError
 from .frames import FrameSet
 from .hashing import check_md5_b64
+from .layout import validate_tiles
 from .paths import node_path
 
 DOCUMENT_VERSION = 1
 RETRY_CAUSES = ("preempted", "failed")
 MAX_RETRIES = 5
-_JOB_ID = re.compile(r"^\d{5,}$")
-_TASK_ID = re.compile(r"^\d{3,}$")
-_STORAGE = re.compile(r"^(file|s3|gs)://\S+$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# Matched with fullmatch: '$' would accept a trailing newline, '\d' other scripts' digits.
+_JOB_ID = re.compile(r"[0-9]{5,}")
+_TASK_ID = re.compile(r"[0-9]{3,}")
+_STORAGE = re.compile(r"(file|s3|gs)://\S+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
 def job_id_text(number: int) -> str:
@@ -162,10 +165,10 @@ class TaskDocument:
 
 def parse_job(j: "_Reader") -> JobInfo:
     job_id = j.text("id")
-    if not _JOB_ID.match(job_id):
+    if not _JOB_ID.fullmatch(job_id):
         raise DocumentError(j.path("id"), f"{job_id!r} is not a job id of at least 5 digits")
     storage = j.text("storage")
-    if not _STORAGE.match(storage):
+    if not _STORAGE.fullmatch(storage):
         raise DocumentError(j.path("storage"), f"{storage!r} is not a file://, s3:// or gs:// URL")
     output_path = j.text("output_path")
     _node(output_path, j.path("output_path"))
@@ -178,18 +181,18 @@ def parse_job(j: "_Reader") -> JobInfo:
         preemptible=j.boolean("preemptible", default=True),
         autoretry_policy=parse_retry_policy(j.optional_mapping("autoretry_policy")),
         environment=tuple(parse_env_entry(e) for e in j.items("environment")),
-        upload_files=tuple(parse_upload_file(u) for u in j.items("upload_files")),
+        upload_files=_upload_files(j),
         instance_type=j.text("instance_type", default="", allow_empty=True),
     )
 
 
 def parse_task(t: "_Reader") -> TaskInfo:
     task_id = t.text("id")
-    if not _TASK_ID.match(task_id):
+    if not _TASK_ID.fullmatch(task_id):
         raise DocumentError(t.path("id"), f"{task_id!r} is not a task id of at least 3 digits")
     frames = t.text("frames")
     frame_set = _frames(frames, t.path("frames"))
-    tiles = t.integer("tiles", default=1, minimum=1, maximum=10000)
+    tiles = validate_tiles(t.integer("tiles", default=1), field=t.path("tiles"))
     tile = t.integer("tile", default=1, minimum=1)
     if tile > tiles:
         raise DocumentError(t.path("tile"), f"{tile} is beyond the task's {tiles} tiles")
@@ -224,7 +227,7 @@ def parse_retry_policy(p: "_Reader | None") -> RetryPolicy:
 
 def parse_env_entry(e: "_Reader") -> EnvEntry:
     name = e.text("name")
-    if not _ENV_NAME.match(name):
+    if not _ENV_NAME.fullmatch(name):
         raise DocumentError(e.path("name"), f"{name!r} is not a valid environment variable name")
     policy = e.text("merge_policy", default="exclusive")
     if policy not in MERGE_POLICIES:
@@ -233,6 +236,33 @@ def parse_env_entry(e: "_Reader") -> EnvEntry:
     if "\x00" in value:
         raise DocumentError(e.path("value"), "contains a NUL character")
     return EnvEntry(name=name, value=value, merge_policy=policy)
+
+
+def _upload_files(j: "_Reader") -> tuple[UploadFile, ...]:
+    """The inputs; two that land on the same node path must be the same content, and no input
+    may land below another (drive letters are stripped, so ``C:/a`` and ``D:/a`` collide)."""
+    files = j.items("upload_files")
+    parsed = tuple(parse_upload_file(u) for u in files)
+    placed: dict[str, int] = {}
+    for index, upload in enumerate(parsed):
+        node = upload.node_destination
+        earlier = placed.get(node)
+        if earlier is not None and parsed[earlier].md5 != upload.md5:
+            raise DocumentError(
+                files[index].path("destination"),
+                f"places a file at {node}, as {files[earlier].where} does, with other content",
+            )
+        placed.setdefault(node, index)
+    for node, index in placed.items():
+        parent = posixpath.dirname(node)
+        while parent not in ("/", ""):
+            if parent in placed:
+                raise DocumentError(
+                    files[index].path("destination"),
+                    f"is below {parent}, which {files[placed[parent]].where} places as a file",
+                )
+            parent = posixpath.dirname(parent)
+    return parsed
 
 
 def parse_upload_file(u: "_Reader") -> UploadFile:
@@ -329,6 +359,5 @@ _MISSING = object()
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    return {bool: "a boolean", int: "a number", float: "a number", str: "text", list: "a list", dict: "an object"}.get(
-        type(value), type(value).__name__
-    )
+    kinds = {bool: "a boolean", int: "a number", float: "a decimal number", str: "text", list: "a list", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)

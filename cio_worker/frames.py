@@ -17,11 +17,12 @@ from typing import Iterable, Iterator
 from .errors import FrameSpecError
 
 # One block of the Conductor grammar. Frames may be negative; the step has no sign and no
-# leading zero. Anything the regex does not take is explained by _explain_bad_block.
-_BLOCK = re.compile(r"(-?\d+)(?:-(-?\d+)(?:x([1-9]\d*))?)?")
+# leading zero. ASCII digits only: ``\d`` also takes other scripts' digits, which int() reads.
+# Anything the regex does not take is explained by _explain_bad_block.
+_BLOCK = re.compile(r"(-?[0-9]+)(?:-(-?[0-9]+)(?:x([1-9][0-9]*))?)?")
 # Separators: one comma with optional blanks around it, or a run of blanks.
 _SEPARATOR = re.compile(r"[ \t]*,[ \t]*|[ \t]+")
-_CNODE_BLOCK = re.compile(r"(-?\d+)(?::(-?\d+)(?:%([1-9]\d*))?)?")
+_CNODE_BLOCK = re.compile(r"(-?[0-9]+)(?::(-?[0-9]+)(?:%([1-9][0-9]*))?)?")
 
 # A frame range is expanded into memory: refuse specs that would describe absurd counts.
 MAX_FRAMES = 1_000_000

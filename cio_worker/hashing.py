@@ -11,7 +11,7 @@ from pathlib import Path
 from .errors import DocumentError
 
 CHUNK = 1024 * 1024
-_B64 = re.compile(r"^[A-Za-z0-9+/]{22}==$")
+_B64 = re.compile(r"[A-Za-z0-9+/]{22}==")
 
 
 def md5_b64_of_bytes(data: bytes) -> str:
@@ -34,7 +34,7 @@ def check_md5_b64(value: object, field: str = "md5") -> str:
     """Validate base64 of exactly 16 bytes; return it unchanged."""
     if not isinstance(value, str):
         raise DocumentError(field, f"must be base64 text, not {type(value).__name__}")
-    if not _B64.match(value):
+    if not _B64.fullmatch(value):
         raise DocumentError(field, f"{value!r} is not base64 of a 16-byte MD5 digest")
     try:
         raw = base64.b64decode(value, validate=True)
@@ -42,6 +42,10 @@ def check_md5_b64(value: object, field: str = "md5") -> str:
         raise DocumentError(field, f"{value!r} is not valid base64") from None
     if len(raw) != 16:
         raise DocumentError(field, f"{value!r} decodes to {len(raw)} bytes, not 16")
+    # Stray bits in the last character still decode; such a value never equals a computed MD5.
+    canonical = b64_from_digest(raw)
+    if canonical != value:
+        raise DocumentError(field, f"{value!r} is not the canonical base64 of its digest ({canonical!r})")
     return value
 
 

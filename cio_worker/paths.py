@@ -111,7 +111,8 @@ class PathMap:
 
     def apply(self, path: str) -> str:
         """Map a node path (already drive-stripped, absolute)."""
-        for source, target in self.rules:
+        # Longest prefix first, whatever order the rules came in (from_dict, direct construction).
+        for source, target in sorted(self.rules, key=lambda r: -len(r[0])):
             if path == source or path.startswith(source.rstrip("/") + "/"):
                 return posixpath.normpath(target + path[len(source.rstrip("/")) :])
         if self.root:

@@ -41,7 +41,7 @@ from .frames import FrameSet
 PROJECT_FORMAT = "cio-project/1"
 DEFAULT_RESOLUTION = (64, 48)
 # A time-varying part: a run of '#' or a $F variable with optional padding ($F, $4F).
-_SEQUENCE = re.compile(r"#+|\$(\d*)F")
+_SEQUENCE = re.compile(r"#+|\$([0-9]*)F")
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -138,11 +138,12 @@ def sequence_regex(path: str) -> re.Pattern[str]:
     """A regex matching exactly the frame files of a sequence path; group 'f<n>' per frame part."""
     pieces = []
     last = 0
-    for match in _SEQUENCE.finditer(path):
+    for index, match in enumerate(_SEQUENCE.finditer(path)):
         pieces.append(re.escape(path[last : match.start()]))
         token = match.group(0)
         width = len(token) if token.startswith("#") else int(match.group(1) or 0)
-        pieces.append(r"(-?\d{%d,})" % max(width, 1))
+        # As _pad writes them: a minus sign takes one place of the width.
+        pieces.append(rf"(?P<f{index}>-[0-9]{{{max(width - 1, 1)},}}|[0-9]{{{max(width, 1)},}})")
         last = match.end()
     pieces.append(re.escape(path[last:]))
     return re.compile("".join(pieces))
