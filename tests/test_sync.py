@@ -1,0 +1,411 @@
+"""InputSync against real files and a real file:// store (observed, not mocked)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+
+from cio_worker.cache import ContentCache
+from cio_worker.document import UploadFile
+from cio_worker.errors import ChecksumError, DocumentError, PathError, StorageError
+from cio_worker.hashing import hashstore_key, md5_b64_of_bytes, md5_b64_of_file
+from cio_worker.md5cache import Md5Cache
+from cio_worker.paths import PathMap
+from cio_worker.storage.base import DownloadItem, Progress, Storage, UploadItem
+from cio_worker.storage.file import FileStorage
+from cio_worker.sync import InputSync, SyncResult
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class CountingStorage(Storage):
+    """The real FileStorage, with a record of what was asked of it."""
+
+    def __init__(self, inner: FileStorage) -> None:
+        self.inner = inner
+        self.url = inner.url
+        self.download_batches: list[list[DownloadItem]] = []
+
+    def exists(self, keys):
+        return self.inner.exists(keys)
+
+    def download(self, items: Sequence[DownloadItem], progress: Progress | None = None) -> None:
+        self.download_batches.append(list(items))
+        self.inner.download(items, progress)
+
+    def upload(self, items: Sequence[UploadItem], progress: Progress | None = None) -> None:
+        self.inner.upload(items, progress)
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.inner.read_bytes(key)
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.inner.write_bytes(key, data)
+
+    @property
+    def downloaded_keys(self) -> list[str]:
+        return [item.key for batch in self.download_batches for item in batch]
+
+
+class CountingHasher:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, path: Path) -> str:
+        self.count += 1
+        return md5_b64_of_file(path)
+
+
+class Farm:
+    """A store, a node root under a path map, a content cache and an MD5 cache."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.store_dir = base / "store"
+        self.store_dir.mkdir()
+        self.storage = CountingStorage(FileStorage(f"file://{self.store_dir}"))
+        self.root = base / "root"
+        self.path_map = PathMap.rooted(str(self.root))
+        self.cache = ContentCache(base / "cache", 1 << 30)
+        self.hasher = CountingHasher()
+        self.md5cache = Md5Cache(base / "md5.db", hasher=self.hasher)
+
+    def put(self, destination: str, data: bytes, mode: int = 0o100644) -> UploadFile:
+        md5 = md5_b64_of_bytes(data)
+        self.storage.write_bytes(hashstore_key(md5), data)
+        return UploadFile(destination, md5, len(data), mode)
+
+    def local(self, destination: str) -> Path:
+        return Path(self.path_map.local(destination))
+
+    def syncer(self, cache: bool = True, md5cache: bool = True, **kw) -> InputSync:
+        return InputSync(
+            self.storage, self.cache if cache else None, self.md5cache if md5cache else None, self.path_map, **kw
+        )
+
+    def sync(self, files: Sequence[UploadFile], **kw) -> SyncResult:
+        return self.syncer(**kw).sync(files)
+
+
+def leftovers(*dirs: Path) -> list[Path]:
+    """Temporary files anywhere under ``dirs``."""
+    found = []
+    for d in dirs:
+        if d.exists():
+            found += [p for p in d.rglob("*") if ".part" in p.name or (p.parent.name == "tmp" and p.is_file())]
+    return found
+
+
+@pytest.fixture
+def farm(tmp_path: Path) -> Farm:
+    return Farm(tmp_path)
+
+
+@pytest.fixture
+def manifest(farm: Farm) -> list[UploadFile]:
+    return [
+        farm.put("C:/proj/shot.project", b"project " * 500),
+        farm.put("C:/proj/tex/wood.exr", os.urandom(300_000)),
+        farm.put("C:/proj/tex/stone.exr", os.urandom(70_000)),
+        farm.put("C:/proj/bin/wrap.sh", b"#!/bin/sh\necho wrapped\n", mode=0o100755),
+        farm.put("C:/proj/private.key", b"secret", mode=0o100600),
+        farm.put("C:/proj/empty.txt", b""),
+    ]
+
+
+def assert_placed(farm: Farm, files: Sequence[UploadFile]) -> None:
+    for f in files:
+        path = farm.local(f.destination)
+        assert path.is_file() and not path.is_symlink(), path
+        assert md5_b64_of_file(path) == f.md5, path
+        assert stat.S_IMODE(path.stat().st_mode) == f.mode & 0o777, path
+
+
+def test_cold_sync_places_every_input_with_its_content_and_mode(farm, manifest):
+    result = farm.sync(manifest)
+    assert_placed(farm, manifest)
+    assert (result.placed, result.already_present, result.from_cache, result.downloaded) == (6, 0, 0, 6)
+    assert result.bytes_downloaded == sum(f.size for f in manifest)
+    assert len(farm.storage.download_batches) == 1  # one batch: the backend parallelises
+    script = farm.local("C:/proj/bin/wrap.sh")
+    assert os.access(script, os.X_OK)
+    assert subprocess.run([str(script)], capture_output=True, text=True).stdout == "wrapped\n"
+    assert leftovers(farm.root, farm.cache.root) == []
+
+
+def test_the_path_map_reroots_artist_paths(farm):
+    f = farm.put("C:/proj/a.exr", b"pixels")
+    farm.sync([f])
+    assert (farm.root / "proj" / "a.exr").read_bytes() == b"pixels"
+    assert not Path("/proj/a.exr").exists() or Path("/proj/a.exr").read_bytes() != b"pixels"
+
+
+def test_a_second_sync_downloads_nothing_and_hashes_nothing(farm, manifest):
+    farm.sync(manifest)
+    farm.storage.download_batches.clear()
+    farm.hasher.count = 0
+    with Md5Cache(farm.md5cache.db_path, hasher=farm.hasher) as fresh:  # as a new agent process would
+        result = InputSync(farm.storage, farm.cache, fresh, farm.path_map).sync(manifest)
+    assert (result.placed, result.already_present, result.downloaded) == (0, 6, 0)
+    assert farm.storage.download_batches == []
+    assert farm.hasher.count == 0
+    assert_placed(farm, manifest)
+
+
+def test_another_task_with_the_same_contents_elsewhere_copies_from_the_cache(farm, manifest):
+    farm.sync(manifest)
+    farm.storage.download_batches.clear()
+    moved = [UploadFile(f.destination.replace("C:/proj", "D:/other_shot"), f.md5, f.size, f.mode) for f in manifest]
+    result = farm.sync(moved)
+    assert farm.storage.download_batches == []
+    assert (result.placed, result.from_cache, result.downloaded) == (6, 6, 0)
+    assert_placed(farm, moved)
+
+
+def test_a_content_shared_by_several_destinations_is_fetched_once(farm):
+    data = os.urandom(10_000)
+    files = [farm.put(f"C:/proj/copy{i}.bin", data, mode=0o100755 if i == 0 else 0o100644) for i in range(4)]
+    for cache in (True, False):
+        farm.storage.download_batches.clear()
+        target = [UploadFile(f.destination.replace("proj", f"proj_{cache}"), f.md5, f.size, f.mode) for f in files]
+        result = farm.sync(target, cache=cache)
+        assert farm.storage.downloaded_keys == [hashstore_key(files[0].md5)]
+        assert (result.placed, result.downloaded) == (4, 1)
+        assert_placed(farm, target)
+    assert leftovers(farm.root, farm.cache.root) == []
+
+
+def test_without_any_cache_the_sync_still_places_everything(farm, manifest):
+    result = farm.sync(manifest, cache=False, md5cache=False)
+    assert_placed(farm, manifest)
+    assert result.downloaded == 6
+    again = farm.sync(manifest, cache=False, md5cache=False)
+    assert (again.placed, again.already_present) == (0, 6)
+    assert leftovers(farm.root) == []
+
+
+def test_a_changed_destination_is_detected_and_replaced(farm, manifest):
+    farm.sync(manifest)
+    grown, rewritten = farm.local("C:/proj/shot.project"), farm.local("C:/proj/private.key")
+    grown.write_bytes(b"edited by hand")
+    stamp = rewritten.stat()
+    rewritten.write_bytes(b"SECRET")  # same size ...
+    os.utime(rewritten, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))  # ... and the same mtime
+    farm.hasher.count = 0
+    result = farm.sync(manifest)
+    assert (result.placed, result.already_present, result.from_cache, result.downloaded) == (2, 4, 2, 0)
+    assert farm.hasher.count == 1  # only the same-size file needed hashing
+    assert_placed(farm, manifest)
+
+
+def test_a_wrong_mode_alone_is_fixed_in_place(farm, manifest):
+    farm.sync(manifest)
+    script = farm.local("C:/proj/bin/wrap.sh")
+    inode = script.stat().st_ino
+    script.chmod(0o644)
+    result = farm.sync(manifest)
+    assert (result.placed, result.already_present) == (0, 6)
+    assert os.access(script, os.X_OK) and script.stat().st_ino == inode
+    farm.hasher.count = 0
+    farm.sync(manifest)
+    assert farm.hasher.count == 0
+
+
+def test_the_same_content_wanted_with_another_mode_gets_that_mode(farm):
+    plain = farm.put("C:/proj/tool.sh", b"#!/bin/sh\nexit 0\n", mode=0o100644)
+    farm.sync([plain])
+    farm.hasher.count = 0
+    result = farm.sync([UploadFile(plain.destination, plain.md5, plain.size, 0o100755)])
+    assert (result.placed, result.already_present, farm.hasher.count) == (0, 1, 0)
+    assert stat.S_IMODE(farm.local(plain.destination).stat().st_mode) == 0o755
+
+
+def test_the_cache_is_brought_within_budget_after_placement(farm, manifest, tmp_path):
+    farm.cache = ContentCache(tmp_path / "small-cache", 100_000, grace_seconds=0)
+    result = farm.sync(manifest)  # the inputs (about 370 kB) exceed the budget
+    assert result.placed == 6
+    assert_placed(farm, manifest)
+    assert 0 < farm.cache.usage() <= 100_000
+
+
+def test_a_manifest_size_that_disagrees_with_the_content_fails_cleanly(farm):
+    real = farm.put("C:/proj/sized.bin", b"twelve bytes")
+    lying = UploadFile(real.destination, real.md5, 99, real.mode)
+    for cache in (True, False):
+        with pytest.raises(StorageError) as info:
+            farm.sync([lying], cache=cache)
+        assert info.value.code == "size_mismatch" and "C:/proj/sized.bin" in str(info.value)
+        assert not farm.local(real.destination).exists()
+        assert leftovers(farm.root, farm.cache.root) == []
+
+
+def test_a_corrupt_object_fails_naming_the_destination_and_leaves_nothing(farm, manifest):
+    bad = farm.put("C:/proj/tex/broken.exr", b"the real pixels")
+    (farm.store_dir / hashstore_key(bad.md5)).write_bytes(b"rotten bytes!!!")
+    with pytest.raises(ChecksumError) as info:
+        farm.sync(manifest + [bad])
+    message = str(info.value)
+    assert "C:/proj/tex/broken.exr" in message and hashstore_key(bad.md5) in message
+    assert info.value.code == "checksum_mismatch"
+    assert not farm.local(bad.destination).exists()
+    assert not farm.cache.has(bad.md5)
+    assert leftovers(farm.root, farm.cache.root) == []
+    assert_placed(farm, manifest)  # the good inputs are whole (a retry will find them present)
+
+
+def test_a_failed_fetch_keeps_the_previous_file_whole(farm):
+    old = farm.put("C:/proj/a.txt", b"version one")
+    farm.sync([old])
+    new = farm.put("C:/proj/a.txt", b"version two, longer")
+    (farm.store_dir / hashstore_key(new.md5)).write_bytes(b"garbage")
+    with pytest.raises(ChecksumError):
+        farm.sync([new], cache=False)
+    assert farm.local("C:/proj/a.txt").read_bytes() == b"version one"
+    assert leftovers(farm.root) == []
+
+
+def test_a_missing_object_fails_naming_the_destination(farm, manifest):
+    ghost = UploadFile("C:/proj/ghost.exr", md5_b64_of_bytes(b"never uploaded"), 14)
+    with pytest.raises(StorageError) as info:
+        farm.sync(manifest + [ghost])
+    assert "C:/proj/ghost.exr" in str(info.value) and info.value.code == "not_found"
+    assert not farm.local(ghost.destination).exists()
+    assert leftovers(farm.root, farm.cache.root) == []
+
+
+def test_a_damaged_cache_object_is_replaced_from_storage(farm, manifest):
+    farm.sync(manifest)
+    victim = manifest[1]
+    obj = farm.cache.path(victim.md5)
+    obj.chmod(0o644)
+    obj.write_bytes(b"truncated")
+    farm.storage.download_batches.clear()
+    moved = [UploadFile(f.destination.replace("C:/proj", "C:/again"), f.md5, f.size, f.mode) for f in manifest]
+    result = farm.sync(moved)
+    assert farm.storage.downloaded_keys == [hashstore_key(victim.md5)]
+    assert (result.placed, result.from_cache, result.downloaded) == (6, 5, 1)
+    assert_placed(farm, moved)
+
+
+@pytest.mark.parametrize("bad", ["proj/relative.exr", "C:/proj/../etc/passwd", "C:relative.exr", ""])
+def test_a_bad_destination_fails_before_anything_is_written(farm, manifest, bad):
+    entry = UploadFile(bad, manifest[0].md5, manifest[0].size)
+    with pytest.raises(PathError) as info:
+        farm.sync(manifest + [entry])
+    assert "destination" in str(info.value)
+    if bad:
+        assert repr(bad) in str(info.value)
+    assert not farm.root.exists()
+    assert farm.storage.download_batches == []
+
+
+def test_one_destination_with_two_contents_is_an_error_naming_it(farm, manifest):
+    clash = farm.put("C:/proj/tex/wood.exr", b"another wood")
+    with pytest.raises(DocumentError) as info:
+        farm.sync(manifest + [clash])
+    assert "C:/proj/tex/wood.exr" in str(info.value) and "MD5" in str(info.value)
+    assert not farm.root.exists()
+
+
+def test_a_destination_that_is_also_a_directory_of_another_is_an_error(farm):
+    a = farm.put("C:/proj/tex", b"file")
+    b = farm.put("C:/proj/tex/wood.exr", b"wood")
+    with pytest.raises(PathError, match="C:/proj/tex"):
+        farm.sync([a, b])
+    assert not farm.root.exists()
+
+
+def test_an_existing_directory_at_a_destination_is_refused(farm, manifest):
+    d = farm.local("C:/proj/tex/wood.exr")
+    (d / "keep").mkdir(parents=True)
+    with pytest.raises(PathError, match="is a directory"):
+        farm.sync(manifest)
+    assert (d / "keep").is_dir()
+    assert not farm.local("C:/proj/shot.project").exists()
+
+
+def test_symbolic_links_inside_the_root_are_replaced_outside_refused(farm, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"do not touch")
+    inside_target = farm.root / "proj" / "real.txt"
+    inside_target.parent.mkdir(parents=True)
+    inside_target.write_bytes(b"inside original")
+
+    f_in = farm.put("C:/proj/link_in.txt", b"new content")
+    farm.local(f_in.destination).symlink_to(inside_target)
+    farm.sync([f_in])
+    placed = farm.local(f_in.destination)
+    assert not placed.is_symlink() and placed.read_bytes() == b"new content"
+    assert inside_target.read_bytes() == b"inside original"  # the link was replaced, not written through
+
+    f_out = farm.put("C:/proj/link_out.txt", b"evil")
+    farm.local(f_out.destination).symlink_to(outside / "victim")
+    with pytest.raises(PathError, match="symbolic link"):
+        farm.sync([f_out])
+
+    (farm.root / "proj" / "escape").symlink_to(outside, target_is_directory=True)
+    f_dir = farm.put("C:/proj/escape/victim", b"evil")
+    with pytest.raises(PathError, match="outside"):
+        farm.sync([f_dir])
+    assert (outside / "victim").read_bytes() == b"do not touch"
+    assert farm.local(f_out.destination).is_symlink()
+
+
+_WORKER = """
+import json, sys, time
+from pathlib import Path
+from cio_worker.cache import ContentCache
+from cio_worker.document import UploadFile
+from cio_worker.md5cache import Md5Cache
+from cio_worker.paths import PathMap
+from cio_worker.storage import open_storage
+from cio_worker.sync import InputSync
+store, cache_dir, db, root, manifest, go = sys.argv[1:7]
+files = [UploadFile(**e) for e in json.loads(Path(manifest).read_text())]
+syncer = InputSync(open_storage(store), ContentCache(Path(cache_dir), 1 << 30), Md5Cache(db), PathMap.rooted(root))
+while not Path(go).exists():
+    time.sleep(0.005)
+r = syncer.sync(files)
+print(json.dumps({"placed": r.placed, "present": r.already_present, "downloaded": r.downloaded}))
+"""
+
+
+def test_processes_syncing_at_once_into_one_cache_all_succeed(farm, tmp_path):
+    files = [farm.put(f"C:/proj/f{i:02d}.bin", os.urandom(20_000 + i)) for i in range(40)]
+    files.append(farm.put("C:/proj/run.sh", b"#!/bin/sh\n", mode=0o100755))
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(json.dumps([f.to_dict() for f in files]))
+    go = tmp_path / "go"
+    roots = [tmp_path / "rootA", tmp_path / "rootA", tmp_path / "rootB"]  # two share destinations
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, farm.storage.url, str(farm.cache.root), str(farm.md5cache.db_path),
+             str(root), str(manifest), str(go)],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+        for root in roots
+    ]
+    time.sleep(0.3)
+    go.touch()
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+        report = json.loads(out)
+        assert report["placed"] + report["present"] == len(files)
+    for root in set(roots):
+        mapped = PathMap.rooted(str(root))
+        for f in files:
+            path = Path(mapped.local(f.destination))
+            assert md5_b64_of_file(path) == f.md5
+            assert stat.S_IMODE(path.stat().st_mode) == f.mode & 0o777
+    assert all(farm.cache.has(f.md5) for f in files)
+    assert leftovers(*set(roots), farm.cache.root) == []
