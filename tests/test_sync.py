@@ -233,7 +233,7 @@ def test_the_cache_is_brought_within_budget_after_placement(farm, manifest, tmp_
     result = farm.sync(manifest)  # the inputs (about 370 kB) exceed the budget
     assert result.placed == 6
     assert_placed(farm, manifest)
-    assert 0 < farm.cache.usage() <= 100_000
+    assert farm.cache.usage() <= 100_000  # which objects stay depends on ties in last use
 
 
 def test_a_manifest_size_that_disagrees_with_the_content_fails_cleanly(farm):
