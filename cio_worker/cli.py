@@ -34,6 +34,14 @@ PROG = "cio-worker"
 COMMANDS: tuple[str, ...] = (
     "cio_worker.cli:register_preflight",
     "cio_worker.cli:register_frames",
+    "cio_worker.commands.jobs:register_submit",
+    "cio_worker.commands.agent:register",
+    "cio_worker.commands.run_task:register",
+    "cio_worker.commands.jobs:register_status",
+    "cio_worker.commands.jobs:register_release",
+    "cio_worker.commands.jobs:register_kill",
+    "cio_worker.commands.jobs:register_download",
+    "cio_worker.commands.simulate:register",
 )
 
 EXIT_OK = 0

@@ -1,0 +1,1 @@
+"""Subcommands of ``cio-worker`` beyond preflight/frames, one module per group."""

@@ -1,0 +1,87 @@
+"""``cio-worker agent``: pull tasks from a queue until told to stop or idle for long enough."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import subprocess
+
+from ..agent import Agent, AgentConfig
+from ..cli import Streams, add_path_map_arguments, path_map_from_args
+from ..queue import open_queue
+from .common import add_node_arguments, default_worker_id, env_default, node_context, setup_logging
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "agent",
+        help="run the render-node agent: claim tasks, sync, render, upload, report",
+        description="Claim tasks from the queue and run them until stopped (SIGTERM/SIGINT: the current "
+        "task's render is stopped, its finished frames uploaded and the task released) or idle.",
+    )
+    parser.add_argument("--queue", default=env_default("QUEUE"), required=env_default("QUEUE") is None,
+                        help="queue URL, e.g. sqlite:////var/lib/cio-worker/queue.db (env CIO_QUEUE)")
+    parser.add_argument("--worker-id", default=env_default("WORKER_ID") or default_worker_id())
+    add_path_map_arguments(parser)
+    add_node_arguments(parser)
+    parser.add_argument("--lease-seconds", type=float, default=60.0)
+    parser.add_argument("--heartbeat-seconds", type=float, default=10.0)
+    parser.add_argument("--poll-seconds", type=float, default=2.0, help="wait between empty claims")
+    parser.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
+                        help="exit after this long without work (default: never)")
+    parser.add_argument("--on-idle-exit", default=None, metavar="COMMAND",
+                        help="run this shell command when exiting idle, e.g. 'sudo systemctl poweroff'")
+    parser.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
+    parser.add_argument("--stop-grace", type=float, default=20.0,
+                        help="kill-ladder grace when stopped by a signal (default %(default)s)")
+    parser.add_argument("--log-level", default="INFO")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, streams: Streams) -> int:
+    log = setup_logging(args.log_level, streams.err)
+    queue = open_queue(args.queue)
+    ctx = node_context(args, path_map_from_args(args), say=lambda line: log.info("%s", line),
+                       progress=_log_progress(log))
+    agent = Agent(
+        AgentConfig(
+            worker_id=args.worker_id,
+            lease_seconds=args.lease_seconds,
+            heartbeat_seconds=args.heartbeat_seconds,
+            poll_seconds=args.poll_seconds,
+            idle_exit_seconds=args.idle_exit,
+            max_tasks=args.max_tasks,
+            stop_grace=args.stop_grace,
+        ),
+        queue,
+        ctx,
+        log=logging.getLogger("cio_worker.agent"),
+    )
+
+    def on_signal(signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        # SIGTERM is how a cloud stop or preemption reaches the agent; SIGINT is a person.
+        agent.shutdown(f"{name} received", cause="preempted" if signum == signal.SIGTERM else "released")
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        summary = agent.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        queue.close()
+    log.info("tasks %d: done %d, failed %d, released %d, lease lost %d", summary.tasks, summary.done,
+             summary.failed, summary.released, summary.lost)
+    if summary.exit_reason.startswith("idle") and args.on_idle_exit:
+        log.info("running the idle-exit command: %s", args.on_idle_exit)
+        subprocess.run(args.on_idle_exit, shell=True, check=False)
+    return 0
+
+
+def _log_progress(log: logging.Logger):
+    try:
+        from ..progress import LoggingProgress
+    except ImportError:  # pragma: no cover - progress arrives with the storage work
+        return lambda phase: None
+    return lambda phase: LoggingProgress(log, phase)

@@ -1,0 +1,88 @@
+"""Submit a job: scan dependencies, hash them (with the MD5 cache), upload the contents storage
+lacks into ``hashstore/``, expand the spec and enqueue its tasks."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .document import UploadFile
+from .errors import CioError
+from .expand import DEFAULT_TEMP_DIR, ExpandedJob, expand_job
+from .hashing import hashstore_key, md5_b64_of_file
+from .jobspec import load_job_spec
+from .md5cache import Md5Cache
+from .paths import PathMap
+from .queue import NewTask, Queue
+from .queue.base import PLACEHOLDER_JOB_ID
+from .storage import Progress, Storage, UploadItem
+
+
+class SubmitError(CioError):
+    code = "submit"
+
+
+@dataclass
+class SubmitResult:
+    job_id: str
+    task_count: int
+    holding: int
+    uploaded: int  # contents sent to storage
+    skipped: int  # contents storage already held
+    upload_files: list[UploadFile]
+    expanded: ExpandedJob
+
+
+def submit_job(
+    spec_path: str | Path,
+    *,
+    queue: Queue,
+    storage: Storage,
+    storage_url: str,
+    path_map: PathMap = PathMap(),
+    md5cache: Md5Cache | None = None,
+    progress: Progress | None = None,
+    allow_missing: bool = False,
+    temp_dir: str = DEFAULT_TEMP_DIR,
+    say: Callable[[str], None] = lambda line: None,
+) -> SubmitResult:
+    spec = load_job_spec(spec_path)
+    expanded = expand_job(spec, path_map=path_map, temp_dir=temp_dir)
+    missing = expanded.scan.missing
+    if missing and not allow_missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise SubmitError(
+            f"{len(missing)} dependency file(s) of {spec.source} are missing: {shown}; fix the paths, locate "
+            "them with --root / --path-map, or submit with --allow-missing",
+            code="missing_dependencies",
+        )
+    for path in missing:
+        say(f"warning: missing dependency {path} (not uploaded)")
+    md5_of = md5cache.md5_of if md5cache is not None else md5_b64_of_file
+    uploads: list[UploadFile] = []
+    items: list[UploadItem] = []
+    for found in expanded.scan.files:
+        try:
+            info = os.stat(found.local_path)
+            md5 = md5_of(Path(found.local_path))
+        except OSError as exc:
+            raise SubmitError(f"{found.artist_path} ({found.local_path}) cannot be read: {exc.strerror or exc}") from None
+        uploads.append(UploadFile(destination=found.artist_path, md5=md5, size=info.st_size, mode=info.st_mode))
+        items.append(UploadItem(hashstore_key(md5), Path(found.local_path), md5, info.st_size))
+    say(f"{len(uploads)} dependencies hashed; uploading what {storage_url} lacks")
+    skipped = storage.upload_missing(items, progress)
+    unique = len({i.key for i in items})
+    job = expanded.job_info(PLACEHOLDER_JOB_ID, storage_url, uploads)
+    tasks = [NewTask(t.frames, t.command, t.tile, t.tiles, t.scout) for t in expanded.tasks]
+    job_id = queue.create_job(job, tasks)
+    return SubmitResult(
+        job_id=job_id,
+        task_count=len(tasks),
+        holding=sum(1 for t in tasks if not t.scout) if expanded.holding else 0,
+        uploaded=unique - (skipped - (len(items) - unique)),
+        skipped=skipped - (len(items) - unique),
+        upload_files=uploads,
+        expanded=expanded,
+    )
