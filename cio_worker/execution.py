@@ -52,6 +52,9 @@ class ExecutionContext:
     clock: Callable[[], float] = time.monotonic
 
 
+DEFAULT_GRACE = 10.0
+
+
 class TaskControl:
     """Stop requests for a running task, from heartbeats, notices or signals (any thread)."""
 
@@ -64,16 +67,21 @@ class TaskControl:
         self._process = None
 
     def request_stop(self, reason: str, cause: str = "preempted", grace: float | None = None) -> None:
+        """Never blocks: the runner's kill ladder runs on its own thread. A later request with a
+        shorter grace (a notice after a signal) shortens the ladder; the first reason stays."""
         with self._lock:
-            if self._event.is_set():
-                if grace is not None and (self.grace is None or grace < self.grace):
-                    self.grace = grace
+            first = not self._event.is_set()
+            if first:
+                self.reason, self.cause = reason, cause
+                self._event.set()
+            if grace is not None and (self.grace is None or grace < self.grace):
+                self.grace = grace
+            elif not first:
                 return
-            self.reason, self.cause, self.grace = reason, cause, grace
-            self._event.set()
             process = self._process
+            grace_now = self.grace if self.grace is not None else DEFAULT_GRACE
         if process is not None:
-            process.stop(grace if grace is not None else 10.0, reason)
+            process.request_stop(grace_now, self.reason or reason)
 
     @property
     def stopping(self) -> bool:
@@ -85,7 +93,7 @@ class TaskControl:
             self._process = process
             pending = self._event.is_set()
         if pending:
-            process.stop(self.grace if self.grace is not None else 10.0, self.reason or "stop")
+            process.request_stop(self.grace if self.grace is not None else DEFAULT_GRACE, self.reason or "stop")
 
     def detach(self) -> None:
         with self._lock:
