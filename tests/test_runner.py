@@ -96,6 +96,9 @@ class Harness:
 
 @pytest.fixture
 def h(tmp_path):
+    # Children the session already had (e.g. multiprocessing's resource tracker, test servers)
+    # are not this test's to account for.
+    before = {c.pid for c in psutil.Process().children(recursive=True)}
     harness = Harness(tmp_path)
     yield harness
     for process in harness.started:
@@ -104,8 +107,8 @@ def h(tmp_path):
     for process in harness.started:
         harness.watched.update(process.tree_pids())
     left = [pid for pid in harness.watched if alive(pid)]
-    children = [c.pid for c in psutil.Process().children(recursive=True) if alive(c.pid)]
-    zombies = [c.pid for c in psutil.Process().children() if not alive(c.pid)]
+    children = [c.pid for c in psutil.Process().children(recursive=True) if alive(c.pid) and c.pid not in before]
+    zombies = [c.pid for c in psutil.Process().children() if not alive(c.pid) and c.pid not in before]
     threads = [t.name for t in threading.enumerate() if t.name.startswith("cio-runner")]
     for pid in set(left + children):
         try:
@@ -153,11 +156,12 @@ def test_missing_program_in_argv_is_a_clear_error(h):
 
 
 def test_bad_cwd_is_refused_before_anything_starts(h, tmp_path):
+    before = {c.pid for c in psutil.Process().children()}
     with pytest.raises(RenderError) as err:
         h.start("echo hi", cwd=tmp_path / "missing")
     assert err.value.code == "bad_cwd"
     assert str(tmp_path / "missing") in str(err.value)
-    assert psutil.Process().children() == []
+    assert {c.pid for c in psutil.Process().children()} == before
     assert not (tmp_path / "logs" / "task.log").exists()
 
 
