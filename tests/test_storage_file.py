@@ -1,0 +1,357 @@
+"""file:// storage, the helpers every backend shares (present_keys), and the progress displays.
+
+The content helpers here (make_sources, downloads_of, assert_same, Recorder) are reused by the
+s3:// and gs:// tests.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import random
+import threading
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+from cio_worker.errors import ChecksumError, StorageError
+from cio_worker.hashing import hashstore_key, md5_b64_of_bytes
+from cio_worker.progress import LoggingProgress, TerminalProgress
+from cio_worker.storage import DownloadItem, StorageOptions, TransferError, UploadItem, open_storage
+from cio_worker.storage.common import present_keys
+from cio_worker.storage.retry import Retrier, RetryPolicy
+
+KiB = 1024
+MiB = 1024 * 1024
+
+
+# --- helpers shared with the cloud backends' tests
+
+
+def make_sources(root: Path, count: int, size: int, *, seed: int = 0, duplicates: int = 0) -> list[UploadItem]:
+    """``count`` files of random bytes (the last ``duplicates`` repeat earlier contents)."""
+    root.mkdir(parents=True, exist_ok=True)
+    items = []
+    for i in range(count):
+        source_index = i - (count - duplicates) if i >= count - duplicates else i
+        data = random.Random(seed * 100_003 + source_index).randbytes(size)
+        path = root / f"file{i:04d}.bin"
+        path.write_bytes(data)
+        md5 = md5_b64_of_bytes(data)
+        items.append(UploadItem(key=hashstore_key(md5), source=path, md5=md5, size=size))
+    return items
+
+
+def downloads_of(uploads: list[UploadItem], dest: Path) -> list[DownloadItem]:
+    return [DownloadItem(key=u.key, dest=dest / f"out{i:04d}.bin", md5=u.md5, size=u.size) for i, u in enumerate(uploads)]
+
+
+def assert_same(uploads: list[UploadItem], downloads: list[DownloadItem]) -> None:
+    for up, down in zip(uploads, downloads, strict=True):
+        assert down.dest.read_bytes() == up.source.read_bytes(), down.key
+
+
+class Recorder:
+    """A Progress that counts what it is told."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.files = self.total = self.bytes = 0
+        self.done: list[str] = []
+
+    def start(self, files: int, total_bytes: int) -> None:
+        with self.lock:
+            self.files, self.total, self.bytes, self.done = files, total_bytes, 0, []
+
+    def advance(self, nbytes: int) -> None:
+        with self.lock:
+            self.bytes += nbytes
+
+    def file_done(self, key: str) -> None:
+        with self.lock:
+            self.done.append(key)
+
+
+# --- file://
+
+
+@pytest.fixture
+def store(tmp_path: Path):
+    return open_storage((tmp_path / "store").as_uri(), StorageOptions(stall_seconds=10))
+
+
+def test_cold_download_of_many_small_files_then_the_same_batch_again(store, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 120, 3 * KiB)
+    store.upload(uploads)
+    downloads = downloads_of(uploads, tmp_path / "dest")
+    progress = Recorder()
+
+    store.download(downloads, progress)
+    assert_same(uploads, downloads)
+    assert (progress.files, len(progress.done), progress.bytes) == (120, 120, 120 * 3 * KiB)
+
+    for item in downloads[:5]:
+        item.dest.write_bytes(b"stale")
+    store.download(downloads, progress)
+    assert_same(uploads, downloads)
+
+
+def test_large_objects_both_ways_with_md5_checked(store, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 2, 5 * MiB)
+    store.upload(uploads)
+    downloads = downloads_of(uploads, tmp_path / "dest")
+    store.download(downloads)
+    assert_same(uploads, downloads)
+
+
+def test_upload_missing_sends_only_what_the_store_lacks(store, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 20, 1 * KiB, duplicates=4)
+    assert store.upload_missing(uploads) == 4  # the duplicate contents
+    stored = list((Path(store.root) / "hashstore").iterdir())
+    assert len(stored) == 16
+    mtimes = {p: p.stat().st_mtime_ns for p in stored}
+    progress = Recorder()
+    assert store.upload_missing(uploads, progress) == 20
+    assert progress.done == [] and {p: p.stat().st_mtime_ns for p in stored} == mtimes
+
+
+def test_exists_for_many_keys(store, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 30, 100)
+    store.upload(uploads[:20])
+    assert store.exists([u.key for u in uploads]) == {u.key for u in uploads[:20]}
+
+
+def test_wrong_md5_is_refetched_once_then_a_checksum_error_naming_the_key(store, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 3, 4 * KiB)
+    store.upload(uploads)
+    (Path(store.root) / uploads[1].key).write_bytes(b"not what the manifest says")
+    downloads = downloads_of(uploads, tmp_path / "dest")
+    with pytest.raises(TransferError) as caught:
+        store.download(downloads)
+    assert caught.value.code == "checksum_mismatch"
+    assert [f.key for f in caught.value.failures] == [uploads[1].key]
+    assert isinstance(caught.value.failures[0].error, ChecksumError)
+    assert uploads[1].key in str(caught.value)
+    assert not downloads[1].dest.exists()
+    assert downloads[0].dest.read_bytes() == uploads[0].source.read_bytes()
+
+
+def test_missing_object_is_a_clear_error(store, tmp_path: Path) -> None:
+    with pytest.raises(TransferError) as caught:
+        store.download([DownloadItem(key="hashstore/" + "0" * 32, dest=tmp_path / "x")])
+    assert caught.value.code == "not_found" and "hashstore/" + "0" * 32 in str(caught.value)
+    with pytest.raises(StorageError, match="does not exist"):
+        store.read_bytes("records/none.json")
+
+
+# --- present_keys: listing versus asking one by one
+
+
+def _fake_store(names: list[str], page_size: int = 1000):
+    stored = sorted(names)
+    calls = {"pages": 0, "probed": []}
+
+    def list_pages(prefix: str, first: str) -> Iterator[list[str]]:
+        rest = [n for n in stored if n.startswith(prefix) and n >= first[:-1]]
+        for i in range(0, len(rest), page_size):
+            calls["pages"] += 1
+            yield rest[i : i + page_size]
+        if not rest:
+            calls["pages"] += 1
+            yield []
+
+    def probe(asked: list[str]) -> set[str]:
+        calls["probed"].extend(asked)
+        return {n for n in asked if n in set(stored)}
+
+    return list_pages, probe, calls
+
+
+def _hex_names(count: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"pre/hashstore/{rng.getrandbits(128):032x}" for _ in range(count)]
+
+
+def test_present_keys_lists_when_the_batch_is_a_large_part_of_the_store() -> None:
+    stored = _hex_names(3000, 1)
+    asked = stored[:500] + _hex_names(100, 2)
+    list_pages, probe, calls = _fake_store(stored)
+    assert present_keys(asked, list_pages, probe) == set(stored[:500])
+    assert calls["probed"] == [] and calls["pages"] <= 3
+
+
+def test_present_keys_probes_when_the_store_is_much_larger_than_the_batch() -> None:
+    stored = _hex_names(20_000, 3)
+    asked = stored[:5] + _hex_names(5, 4)
+    list_pages, probe, calls = _fake_store(stored)
+    assert present_keys(asked, list_pages, probe) == set(stored[:5])
+    # Listing stops once pages settle fewer keys than they cost: never much worse than probing all.
+    assert calls["pages"] < 20 and len(calls["probed"]) > 0
+    assert calls["pages"] + len(calls["probed"]) <= len(asked) + 1
+
+
+def test_present_keys_probes_a_few_keys_without_listing() -> None:
+    stored = _hex_names(50, 5)
+    list_pages, probe, calls = _fake_store(stored)
+    assert present_keys(stored[:3] + ["pre/hashstore/none"], list_pages, probe) == set(stored[:3])
+    assert calls["pages"] == 0 and len(calls["probed"]) == 4
+
+
+def test_present_keys_on_an_empty_store() -> None:
+    list_pages, probe, calls = _fake_store([])
+    assert present_keys(_hex_names(40, 6), list_pages, probe) == set()
+    assert calls["probed"] == []
+
+
+# --- retries
+
+
+def _flaky(failures: list[BaseException]):
+    calls = []
+
+    def call() -> str:
+        calls.append(1)
+        if failures:
+            raise failures.pop(0)
+        return "ok"
+
+    return call, calls
+
+
+def test_retrier_retries_transient_errors_with_growing_jittered_waits() -> None:
+    waits: list[float] = []
+    retry = Retrier(RetryPolicy(attempts=5, initial=1.0, maximum=3.0), lambda e: isinstance(e, ConnectionError), waits.append)
+    call, calls = _flaky([ConnectionResetError(), ConnectionResetError(), ConnectionResetError()])
+    assert retry(call) == "ok" and len(calls) == 4
+    assert len(waits) == 3 and all(0 <= w <= 3.0 for w in waits)
+
+
+def test_retrier_gives_up_after_its_attempts_and_never_retries_other_errors() -> None:
+    retry = Retrier(RetryPolicy(attempts=3), lambda e: isinstance(e, ConnectionError), lambda s: None)
+    call, calls = _flaky([ConnectionResetError()] * 5)
+    with pytest.raises(ConnectionResetError):
+        retry(call)
+    assert len(calls) == 3
+    call, calls = _flaky([PermissionError("denied")])
+    with pytest.raises(PermissionError):
+        retry(call)
+    assert len(calls) == 1
+
+
+def test_retrier_stops_once_its_batch_is_over() -> None:
+    over = threading.Event()
+    retry = Retrier(RetryPolicy(attempts=5), lambda e: True, lambda s: None).until(over)
+    call, calls = _flaky([ConnectionResetError()] * 5)
+    over.set()
+    with pytest.raises(ConnectionResetError):
+        retry(call)
+    assert len(calls) == 1
+
+
+# --- progress displays
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_terminal_progress_on_a_tty_redraws_one_line_in_place() -> None:
+    clock = FakeClock()
+    out = Terminal()
+    bar = TerminalProgress(out, "download", clock=clock)
+    bar.start(4, 4 * MiB)
+    clock.now += 1
+    bar.advance(MiB)
+    bar.file_done("a")
+    bar.advance(MiB)  # within 0.1 s of the last draw: not drawn
+    text = out.getvalue()
+    assert "\n" not in text and text.count("\r") == 2
+    assert text.split("\r")[-1].strip() == (
+        "download: [######..................]  25%  0/4 files  1.0 MiB/4.0 MiB  1.0 MiB/s  ETA 0:03"
+    )
+    clock.now += 1
+    bar.advance(2 * MiB)
+    for key in "bcd":
+        bar.file_done(key)
+    last = out.getvalue().split("\r")[-1]
+    assert last.endswith("\n") and "4/4 files  4.0 MiB/4.0 MiB  2.0 MiB/s  done in 0:02" in last
+    assert "[########################] 100%" in last
+    bar.finish()  # already ended: nothing more
+    assert out.getvalue().endswith(last)
+
+
+def test_terminal_progress_elsewhere_writes_plain_periodic_lines() -> None:
+    clock = FakeClock()
+    out = io.StringIO()
+    bar = TerminalProgress(out, clock=clock, plain_interval=5.0)
+    bar.start(100, 0)
+    for i in range(60):
+        clock.now += 0.25
+        bar.advance(10 * KiB)
+        bar.file_done(str(i))
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue()
+    assert len(lines) == 1 + 3  # the start, then one every 5 s of the 15 s
+    assert lines[0].startswith("[........................]   0%  0/100 files  0 B  0 B/s  ETA --:--")
+    assert "59/100 files  600.0 KiB  40.0 KiB/s  ETA 0:10" in lines[-1]
+    bar.finish()  # e.g. after a failed batch: the state as it is, with an ETA since not complete
+    assert out.getvalue().splitlines()[-1].endswith("60/100 files  600.0 KiB  40.0 KiB/s  ETA 0:10")
+
+
+def test_terminal_progress_is_thread_safe(tmp_path: Path) -> None:
+    out = io.StringIO()
+    bar = TerminalProgress(out, interval=0.0, plain_interval=0.0)
+    bar.start(800, 800 * 10)
+
+    def work() -> None:
+        for i in range(100):
+            bar.advance(10)
+            bar.file_done(str(i))
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    final = "[########################] 100%  800/800 files  7.8 KiB/7.8 KiB"
+    assert bar.line().startswith(final)
+    lines = out.getvalue().splitlines()
+    assert lines[-1].startswith(final) and len(lines) == 1 + 1600  # every event drew (interval 0), once each
+
+
+def test_logging_progress_logs_every_n_seconds(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    log = logging.getLogger("test.progress")
+    progress = LoggingProgress(log, "inputs", every=10.0, clock=clock)
+    with caplog.at_level(logging.INFO, logger="test.progress"):
+        progress.start(10, 10 * MiB)
+        for _ in range(10):
+            clock.now += 3
+            progress.advance(MiB)
+            progress.file_done("k")
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages[0] == "inputs: 0/10 files  0 B/10.0 MiB  0 B/s  ETA --:--"
+    assert len(messages) == 1 + 2 + 1  # start, at 12 s and 24 s, the end
+    assert messages[1] == "inputs: 3/10 files  4.0 MiB/10.0 MiB  341.3 KiB/s  ETA 0:18"
+    assert messages[-1] == "inputs: 10/10 files  10.0 MiB/10.0 MiB  341.3 KiB/s  done in 0:30"
+
+
+def test_a_real_transfer_drives_the_terminal_bar(store, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 10, 2 * KiB)
+    out = Terminal()
+    store.upload(uploads, TerminalProgress(out, "upload"))
+    final = out.getvalue().split("\r")[-1]
+    assert final.startswith("upload: [########################] 100%  10/10 files  20.0 KiB/20.0 KiB")
+    assert final.endswith("\n")
+    assert os.path.exists(Path(store.root) / uploads[0].key)
