@@ -53,6 +53,7 @@ class ExecutionContext:
 
 
 DEFAULT_GRACE = 10.0
+MIN_SALVAGE_SECONDS = 2.0  # below this before the deadline, finished frames are not uploaded
 
 
 class TaskControl:
@@ -64,12 +65,16 @@ class TaskControl:
         self.reason: str | None = None
         self.cause: str = "preempted"  # preempted | cancelled | lease_lost | shutdown
         self.grace: float | None = None
+        self.deadline: float | None = None  # when the instance is gone (the context's clock)
         self._process = None
 
-    def request_stop(self, reason: str, cause: str = "preempted", grace: float | None = None) -> None:
+    def request_stop(self, reason: str, cause: str = "preempted", grace: float | None = None,
+                     deadline: float | None = None) -> None:
         """Never blocks: the runner's kill ladder runs on its own thread. A later request with a
         shorter grace (a notice after a signal) shortens the ladder; the first reason stays."""
         with self._lock:
+            if deadline is not None and (self.deadline is None or deadline < self.deadline):
+                self.deadline = deadline
             first = not self._event.is_set()
             if first:
                 self.reason, self.cause = reason, cause
@@ -151,6 +156,10 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         outcome.timings["render"] = ctx.clock() - outcome.exec_started
         if control.stopping:
             finished = monitor.frames_finished()
+            left = None if control.deadline is None else control.deadline - ctx.clock()
+            if finished and left is not None and left < MIN_SALVAGE_SECONDS:
+                ctx.say(f"{left:.1f} s left before the deadline: not uploading frames {finished}")
+                return _stopped(outcome, control, FrameSet())
             scan = changed_since(output_root, before, only=_files_of(prepared, finished, output_root))
             if scan.files:
                 upload_outputs(storage, scan, ctx.progress("upload"))

@@ -140,6 +140,7 @@ class Simulation:
                 "--heartbeat-seconds", str(self.config.heartbeat_seconds),
                 "--idle-exit", str(self.config.idle_exit_seconds),
                 "--poll-seconds", "0.2",
+                "--preemption", "none",
                 *self.config.agent_args,
             ]
             log = open(node / "agent.log", "ab")

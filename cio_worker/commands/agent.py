@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
+import os
 import subprocess
 
 from ..agent import Agent, AgentConfig
 from ..cli import Streams, add_path_map_arguments, path_map_from_args
+from ..preemption import PreemptionConfig, start_watchers
 from ..queue import open_queue
 from .common import add_node_arguments, default_worker_id, env_default, node_context, setup_logging
 
@@ -35,6 +36,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
     parser.add_argument("--stop-grace", type=float, default=20.0,
                         help="kill-ladder grace when stopped by a signal (default %(default)s)")
+    parser.add_argument("--preemption", default=env_default("PREEMPTION", "auto"),
+                        choices=("auto", "gce", "ec2", "azure", "none"),
+                        help="which metadata server to watch for preemption notices (default: detect)")
+    parser.add_argument("--gce-metadata-url", default=None, help="default: GCE_METADATA_HOST or the real one")
+    parser.add_argument("--ec2-metadata-url", default=None,
+                        help="default: AWS_EC2_METADATA_SERVICE_ENDPOINT or the real one")
+    parser.add_argument("--azure-metadata-url", default=None)
+    parser.add_argument("--notice-seconds", type=float, default=None,
+                        help="time from a GCE notice or a signal to the hard stop (default 30 / 25)")
     parser.add_argument("--log-level", default="INFO")
     parser.set_defaults(handler=run)
 
@@ -59,17 +69,14 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         log=logging.getLogger("cio_worker.agent"),
     )
 
-    def on_signal(signum: int, frame) -> None:
-        name = signal.Signals(signum).name
-        # SIGTERM is how a cloud stop or preemption reaches the agent; SIGINT is a person.
-        agent.shutdown(f"{name} received", cause="preempted" if signum == signal.SIGTERM else "released")
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    # SIGTERM (how a cloud stop or preemption reaches a service) and SIGINT become notices too.
+    watchers = start_watchers(_preemption_config(args), agent.on_notice)
+    if watchers.provider:
+        log.info("watching %s metadata for preemption notices", watchers.provider)
     try:
         summary = agent.run()
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        watchers.stop()
         queue.close()
     log.info("tasks %d: done %d, failed %d, released %d, lease lost %d", summary.tasks, summary.done,
              summary.failed, summary.released, summary.lost)
@@ -77,6 +84,18 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         log.info("running the idle-exit command: %s", args.on_idle_exit)
         subprocess.run(args.on_idle_exit, shell=True, check=False)
     return 0
+
+
+def _preemption_config(args: argparse.Namespace) -> PreemptionConfig:
+    overrides: dict = {"provider": args.preemption}
+    for name in ("gce", "ec2", "azure"):
+        url = getattr(args, f"{name}_metadata_url")
+        if url:
+            overrides[f"{name}_url"] = url
+    if args.notice_seconds is not None:
+        overrides["gce_grace"] = args.notice_seconds
+        overrides["signal_grace"] = args.notice_seconds
+    return PreemptionConfig.from_env(os.environ, **overrides)
 
 
 def _log_progress(log: logging.Logger):
