@@ -1,0 +1,139 @@
+"""The job commands as a person runs them: submit, status, release, kill, run-task, download."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cio_worker.hashing import hashstore_key
+from cio_worker.queue import open_queue
+from cio_worker.simulator import install_cnode_shim
+from tests.shots import make_shot
+
+
+def cli(*args: str, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "cio_worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture
+def farm(tmp_path):
+    shot = make_shot(tmp_path / "shot", frames="1-4", chunk_size=2, scouts="1")
+    queue = f"sqlite:///{tmp_path / 'queue.db'}"
+    storage = f"file://{tmp_path / 'storage'}"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    install_cnode_shim(bin_dir)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", CNODE_SIM_FRAME_SECONDS="0")
+    return tmp_path, shot, queue, storage, env
+
+
+def submit(farm) -> str:
+    tmp, shot, queue, storage, env = farm
+    out = cli("submit", str(shot.spec), "--queue", queue, "--storage", storage, "--root", str(shot.root),
+              "--md5-cache", str(tmp / "md5.db"))
+    assert out.returncode == 0, out.stderr
+    assert "job 00001: 2 tasks, 1 holding until `cio-worker release 00001`" in out.stdout
+    return "00001"
+
+
+def test_submit_uploads_what_storage_lacks_and_enqueues(farm):
+    tmp, shot, queue, storage, env = farm
+    submit(farm)
+    stored = sorted(p.name for p in (tmp / "storage" / "hashstore").iterdir())
+    assert len(stored) == 2  # the project and the texture, by MD5
+    again = cli("submit", str(shot.spec), "--queue", queue, "--storage", storage, "--root", str(shot.root),
+                "--md5-cache", str(tmp / "md5.db"))
+    assert again.returncode == 0 and "uploaded 0 contents, 2 already in storage" in again.stdout
+    status = cli("status", "--queue", queue)
+    assert "00001" in status.stdout and "00002" in status.stdout
+
+
+def test_status_release_and_kill(farm):
+    tmp, shot, queue, storage, env = farm
+    job = submit(farm)
+    tasks = cli("status", job, "--queue", queue).stdout
+    assert "holding" in tasks and "pending" in tasks
+    out = cli("release", job, "--queue", queue)
+    assert out.returncode == 0 and "released 1 held tasks" in out.stdout
+    out = cli("kill", job, "--queue", queue)
+    assert out.returncode == 0
+    with open_queue(queue) as q:
+        assert {t.state for t in q.tasks(job)} == {"failed"}
+        assert all("killed by owner" in t.reason for t in q.tasks(job))
+    missing = cli("release", "00042", "--queue", queue)
+    assert missing.returncode == 2 and missing.stderr.startswith("cio-worker: error:") and "00042" in missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+def test_run_task_renders_one_document_by_hand(farm):
+    tmp, shot, queue, storage, env = farm
+    job = submit(farm)
+    with open_queue(queue) as q:
+        lease = q.claim("by-hand", 60)
+    doc = tmp / "task.json"
+    doc.write_text(lease.document.to_json())
+    node = tmp / "vm"
+    out = cli("run-task", str(doc), "--root", str(node), "--work-dir", str(tmp / "work"),
+              "--cache-dir", str(tmp / "cache"), env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "Progress for 'project://scene/image1'" in out.stdout  # the renderer's log, echoed
+    assert "job 00001 task 000 done: frames 1-2" in out.stdout
+    rendered = [node / "proj/renders/main/beauty.0001.png", node / "proj/renders/main/beauty.0002.png"]
+    assert all(p.is_file() for p in rendered)
+    for line in out.stdout.splitlines():
+        if line.startswith("cio-worker: output "):
+            md5 = line.rsplit("md5 ", 1)[1].rstrip(")")
+            assert (tmp / "storage" / hashstore_key(md5)).is_file()  # uploaded, content-addressed
+
+
+def test_run_task_fails_with_a_reason_when_an_input_is_missing(farm):
+    tmp, shot, queue, storage, env = farm
+    submit(farm)
+    with open_queue(queue) as q:
+        document = json.loads(q.claim("by-hand", 60).document.to_json())
+    document["job"]["upload_files"] = [f for f in document["job"]["upload_files"] if "wood" not in f["destination"]]
+    (tmp / "task.json").write_text(json.dumps(document))
+    out = cli("run-task", str(tmp / "task.json"), "--root", str(tmp / "vm"), "--work-dir", str(tmp / "work"),
+              "--no-cache", "--quiet", env=env)
+    assert out.returncode == 1
+    assert "FAILED [missing_input]" in out.stdout and "wood.png" in out.stdout
+
+
+def test_run_task_rejects_a_malformed_document_in_one_line(tmp_path):
+    (tmp_path / "task.json").write_text(json.dumps({"version": 1, "job": {}, "task": {}}))
+    out = cli("run-task", str(tmp_path / "task.json"), "--work-dir", str(tmp_path / "w"), "--no-cache")
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "job.id: is missing" in out.stderr
+
+
+def test_download_refuses_a_record_that_climbs_out(farm):
+    import sqlite3
+    import time
+
+    from cio_worker.hashing import md5_b64_of_bytes
+
+    tmp, shot, queue, storage, env = farm
+    job = submit(farm)
+    md5 = md5_b64_of_bytes(b"evil")
+    key = hashstore_key(md5)
+    (tmp / "storage" / key).write_bytes(b"evil")
+    files = [{"relative_path": "../../escape.png", "md5": md5, "size": 4, "key": key}]
+    # A record written by something other than our agent (the queue's own API refuses it).
+    db = sqlite3.connect(tmp / "queue.db")
+    db.execute("INSERT INTO downloads VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+               ("evil-1", int(job), 0, "C:/proj/renders", 4, json.dumps(files), time.time(), time.time()))
+    db.commit()
+    db.close()
+    artist = tmp / "artist-dl"
+    out = cli("download", "--queue", queue, "--root", str(artist), "--md5-cache", str(tmp / "dl.db"))
+    assert out.returncode == 2
+    assert "refused download evil-1" in out.stderr and "climbs out" in out.stderr
+    assert not list(tmp.rglob("escape.png"))
+    with open_queue(queue) as q:
+        assert [r.download_id for r in q.downloads(job)] == ["evil-1"]  # still pending, not marked done
