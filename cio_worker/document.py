@@ -144,8 +144,8 @@ class TaskDocument:
     def from_json(cls, text: str | bytes) -> "TaskDocument":
         try:
             data = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise DocumentError("document", f"is not valid JSON ({exc})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+            raise DocumentError("document", f"is not valid JSON ({_clip(str(exc) or type(exc).__name__)})") from None
         return cls.from_dict(data)
 
     @classmethod
@@ -294,6 +294,8 @@ def _frames(spec: str, field_path: str, optional: bool = False) -> FrameSet:
         return FrameSet.parse_optional(spec) if optional else FrameSet.parse(spec)
     except CioError as exc:
         raise DocumentError(field_path, str(exc)) from None
+    except ValueError as exc:  # int() refuses numbers of thousands of digits
+        raise DocumentError(field_path, f"is not a usable frame spec ({_clip(str(exc))})") from None
 
 
 class _Reader:
@@ -354,6 +356,10 @@ class _Reader:
 
 
 _MISSING = object()
+
+
+def _clip(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _kind(value: Any) -> str:

@@ -49,7 +49,11 @@ def expand_references(value: str, env: Mapping[str, str]) -> str:
         if match.group(0) == "$$":
             return "$"
         if match.group(3) is not None:
-            raise EnvironmentSpecError(f"malformed variable reference {match.group(0)!r} in {value!r}")
+            # Never quote the value: it may be a secret that would reach logs and the queue.
+            raise EnvironmentSpecError(
+                f"a variable reference at character {match.start() + 1} is malformed: write ${{NAME}} with a "
+                "closing brace and a name of letters, digits and underscores, or $$ for a literal $"
+            )
         return env.get(match.group(1) or match.group(2), "")
 
     return _REFERENCE.sub(substitute, value)
@@ -66,7 +70,10 @@ def merge_environment(
     env = dict(base)
     sep = separator_for(platform)
     for entry in entries:
-        value = expand_references(entry.value, env) if expand else entry.value
+        try:
+            value = expand_references(entry.value, env) if expand else entry.value
+        except EnvironmentSpecError as exc:
+            raise EnvironmentSpecError(f"environment entry {entry.name}: {exc}") from None
         so_far = env.get(entry.name, "")
         if entry.merge_policy == "exclusive" or so_far == "":
             merged = value

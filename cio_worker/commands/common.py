@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from ..cache import ContentCache
+from ..errors import QueueError
 from ..execution import ExecutionContext
 from ..md5cache import Md5Cache
+from ..queue import Queue, open_queue, sqlite_path
 from ..runner import ProcessRunner
 from ..storage import StorageOptions, open_storage
 
@@ -62,6 +64,25 @@ def node_context(args: argparse.Namespace, path_map, *, say=lambda line: None, p
         say=say,
         progress=progress or (lambda phase: None),
     )
+
+
+def open_existing_queue(url: str) -> Queue:
+    """Open a queue that must already exist (status, release, kill, download).
+
+    ``open_queue`` creates a missing sqlite file, which is right for ``submit``; for a command
+    that only reads or changes existing jobs, a missing file is a wrong --queue, and a new empty
+    queue would hide that ("no jobs in the queue").
+    """
+    if isinstance(url, str) and url.lower().startswith("sqlite:"):
+        path = sqlite_path(url)
+        if not path.exists():
+            where = "its directory does not exist either" if not path.parent.is_dir() else "no file there"
+            raise QueueError(
+                f"queue {path} does not exist ({where}); check --queue (or CIO_QUEUE): "
+                "`cio-worker submit` creates the queue with the first job",
+                code="no_queue",
+            )
+    return open_queue(url)
 
 
 def default_worker_id() -> str:

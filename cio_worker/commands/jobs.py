@@ -12,7 +12,7 @@ from ..md5cache import Md5Cache
 from ..queue import open_queue
 from ..status_view import format_status
 from ..storage import open_storage
-from .common import env_default
+from .common import env_default, open_existing_queue
 
 
 def _queue_argument(parser: argparse.ArgumentParser) -> None:
@@ -77,7 +77,7 @@ def register_status(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_status(args: argparse.Namespace, streams: Streams) -> int:
-    with open_queue(args.queue) as queue:
+    with open_existing_queue(args.queue) as queue:
         streams.out.write(format_status(queue, args.job))
     return 0
 
@@ -90,7 +90,7 @@ def register_release(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_release(args: argparse.Namespace, streams: Streams) -> int:
-    with open_queue(args.queue) as queue:
+    with open_existing_queue(args.queue) as queue:
         queue.job(args.job)
         moved = queue.release_job(args.job)
     print(f"job {args.job}: released {moved} held tasks", file=streams.out)
@@ -105,7 +105,7 @@ def register_kill(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_kill(args: argparse.Namespace, streams: Streams) -> int:
-    with open_queue(args.queue) as queue:
+    with open_existing_queue(args.queue) as queue:
         queue.job(args.job)
         count = queue.kill_job(args.job)
     print(f"job {args.job}: killed ({count} tasks stopped or failed)", file=streams.out)
@@ -126,7 +126,7 @@ def register_download(subparsers: argparse._SubParsersAction) -> None:
 def run_download(args: argparse.Namespace, streams: Streams) -> int:
     cache_path = Path(args.md5_cache).expanduser()
     cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with open_queue(args.queue) as queue:
+    with open_existing_queue(args.queue) as queue:
         if args.job:
             queue.job(args.job)
         downloader = Downloader(queue, open_storage, path_map_from_args(args), Md5Cache(cache_path))

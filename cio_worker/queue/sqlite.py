@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from ..document import JobInfo, TaskDocument, TaskInfo, job_id_text, task_id_text
+from ..document import JobInfo, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
 from ..errors import CioError, DocumentError, LeaseLost, QueueError
 from ..frames import FrameSet
 from .base import (
@@ -368,10 +368,18 @@ class SqliteQueue(Queue):
                 ).fetchone()
                 if row is None:
                     return None
+                # A stored job or task that no longer reads (another version wrote it, or someone
+                # edited the file) fails that task with the field and the problem; claiming goes on.
                 try:
                     job = self._job_info(conn, row["job_number"])
-                except DocumentError as exc:  # a stored job that no longer reads: fail it, keep serving
+                except DocumentError as exc:
                     self._set_final(conn, row, now, "failed", f"the stored job document is invalid: {exc}")
+                    continue
+                attempt = _attempts_so_far(row) + 1
+                try:
+                    task = _stored_task(row, attempt)
+                except DocumentError as exc:
+                    self._set_final(conn, row, now, "failed", f"the stored task is invalid: {exc}")
                     continue
                 token = secrets.token_hex(16)
                 expires = now + lease_seconds
@@ -380,17 +388,7 @@ class SqliteQueue(Queue):
                     " WHERE job_number = ? AND number = ?",
                     (worker, token, expires, now, row["job_number"], row["number"]),
                 )
-                attempt = _attempts_so_far(row) + 1
                 self._event(conn, row["job_number"], row["number"], now, "claimed", worker, f"attempt {attempt}")
-                task = TaskInfo(
-                    id=task_id_text(row["number"]),
-                    frames=row["frames"],
-                    command=row["command"],
-                    tile=row["tile"],
-                    tiles=row["tiles"],
-                    attempt=attempt,
-                    frames_done=row["frames_done"],
-                )
                 return Lease(
                     job_id=job.id,
                     task_id=task.id,
@@ -621,7 +619,11 @@ class SqliteQueue(Queue):
         cached = self._jobs_cache.get(number)
         if cached is None:
             text = conn.execute("SELECT document FROM jobs WHERE number = ?", (number,)).fetchone()[0]
-            cached = self._jobs_cache[number] = job_from_stored(json.loads(text))
+            try:
+                data = json.loads(text)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise DocumentError("job", f"the stored document is not valid JSON ({_short(exc)})") from None
+            cached = self._jobs_cache[number] = job_from_stored(data)
         return cached
 
     @staticmethod
@@ -649,6 +651,25 @@ def _task_row(r: sqlite3.Row) -> TaskRow:
         lease_expires=r["lease_expires"],
         updated=r["updated"],
     )
+
+
+def _stored_task(row: sqlite3.Row, attempt: int) -> TaskInfo:
+    """The task part of a claimed task's document, checked with the document's own rules."""
+    data = {
+        "id": task_id_text(row["number"]),
+        "frames": row["frames"],
+        "command": row["command"],
+        "tile": row["tile"],
+        "tiles": row["tiles"],
+        "attempt": attempt,
+        "frames_done": row["frames_done"],
+    }
+    return parse_task(_Reader(data, "task"))
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _attempts_so_far(row: sqlite3.Row) -> int:
