@@ -6,9 +6,11 @@ directory, and judge the result honestly: exit status, known fatal log lines, ex
 
 from __future__ import annotations
 
+import os
 import posixpath
 import re
 import shlex
+import stat
 import threading
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +30,10 @@ FATAL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("licence", re.compile(r"licen[sc]e.*(unable|fail|error|denied|expired|no .*available)|unable to get a licen[sc]e", re.I)),
     ("missing_input", re.compile(r"(cannot|can't|unable to) (open|read|find|load) (file|image|texture|project)|no such file", re.I)),
     ("out_of_memory", re.compile(r"out of memory|std::bad_alloc|cannot allocate memory", re.I)),
+    ("disk_full", re.compile(r"no space left on device|disk quota exceeded", re.I)),
 )
+# Only lines with one of these words are matched against FATAL_PATTERNS (most lines have none).
+_FATAL_HINTS = ("error", "fatal", "no space left", "quota exceeded")
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,10 @@ class CnodeCall:
                 FrameSet.parse_cnode(spec)
             except FrameSpecError as exc:
                 raise RenderError(f"the cnode command's frame spec is wrong: {exc}", code="bad_command") from None
+            except ValueError:  # e.g. a frame number too long for int()
+                shown = spec if len(spec) <= 40 else f"{spec[:20]}...{spec[-10:]} ({len(spec)} characters)"
+                raise RenderError(f"the cnode command's frame spec {shown!r} is not a usable frame list",
+                                  code="bad_command") from None
         count, index = tiles
         if count < 1 or not 1 <= index <= count:
             raise RenderError(f"-tile_rendering {count} {index}: the index must be 1 to the count", code="bad_command")
@@ -216,7 +225,8 @@ class RenderMonitor:
             if match:
                 self.saved.add((match.group(1), int(match.group(2))))
                 return
-            if self.fatal is None and ("error" in text.lower() or "fatal" in text.lower()):
+            lowered = text.lower()
+            if self.fatal is None and any(hint in lowered for hint in _FATAL_HINTS):
                 for code, pattern in FATAL_PATTERNS:
                     if pattern.search(text):
                         self.fatal = (code, text.strip())
@@ -249,7 +259,12 @@ class RenderMonitor:
         """None when the task succeeded; otherwise the reason, for a person."""
         if self.fatal is not None:
             code, line = self.fatal
-            return RenderError(f"the renderer reported a fatal error: {line}", code=code)
+            ended = ""
+            if signal is not None:
+                ended = f"; it was killed by signal {signal}"
+            elif exit_code not in (0, None):
+                ended = f"; it exited with status {exit_code}"
+            return RenderError(f"the renderer reported a fatal error: {line}{ended}", code=code)
         if signal is not None:
             return RenderError(f"the renderer was killed by signal {signal}", code="render_crashed")
         if exit_code != 0:
@@ -264,7 +279,10 @@ class RenderMonitor:
 
 
 def _nonempty(path: Path) -> bool:
+    """A regular file with something in it; a symbolic link never counts (its outputs are never
+    uploaded), whatever it points at."""
     try:
-        return path.stat().st_size > 0
+        st = os.lstat(path)
     except OSError:
         return False
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0

@@ -170,12 +170,15 @@ class MetadataState:
             self._gce_maintenance = event
             self._cond.notify_all()
 
-    def raise_ec2_spot(self, action: str = "terminate") -> dict[str, str]:
+    def raise_ec2_spot(self, action: str = "terminate",
+                       in_seconds: float = EC2_NOTICE_SECONDS) -> dict[str, str]:
+        """A spot interruption notice for ``in_seconds`` from now (EC2 gives two minutes; tests
+        and the simulation give less). The time is whole seconds, as EC2 writes it."""
         if action not in ("terminate", "stop", "hibernate"):
             raise ValueError("spot action must be terminate, stop or hibernate")
         with self._cond:
             self._spot_action = {"action": action,
-                                 "time": iso_z(self.clock() + EC2_NOTICE_SECONDS)}
+                                 "time": iso_z(self.clock() + float(in_seconds))}
             return dict(self._spot_action)
 
     def raise_ec2_rebalance(self) -> dict[str, str]:

@@ -10,8 +10,9 @@ import subprocess
 from ..agent import Agent, AgentConfig
 from ..cli import Streams, add_path_map_arguments, path_map_from_args
 from ..preemption import PreemptionConfig, start_watchers
-from ..queue import open_queue
-from .common import add_node_arguments, default_worker_id, env_default, node_context, setup_logging
+from ..errors import QueueError
+from ..queue import open_queue, sqlite_path
+from .common import add_node_arguments, default_worker_id, env_default, node_context, open_existing_queue, setup_logging
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -44,14 +45,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="default: AWS_EC2_METADATA_SERVICE_ENDPOINT or the real one")
     parser.add_argument("--azure-metadata-url", default=None)
     parser.add_argument("--notice-seconds", type=float, default=None,
-                        help="time from a GCE notice or a signal to the hard stop (default 30 / 25)")
+                        help="how long the instance lives after a GCE notice or a SIGTERM/SIGINT, i.e. the "
+                        "drain's deadline (default 30 for GCE, 25 for signals; EC2 and Azure notices carry "
+                        "their own time)")
+    parser.add_argument("--metadata-poll-seconds", type=float, default=None,
+                        help="EC2 / Azure metadata polling interval (default 1)")
+    parser.add_argument("--hard-stop-margin", type=float, default=1.5,
+                        help="release the task this long before a notice's deadline if the drain has not "
+                        "reported by then (default %(default)s)")
+    parser.add_argument("--grace-share", type=float, default=0.3,
+                        help="share of the time a notice leaves that goes to the render's kill ladder; the "
+                        "rest is for uploading finished frames and reporting (default %(default)s)")
     parser.add_argument("--log-level", default="INFO")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
     log = setup_logging(args.log_level, streams.err)
-    queue = open_queue(args.queue)
+    queue = _open_queue(args.queue)
     ctx = node_context(args, path_map_from_args(args), say=lambda line: log.info("%s", line),
                        progress=_log_progress(log))
     agent = Agent(
@@ -63,6 +74,8 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
             idle_exit_seconds=args.idle_exit,
             max_tasks=args.max_tasks,
             stop_grace=args.stop_grace,
+            hard_stop_margin=args.hard_stop_margin,
+            grace_share=args.grace_share,
         ),
         queue,
         ctx,
@@ -70,20 +83,42 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     )
 
     # SIGTERM (how a cloud stop or preemption reaches a service) and SIGINT become notices too.
-    watchers = start_watchers(_preemption_config(args), agent.on_notice)
+    notices = []
+
+    def on_notice(notice) -> None:
+        notices.append(notice)
+        agent.on_notice(notice)
+
+    watchers = start_watchers(_preemption_config(args), on_notice)
     if watchers.provider:
         log.info("watching %s metadata for preemption notices", watchers.provider)
     try:
         summary = agent.run()
+        # Drained: an Azure event may go ahead now instead of at its NotBefore time.
+        for notice in notices:
+            if notice.hard and notice.provider == "azure" and watchers.acknowledge(notice):
+                log.info("acknowledged Azure event %s: the instance may go now", notice.ref)
     finally:
         watchers.stop()
         queue.close()
     log.info("tasks %d: done %d, failed %d, released %d, lease lost %d", summary.tasks, summary.done,
              summary.failed, summary.released, summary.lost)
+    late = [d for d in summary.drains if d.in_time is False]
+    if late:
+        log.error("%d drains reported after their deadline", len(late))
     if summary.exit_reason.startswith("idle") and args.on_idle_exit:
         log.info("running the idle-exit command: %s", args.on_idle_exit)
         subprocess.run(args.on_idle_exit, shell=True, check=False)
     return 0
+
+
+def _open_queue(url: str):
+    """The agent's queue must exist: a mistyped --queue must not idle on a new, empty one."""
+    try:
+        missing_dir = not sqlite_path(url).parent.is_dir()
+    except QueueError:
+        missing_dir = False  # not a sqlite URL: open_queue says what is wrong with it
+    return open_queue(url) if missing_dir else open_existing_queue(url)  # the former names the directory
 
 
 def _preemption_config(args: argparse.Namespace) -> PreemptionConfig:
@@ -95,6 +130,8 @@ def _preemption_config(args: argparse.Namespace) -> PreemptionConfig:
     if args.notice_seconds is not None:
         overrides["gce_grace"] = args.notice_seconds
         overrides["signal_grace"] = args.notice_seconds
+    if args.metadata_poll_seconds is not None:
+        overrides["poll_interval"] = args.metadata_poll_seconds
     return PreemptionConfig.from_env(os.environ, **overrides)
 
 
