@@ -26,6 +26,7 @@ _CNODE_BLOCK = re.compile(r"(-?[0-9]+)(?::(-?[0-9]+)(?:%([1-9][0-9]*))?)?")
 
 # A frame range is expanded into memory: refuse specs that would describe absurd counts.
 MAX_FRAMES = 1_000_000
+MAX_DIGITS = 9  # frame numbers and steps; far past any real shot, and int() stays cheap
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,7 @@ class FrameSet:
                 raise FrameSpecError(
                     f"cnode frame block {block!r} in {spec!r} is not start[:end[%step]]"
                 )
-            start = int(match.group(1))
-            end = int(match.group(2)) if match.group(2) is not None else start
-            step = int(match.group(3)) if match.group(3) else 1
+            start, end, step = _numbers(match, spec)
             frames.update(_progression_frames(start, end, step, spec))
         return cls(tuple(sorted(frames)))
 
@@ -223,10 +222,18 @@ def _expand_block(block: str, spec: str) -> range:
     match = _BLOCK.fullmatch(block)
     if not match:
         raise FrameSpecError(_explain_bad_block(block, spec))
+    return _progression_frames(*_numbers(match, spec), spec)
+
+
+def _numbers(match: re.Match[str], spec: str) -> tuple[int, int, int]:
+    """start, end, step of a matched block; absurdly long numbers are refused before int()."""
+    for text in match.groups():
+        if text is not None and len(text.lstrip("-")) > MAX_DIGITS:
+            raise FrameSpecError(f"frame spec {spec!r}: {text[:12]}... has more than {MAX_DIGITS} digits")
     start = int(match.group(1))
     end = int(match.group(2)) if match.group(2) is not None else start
     step = int(match.group(3)) if match.group(3) else 1
-    return _progression_frames(start, end, step, spec)
+    return start, end, step
 
 
 def _progression_frames(start: int, end: int, step: int, spec: str) -> range:

@@ -257,3 +257,11 @@ def test_generated_specs_match_the_model(parts: list) -> None:
     fs = FrameSet.parse(spec)
     assert list(fs) == sorted(expected)
     assert FrameSet.parse(fs.canonical()) == fs
+
+
+@pytest.mark.parametrize("spec", ["1-" + "9" * 5000, "1234567890", "1-10x" + "1" * 20])
+def test_absurdly_long_numbers_are_a_clear_error(spec: str) -> None:
+    with pytest.raises(FrameSpecError, match="more than 9 digits"):
+        FrameSet.parse(spec)
+    with pytest.raises(FrameSpecError, match="more than 9 digits"):
+        FrameSet.parse_cnode(spec.replace("-", ":").replace("x", "%"))
