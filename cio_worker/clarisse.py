@@ -12,6 +12,7 @@ import re
 import shlex
 import stat
 import threading
+from typing import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -207,20 +208,26 @@ def _read_project(path: Path, written: str) -> Project | None:
 class RenderMonitor:
     """Reads the render's output lines: progress, saved frames, fatal lines. Thread-safe."""
 
-    def __init__(self, prepared: Prepared) -> None:
+    def __init__(self, prepared: Prepared, on_percent: Callable[[float], None] | None = None,
+                 step: float = 10.0) -> None:
         self.prepared = prepared
         self._lock = threading.Lock()
         self.progress: dict[str, float] = {}
         self.saved: set[tuple[str, int]] = set()
         self.fatal: tuple[str, str] | None = None  # (code, line)
+        self._on_percent = on_percent
+        self._step = step
+        self._reported = -1.0  # the last whole step told to on_percent
 
     def feed(self, line: str) -> None:
         text = line.rstrip("\n")
-        with self._lock:
-            match = _PROGRESS.match(text)
-            if match:
+        match = _PROGRESS.match(text)
+        if match:
+            with self._lock:
                 self.progress[match.group(1)] = float(match.group(2))
-                return
+            self._tell_percent()
+            return
+        with self._lock:
             match = _SAVED.match(text)
             if match:
                 self.saved.add((match.group(1), int(match.group(2))))
@@ -231,6 +238,17 @@ class RenderMonitor:
                     if pattern.search(text):
                         self.fatal = (code, text.strip())
                         break
+
+    def _tell_percent(self) -> None:
+        if self._on_percent is None:
+            return
+        percent = self.percent()
+        bucket = percent // self._step * self._step
+        with self._lock:
+            if bucket <= self._reported:
+                return
+            self._reported = bucket
+        self._on_percent(percent)
 
     def percent(self) -> float:
         call = self.prepared.call

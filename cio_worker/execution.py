@@ -192,7 +192,7 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
             return outcome
         output_root = Path(ctx.path_map.local(job.output_path, what="job.output_path"))
         before = snapshot(output_root)
-        monitor = RenderMonitor(prepared)
+        monitor = RenderMonitor(prepared, on_percent=lambda pct: ctx.say(f"render {pct:.0f}%"))
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
         outcome.exec_started = ctx.clock()
