@@ -130,8 +130,10 @@ class Fault:
     """What the proxy does to the next ``times`` matching requests (-1: all of them).
 
     kind: "status" (answer ``status`` with ``body``), "reset" (drop the connection before any
-    answer), "reset_body" (send headers and half the body, then drop), "stall" (never answer until
-    the proxy stops), "corrupt" (forward, flip one byte of the body).
+    answer), "reset_body" (send headers and half the body, then drop), "cut_body" (send headers and
+    exactly half the body, then close cleanly: the client has every byte sent), "stall" (never
+    answer until the proxy stops), "corrupt" (forward, flip one byte of the body), "drop_range"
+    (forward without the Range header, as a server without ranged GETs would).
     """
 
     kind: str
@@ -171,7 +173,7 @@ class FaultProxy:
         class Handler(_ProxyHandler):
             owner = proxy
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(
@@ -210,6 +212,15 @@ class FaultProxy:
         self.release.set()
         self.server.shutdown()
         self.server.server_close()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    """A client that drops its connection (a test's reset, a killed agent) is not an error here."""
+
+    def handle_error(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            return
+        super().handle_error(request, client_address)
 
 
 class _ProxyHandler(BaseHTTPRequestHandler):
@@ -268,6 +279,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             return
         headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_BY_HOP}
         headers["Content-Length"] = str(len(body))
+        if fault and fault.kind == "drop_range":
+            headers = {k: v for k, v in headers.items() if k.lower() != "range"}
         upstream = http.client.HTTPConnection(owner.host, owner.port, timeout=60)
         try:
             upstream.request(self.command, self.path, body=body, headers=headers)
@@ -296,6 +309,12 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             self.wfile.write(data[: len(data) // 2])
             self.wfile.flush()
             self._reset()
+            return
+        if fault and fault.kind == "cut_body":
+            self.wfile.write(data[: len(data) // 2])
+            self.wfile.flush()
+            self.close_connection = True
+            self.connection.shutdown(socket.SHUT_WR)
             return
         self.wfile.write(data)
 

@@ -11,6 +11,7 @@ import logging
 import os
 import random
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator
 
@@ -20,7 +21,7 @@ from cio_worker.errors import ChecksumError, StorageError
 from cio_worker.hashing import hashstore_key, md5_b64_of_bytes
 from cio_worker.progress import LoggingProgress, TerminalProgress
 from cio_worker.storage import DownloadItem, StorageOptions, TransferError, UploadItem, open_storage
-from cio_worker.storage.common import present_keys
+from cio_worker.storage.common import Activity, fetch_parts, part_size_for, present_keys, run_batch
 from cio_worker.storage.retry import Retrier, RetryPolicy
 
 KiB = 1024
@@ -203,6 +204,72 @@ def test_present_keys_on_an_empty_store() -> None:
     list_pages, probe, calls = _fake_store([])
     assert present_keys(_hex_names(40, 6), list_pages, probe) == set()
     assert calls["probed"] == []
+
+
+# --- ranged parts: how big, and what a failed part fetches again
+
+
+def test_parts_are_as_few_as_keep_the_streams_busy_and_never_small() -> None:
+    # one large object in the batch: as many parts as streams, each at least the minimum
+    assert part_size_for(256 * MiB, 1, 8 * MiB, 8) == 32 * MiB
+    assert part_size_for(20 * MiB, 1, 8 * MiB, 8) == 8 * MiB
+    # four: a quarter as many each; many: one part each (a whole-object GET)
+    assert part_size_for(256 * MiB, 4, 8 * MiB, 8) == 128 * MiB
+    assert part_size_for(256 * MiB, 100, 8 * MiB, 8) == 256 * MiB
+    # sizes round up to whole MiB; a configured part size is used as it is
+    assert part_size_for(100 * MiB + 1, 1, 8 * MiB, 8) == 13 * MiB
+    assert part_size_for(256 * MiB, 1, 1 * MiB, 8, fixed=True) == 1 * MiB
+
+
+def test_a_part_cut_short_is_resumed_from_where_it_stopped(tmp_path: Path) -> None:
+    data = random.Random(3).randbytes(5 * MiB + 123)
+    asked: list[tuple[int, int]] = []
+    cut = {2 * MiB}  # the first request for the part at 2 MiB stops after 300 KiB
+
+    def fetch_part(first: int, last: int, writer) -> None:
+        asked.append((first, last))
+        if first in cut:
+            cut.discard(first)
+            writer.write(data[first : first + 300 * KiB])
+            raise ConnectionResetError("cut")
+        for start in range(first, last + 1, 64 * KiB):
+            writer.write(data[start : min(start + 64 * KiB, last + 1)])
+
+    retry = Retrier(RetryPolicy(attempts=3, initial=0, maximum=0), lambda e: isinstance(e, ConnectionError))
+    with ThreadPoolExecutor(3) as pool:
+        md5 = fetch_parts(tmp_path / "out", len(data), 1 * MiB, fetch_part, executor=pool, retry=retry,
+                          activity=Activity())  # fmt: skip
+    assert md5 == md5_b64_of_bytes(data) and (tmp_path / "out").read_bytes() == data
+    assert (2 * MiB + 300 * KiB, 3 * MiB - 1) in asked  # only the missing bytes were asked again
+    assert len(asked) == 6 + 1
+
+
+def test_a_store_sending_more_than_the_range_is_refused(tmp_path: Path) -> None:
+    data = random.Random(4).randbytes(3 * MiB)
+
+    def fetch_part(first: int, last: int, writer) -> None:
+        writer.write(data)  # the whole object, whatever was asked
+
+    retry = Retrier(RetryPolicy(attempts=3, initial=0, maximum=0), lambda e: isinstance(e, ConnectionError))
+    with ThreadPoolExecutor(2) as pool, pytest.raises(StorageError) as caught:
+        fetch_parts(tmp_path / "out", len(data), 1 * MiB, fetch_part, executor=pool, retry=retry, activity=Activity())
+    assert caught.value.code == "no_ranges"
+
+
+def test_a_batch_of_thousands_reports_every_failure_once() -> None:
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def work(n: int) -> None:
+        with lock:
+            seen.append(n)
+        if n % 1000 == 7:
+            raise ValueError(f"item {n}")
+
+    with pytest.raises(TransferError) as caught:
+        run_batch("test", list(range(5000)), str, work, concurrency=16, activity=Activity(), stall_seconds=30)
+    assert sorted(seen) == list(range(5000))
+    assert [f.key for f in caught.value.failures] == sorted(str(n) for n in range(5000) if n % 1000 == 7)
 
 
 # --- retries

@@ -290,3 +290,59 @@ def test_the_http_pool_fits_the_concurrency(store) -> None:
     storage = store(concurrency=12, extra={"part_concurrency": 3})
     adapter = storage.client._http.get_adapter("http://127.0.0.1/")
     assert adapter._pool_maxsize == 15 and adapter.max_retries.total == 0
+
+
+# --- the direct media path: resumed parts, stores without ranges, upload chunks, proxies
+
+
+def test_a_part_cut_short_resumes_where_it_stopped(store, raw, bucket, proxy, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 1, 3 * MiB)
+    seed(raw, bucket, uploads)
+    proxy.add(Fault("cut_body", method="GET", path_contains="alt=media"))  # half of one part, then EOF
+    downloads = downloads_of(uploads, tmp_path / "dest")
+
+    store(part_size=1 * MiB, large_threshold=2 * MiB).download(downloads)
+    assert_same(uploads, downloads)
+    starts = [int(s.range.split("=")[1].split("-")[0]) for s in media_gets(proxy, uploads[0].key)]
+    assert len(starts) == 4 and [s % MiB for s in starts if s % MiB] == [512 * KiB]
+
+
+def test_a_store_that_ignores_ranges_is_a_clear_error_not_retried(store, raw, bucket, proxy, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 1, 3 * MiB)
+    seed(raw, bucket, uploads)
+    proxy.add(Fault("drop_range", method="GET", times=-1))
+    with pytest.raises(TransferError) as caught:
+        store(part_size=1 * MiB, large_threshold=2 * MiB).download(downloads_of(uploads, tmp_path / "dest"))
+    assert caught.value.code == "no_ranges" and "ranged GETs" in str(caught.value)
+    ranges = [s.range for s in media_gets(proxy)]
+    assert 1 <= len(ranges) <= 3 and len(set(ranges)) == len(ranges)  # none retried (later parts may be cancelled)
+
+
+def test_resumable_uploads_send_big_chunks_within_a_memory_budget(store, raw, bucket, proxy, tmp_path: Path) -> None:
+    storage = store()
+    assert storage._upload_chunk(concurrency=4) == 64 * MiB
+    assert storage._upload_chunk(concurrency=16) == 16 * MiB
+    assert storage._upload_chunk(concurrency=64) == 8 * MiB  # never under 8 MiB
+    assert store(part_size=1 * MiB)._upload_chunk(concurrency=4) == 1 * MiB  # configured: as it is
+
+    uploads = make_sources(tmp_path / "src", 1, 20 * MiB)
+    store(concurrency=4).upload(uploads)
+    assert len(proxy.requests("PUT")) == 1  # one chunk for the whole object
+    assert raw.bucket(bucket).get_blob(f"job/{uploads[0].key}").md5_hash == uploads[0].md5
+
+
+def test_proxy_settings_from_the_environment_are_read_once_and_kept(gcs_endpoint, bucket, fault_proxy,
+                                                                    monkeypatch, tmp_path: Path) -> None:  # fmt: skip
+    forward = fault_proxy(gcs_endpoint)  # plays an HTTP proxy: it forwards what it is sent
+    monkeypatch.setenv("HTTP_PROXY", forward.url)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    storage = open_storage(f"gs://{bucket}/job", StorageOptions(extra={"endpoint": gcs_endpoint, "anonymous": True}))
+    assert storage.client._http.trust_env is False and storage.client._http.proxies["http"] == forward.url
+    storage.write_bytes("records/a.json", b"{}")
+    assert storage.read_bytes("records/a.json") == b"{}"
+    assert len(forward.requests()) >= 2
+
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    bypass = open_storage(f"gs://{bucket}/job", StorageOptions(extra={"endpoint": gcs_endpoint, "anonymous": True}))
+    assert "http" not in bypass.client._http.proxies

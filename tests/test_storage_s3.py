@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from urllib.parse import quote
 from typing import Callable
 
 import boto3
@@ -263,3 +264,77 @@ def test_client_pool_and_retries_are_configured(s3) -> None:
     assert config.max_pool_connections == 15
     assert config.retries["total_max_attempts"] == 1
     assert config.read_timeout == 7
+
+
+# --- ranged parts chosen for the batch, resumed parts, stores without ranges, the direct GET path
+
+
+def test_large_objects_are_split_only_as_far_as_the_streams_need(s3, raw, bucket, proxy, tmp_path: Path) -> None:
+    one = make_sources(tmp_path / "one", 1, 17 * MiB)
+    two = make_sources(tmp_path / "two", 2, 17 * MiB, seed=1)
+    seed(raw, bucket, one + two)
+    storage = s3(large_threshold=1 * MiB, extra={"part_concurrency": 4})
+
+    storage.download(downloads_of(one, tmp_path / "a"))  # alone: 4 streams, parts of at least 8 MiB
+    assert sorted(r.range for r in proxy.requests("GET", one[0].key)) == [
+        "bytes=0-8388607", "bytes=16777216-17825791", "bytes=8388608-16777215"]  # fmt: skip
+    downloads = downloads_of(two, tmp_path / "b")
+    storage.download(downloads)  # two objects share the 4 streams: two parts each
+    assert_same(two, downloads)
+    for item in two:
+        assert sorted(r.range for r in proxy.requests("GET", item.key)) == ["bytes=0-9437183", "bytes=9437184-17825791"]
+
+
+def test_a_part_cut_short_resumes_where_it_stopped(s3, raw, bucket, proxy, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 1, 3 * MiB)
+    seed(raw, bucket, uploads)
+    proxy.add(Fault("cut_body", method="GET", path_contains=uploads[0].key))  # half of one part, then EOF
+    downloads = downloads_of(uploads, tmp_path / "dest")
+
+    s3(part_size=1 * MiB, large_threshold=2 * MiB).download(downloads)
+    assert_same(uploads, downloads)
+    ranges = [r.range for r in proxy.requests("GET", uploads[0].key)]
+    assert len(ranges) == 4
+    resumed = [r for r in ranges if int(r.split("=")[1].split("-")[0]) % MiB]
+    assert len(resumed) == 1 and int(resumed[0].split("=")[1].split("-")[0]) % MiB == 512 * KiB
+
+
+def test_a_store_that_ignores_ranges_is_a_clear_error_not_retried(s3, raw, bucket, proxy, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 1, 3 * MiB)
+    seed(raw, bucket, uploads)
+    proxy.add(Fault("drop_range", method="GET", times=-1))
+    with pytest.raises(TransferError) as caught:
+        s3(part_size=1 * MiB, large_threshold=2 * MiB).download(downloads_of(uploads, tmp_path / "dest"))
+    assert caught.value.code == "no_ranges" and "ranged GETs" in str(caught.value)
+    ranges = [r.range for r in proxy.requests("GET")]
+    assert 1 <= len(ranges) <= 3 and len(set(ranges)) == len(ranges)  # none retried (later parts may be cancelled)
+    assert not (tmp_path / "dest" / "out0000.bin").exists()
+
+
+def test_a_redirect_hands_the_direct_path_over_to_the_sdk(s3, raw, bucket, proxy, tmp_path: Path) -> None:
+    uploads = make_sources(tmp_path / "src", 3, 4 * KiB)
+    seed(raw, bucket, uploads)
+    moved = b"<Error><Code>PermanentRedirect</Code><Message>use the bucket's endpoint</Message></Error>"
+    proxy.add(Fault("status", status=301, body=moved, method="GET", times=1))
+    storage = s3(concurrency=1)
+    assert storage._direct_gets() is not None
+    downloads = downloads_of(uploads, tmp_path / "dest")
+
+    storage.download(downloads)
+    assert_same(uploads, downloads)
+    assert storage._direct is None  # the SDK (with its redirect handling) serves this store from now on
+    assert len(proxy.requests("GET")) == 3 + 1
+
+
+def test_direct_gets_address_and_sign_keys_as_the_sdk_does(s3, raw, bucket, tmp_path: Path) -> None:
+    storage = s3()
+    direct = storage._direct_gets()
+    name = "job/odd name+(1)~é.bin"
+    raw.put_object(Bucket=bucket, Key=name, Body=b"odd")
+    body = direct.open(name)
+    assert body.read() == b"odd"
+    body.release_conn()
+    # the URL is the SDK's own (moto does not check signatures, so compare with what botocore builds)
+    presigned = storage.client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": name})
+    assert presigned.split("?")[0] == direct.base + quote(name, safe="/~")
+    assert direct.region == storage.client.meta.region_name
