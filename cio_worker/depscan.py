@@ -19,7 +19,8 @@ import os
 import posixpath
 import stat
 from dataclasses import dataclass
-from typing import Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 from .document import UploadFile
 from .errors import CioError
@@ -88,13 +89,15 @@ def scan_dependencies(
     return scan.result()
 
 
-def upload_files(files: Iterable[ScannedFile]) -> list[UploadFile]:
-    """Describe found files for a task document: artist destination, MD5 (base64), size, mode."""
+def upload_files(files: Iterable[ScannedFile], md5_of: Callable[[Path], str] = md5_b64_of_file) -> list[UploadFile]:
+    """Describe found files for a task document: artist destination, MD5 (base64), size, mode.
+
+    ``md5_of`` lets a caller hash through a cache (submit uses the stat-keyed MD5 cache)."""
     out = []
     for found in files:
         try:
             info = os.stat(found.local_path)
-            md5 = md5_b64_of_file(found.local_path)
+            md5 = md5_of(Path(found.local_path))
         except OSError as exc:
             raise ScanError(f"{found.artist_path} ({found.local_path}) cannot be read: {exc.strerror or exc}") from None
         out.append(UploadFile(destination=found.artist_path, md5=md5, size=info.st_size, mode=info.st_mode))

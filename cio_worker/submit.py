@@ -3,13 +3,13 @@ lacks into ``hashstore/``, expand the spec and enqueue its tasks."""
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from .document import UploadFile
 from .errors import CioError
+from .depscan import upload_files
 from .expand import DEFAULT_TEMP_DIR, ExpandedJob, expand_job
 from .hashing import hashstore_key, md5_b64_of_file
 from .jobspec import load_job_spec
@@ -60,20 +60,12 @@ def submit_job(
         )
     for path in missing:
         say(f"warning: missing dependency {path} (not uploaded)")
-    md5_of = md5cache.md5_of if md5cache is not None else md5_b64_of_file
-    uploads: list[UploadFile] = []
-    items: list[UploadItem] = []
-    for found in expanded.scan.files:
-        try:
-            info = os.stat(found.local_path)
-            md5 = md5_of(Path(found.local_path))
-        except OSError as exc:
-            raise SubmitError(f"{found.artist_path} ({found.local_path}) cannot be read: {exc.strerror or exc}") from None
-        uploads.append(UploadFile(destination=found.artist_path, md5=md5, size=info.st_size, mode=info.st_mode))
-        items.append(UploadItem(hashstore_key(md5), Path(found.local_path), md5, info.st_size))
+    uploads = upload_files(expanded.scan.files, md5cache.md5_of if md5cache is not None else md5_b64_of_file)
+    contents: dict[str, UploadItem] = {}  # one upload per content, however many destinations share it
+    for found, entry in zip(expanded.scan.files, uploads):
+        contents.setdefault(entry.md5, UploadItem(hashstore_key(entry.md5), Path(found.local_path), entry.md5, entry.size))
     say(f"{len(uploads)} dependencies hashed; uploading what {storage_url} lacks")
-    skipped = storage.upload_missing(items, progress)
-    unique = len({i.key for i in items})
+    skipped = storage.upload_missing(list(contents.values()), progress)
     job = expanded.job_info(PLACEHOLDER_JOB_ID, storage_url, uploads)
     tasks = [NewTask(t.frames, t.command, t.tile, t.tiles, t.scout) for t in expanded.tasks]
     job_id = queue.create_job(job, tasks)
@@ -81,8 +73,8 @@ def submit_job(
         job_id=job_id,
         task_count=len(tasks),
         holding=sum(1 for t in tasks if not t.scout) if expanded.holding else 0,
-        uploaded=unique - (skipped - (len(items) - unique)),
-        skipped=skipped - (len(items) - unique),
+        uploaded=len(contents) - skipped,
+        skipped=skipped,
         upload_files=uploads,
         expanded=expanded,
     )
