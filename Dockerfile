@@ -6,7 +6,7 @@ WORKDIR /opt/cio-worker
 COPY pyproject.toml README.md ./
 COPY cio_worker ./cio_worker
 RUN pip install --no-cache-dir . && mkdir -p /opt/cnode-sim/bin \
-    && python -c "from pathlib import Path; from cio_worker.simulator.cnode import install_cnode_shim; install_cnode_shim(Path('/opt/cnode-sim/bin'))"
+    && python -c "from pathlib import Path; from cio_worker.sim.cnode import install_cnode_shim; install_cnode_shim(Path('/opt/cnode-sim/bin'))"
 ENV PATH=/opt/cnode-sim/bin:$PATH
 USER render
 ENTRYPOINT ["cio-worker"]

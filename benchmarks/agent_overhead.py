@@ -54,19 +54,19 @@ from typing import Any, Callable, Iterable
 
 import psutil
 
-from cio_worker.agent import Agent, AgentConfig
-from cio_worker.cache import ContentCache
-from cio_worker.commands.common import node_context, setup_logging
-from cio_worker.document import UploadFile
-from cio_worker.execution import TaskOutcome
-from cio_worker.hashing import hashstore_key
-from cio_worker.md5cache import Md5Cache
-from cio_worker.paths import PathMap
+from cio_worker.node.agent import Agent, AgentConfig
+from cio_worker.node.cache import ContentCache
+from cio_worker.cli.common import node_context, setup_logging
+from cio_worker.job.document import UploadFile
+from cio_worker.node.execution import TaskOutcome
+from cio_worker.job.hashing import hashstore_key
+from cio_worker.storage.md5cache import Md5Cache
+from cio_worker.job.paths import PathMap
 from cio_worker.queue import open_queue
-from cio_worker.simulator import install_cnode_shim
+from cio_worker.sim.shim import install_cnode_shim
 from cio_worker.storage import UploadItem, open_storage
-from cio_worker.submit import submit_job
-from cio_worker.sync import InputSync
+from cio_worker.artist.submit import submit_job
+from cio_worker.node.sync import InputSync
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_JSON = HERE / "results" / "agent_overhead.json"
@@ -332,7 +332,7 @@ def run_agent(ctx, queue, job_id: str, tasks: int, runner: TimedRunner, log_dir:
     timed = TimedQueue(queue, before_claim, after_complete)
     agent = RecordingAgent(
         AgentConfig(worker_id="bench-agent", max_tasks=tasks, poll_seconds=0.1, idle_exit_seconds=20.0),
-        timed, ctx, log=logging.getLogger("cio_worker.agent"),
+        timed, ctx, log=logging.getLogger("cio_worker.node.agent"),
     )
     summary = agent.run()
     if summary.done != tasks or len(timed.completes) != tasks:
@@ -413,7 +413,7 @@ def bench_per_task(scratch: Path, runs: int, tasks: int) -> dict[str, Any]:
                               log_cap_mb=64.0)
     agent_log = setup_logging("INFO", open(base / "agent.log", "a", encoding="utf-8"))
     try:
-        from cio_worker.progress import LoggingProgress  # as `cio-worker agent` does, when it exists
+        from cio_worker.storage.progress import LoggingProgress  # as `cio-worker agent` does, when it exists
 
         progress: Callable = lambda phase: LoggingProgress(agent_log, phase)  # noqa: E731
     except ImportError:
@@ -466,7 +466,7 @@ def _find_render(agent: psutil.Process, popen: subprocess.Popen, deadline: float
         try:
             for child in agent.children(recursive=True):
                 try:
-                    if "cio_worker.simulator" in " ".join(child.cmdline()):
+                    if "cio_worker.sim.cnode" in " ".join(child.cmdline()):
                         return child
                 except psutil.Error:
                     continue

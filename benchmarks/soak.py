@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Soak: a job of many tasks through agents that are preempted and killed at random (issue 5).
 
-``cio_worker.simulate.Simulation`` runs ``--agents`` agent processes, each a cloud instance with
+``cio_worker.sim.simulate.Simulation`` runs ``--agents`` agent processes, each a cloud instance with
 its own GCE metadata server: while an instance holds a task, preemption notices arrive at
 ``--preempt-rate`` per busy agent-minute (Poisson; the instance is powered off ``--notice-seconds``
 after its notice if the agent has not exited) and deaths without notice at ``--kill-rate``. Each
@@ -42,10 +42,10 @@ from pathlib import Path
 
 import psutil
 
-from cio_worker.hashing import md5_b64_of_file
+from cio_worker.job.hashing import md5_b64_of_file
 from cio_worker.queue import open_queue
-from cio_worker.simulate import Simulation, SimulationConfig, SimulationSummary, instance_processes, read_drains
-from cio_worker.simulator.png import PngError, read_png
+from cio_worker.sim.simulate import Simulation, SimulationConfig, SimulationSummary, instance_processes, read_drains
+from cio_worker.sim.png import PngError, read_png
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SAVED = re.compile(r"^Saved image '([^']+)' frame (-?\d+) to ")

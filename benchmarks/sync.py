@@ -66,13 +66,13 @@ from typing import Any, Callable, Iterator
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # run from a checkout without installing
 
-from cio_worker.cache import ContentCache  # noqa: E402
-from cio_worker.document import UploadFile  # noqa: E402
-from cio_worker.hashing import hashstore_key  # noqa: E402
-from cio_worker.md5cache import Md5Cache  # noqa: E402
-from cio_worker.paths import PathMap  # noqa: E402
+from cio_worker.node.cache import ContentCache  # noqa: E402
+from cio_worker.job.document import UploadFile  # noqa: E402
+from cio_worker.job.hashing import hashstore_key  # noqa: E402
+from cio_worker.storage.md5cache import Md5Cache  # noqa: E402
+from cio_worker.job.paths import PathMap  # noqa: E402
 from cio_worker.storage import DownloadItem, Storage, StorageOptions, UploadItem, open_storage  # noqa: E402
-from cio_worker.sync import InputSync  # noqa: E402
+from cio_worker.node.sync import InputSync  # noqa: E402
 
 DEFAULT_JSON = HERE / "results" / "sync.json"
 KiB, MiB = 1024, 1024 * 1024

@@ -1,6 +1,6 @@
 """``python -m cio_worker``: the command line."""
 
-from .cli import main
+from cio_worker.cli.main import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.simulate import instance_processes
+from cio_worker.sim.simulate import instance_processes
 
 SOAK = Path(__file__).resolve().parents[1] / "benchmarks" / "soak.py"
 

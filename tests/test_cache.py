@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.cache import CacheError, ContentCache
-from cio_worker.hashing import md5_b64_of_bytes, md5_hex
+from cio_worker.node.cache import CacheError, ContentCache
+from cio_worker.job.hashing import md5_b64_of_bytes, md5_hex
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,8 +174,8 @@ def test_bad_budget_is_refused(tmp_path):
 _WORKER = """
 import sys, os
 from pathlib import Path
-from cio_worker.cache import ContentCache
-from cio_worker.hashing import md5_b64_of_bytes
+from cio_worker.node.cache import ContentCache
+from cio_worker.job.hashing import md5_b64_of_bytes
 root, which = Path(sys.argv[1]), int(sys.argv[2])
 cache = ContentCache(root, 20 * 1000, grace_seconds=0)
 for i in range(60):

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.clarisse import CnodeCall, RenderMonitor, prepare
+from cio_worker.node.clarisse import CnodeCall, RenderMonitor, prepare
 from cio_worker.errors import RenderError
-from cio_worker.frames import FrameSet
-from cio_worker.paths import PathMap
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.paths import PathMap
 
 COMMAND = ("cnode \"/proj/shots/shot A/shot.project\" -image project://scene/image1 project://scene/image2 "
            "-image_frames_list '5:8' '-3:-1' -tile_rendering 4 2 -license_server conductor_ilise:40500")

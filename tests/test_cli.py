@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 
 import cio_worker
-from cio_worker.document import TaskDocument
-from cio_worker.examples import example_dir, example_job_path, example_root
-from cio_worker.hashing import md5_b64_of_file
+from cio_worker.job.document import TaskDocument
+from cio_worker.sim.examples import example_dir, example_job_path, example_root
+from cio_worker.job.hashing import md5_b64_of_file
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.hashing import hashstore_key
+from cio_worker.job.hashing import hashstore_key
 from cio_worker.queue import open_queue
-from cio_worker.simulator import install_cnode_shim
+from cio_worker.sim.shim import install_cnode_shim
 from tests.shots import make_shot
 
 
@@ -116,7 +116,7 @@ def test_download_refuses_a_record_that_climbs_out(farm):
     import sqlite3
     import time
 
-    from cio_worker.hashing import md5_b64_of_bytes
+    from cio_worker.job.hashing import md5_b64_of_bytes
 
     tmp, shot, queue, storage, env = farm
     job = submit(farm)

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.depscan import ScanError, ScannedFile, scan_dependencies, upload_files
-from cio_worker.frames import FrameSet
-from cio_worker.hashing import md5_b64_of_bytes
-from cio_worker.paths import PathMap
-from cio_worker.project import load_project
+from cio_worker.job.depscan import ScanError, ScannedFile, scan_dependencies, upload_files
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.hashing import md5_b64_of_bytes
+from cio_worker.job.paths import PathMap
+from cio_worker.job.project import load_project
 
 PROJECT_ARTIST = "/proj/shots/shot.project"
 

@@ -10,10 +10,10 @@ from typing import Any, Callable
 
 import pytest
 
-from cio_worker.document import RetryPolicy, TaskDocument, job_id_text, task_id_text
-from cio_worker.environment import EnvEntry
+from cio_worker.job.document import RetryPolicy, TaskDocument, job_id_text, task_id_text
+from cio_worker.job.environment import EnvEntry
 from cio_worker.errors import CioError, DocumentError
-from cio_worker.frames import FrameSet
+from cio_worker.job.frames import FrameSet
 
 MD5 = base64.b64encode(hashlib.md5(b"project").digest()).decode()
 MD5_HEX = hashlib.md5(b"project").hexdigest()

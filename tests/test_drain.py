@@ -29,25 +29,25 @@ from typing import Callable
 import psutil
 import pytest
 
-from cio_worker.agent import Agent, AgentConfig
-from cio_worker.downloader import Downloader
-from cio_worker.execution import ExecutionContext
-from cio_worker.frames import FrameSet
-from cio_worker.hashing import md5_b64_of_file
-from cio_worker.md5cache import Md5Cache
-from cio_worker.metadata_server import MetadataServer
-from cio_worker.paths import PathMap
-from cio_worker.preemption import Notice
+from cio_worker.node.agent import Agent, AgentConfig
+from cio_worker.artist.downloader import Downloader
+from cio_worker.node.execution import ExecutionContext
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.hashing import md5_b64_of_file
+from cio_worker.storage.md5cache import Md5Cache
+from cio_worker.sim.metadata_server import MetadataServer
+from cio_worker.job.paths import PathMap
+from cio_worker.node.preemption import Notice
 from cio_worker.queue import NewTask, open_queue
-from cio_worker.runner import ProcessRunner
-from cio_worker.simulator import install_cnode_shim
-from cio_worker.simulator.png import read_png
+from cio_worker.node.runner import ProcessRunner
+from cio_worker.sim.shim import install_cnode_shim
+from cio_worker.sim.png import read_png
 from cio_worker.storage import open_storage
-from cio_worker.submit import submit_job
+from cio_worker.artist.submit import submit_job
 from tests.shots import make_shot
 
 MARK = "CIO_TEST_MARK"
-SIM_MODULE = "cio_worker.simulator.cnode"
+SIM_MODULE = "cio_worker.sim.cnode"
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.05):

@@ -14,12 +14,12 @@ from pathlib import Path
 import psutil
 import pytest
 
-from cio_worker.examples import example_job_path, example_root
-from cio_worker.frames import FrameSet
-from cio_worker.project import load_project, output_file_name
+from cio_worker.sim.examples import example_job_path, example_root
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.project import load_project, output_file_name
 from cio_worker.queue import open_queue
-from cio_worker.simulate import Simulation, SimulationConfig
-from cio_worker.simulator.png import read_png
+from cio_worker.sim.simulate import Simulation, SimulationConfig
+from cio_worker.sim.png import read_png
 from tests.shots import make_shot
 
 pytestmark = pytest.mark.slow
@@ -133,11 +133,11 @@ def _agent(queue_url: str, node: Path, worker: str, env: dict, *extra: str) -> s
 
 
 def test_a_killed_agents_lease_expires_and_another_agent_finishes(tmp_path):
-    from cio_worker.md5cache import Md5Cache
-    from cio_worker.paths import PathMap
-    from cio_worker.simulator import install_cnode_shim
+    from cio_worker.storage.md5cache import Md5Cache
+    from cio_worker.job.paths import PathMap
+    from cio_worker.sim.shim import install_cnode_shim
     from cio_worker.storage import open_storage
-    from cio_worker.submit import submit_job
+    from cio_worker.artist.submit import submit_job
 
     shot = make_shot(tmp_path / "shot", frames="1-4", chunk_size=4)
     queue_url = f"sqlite:///{tmp_path / 'queue.db'}"
@@ -159,7 +159,7 @@ def test_a_killed_agents_lease_expires_and_another_agent_finishes(tmp_path):
         render = None
         while render is None:  # wait until cnode runs under agent A, then kill the whole instance
             kids = psutil.Process(a.pid).children(recursive=True)
-            render = next((k for k in kids if "cio_worker.simulator" in " ".join(k.cmdline())), None)
+            render = next((k for k in kids if "cio_worker.sim.cnode" in " ".join(k.cmdline())), None)
             assert time.monotonic() < deadline
             time.sleep(0.05)
         os.killpg(a.pid, signal.SIGKILL)

@@ -24,9 +24,9 @@ from urllib.parse import unquote
 import boto3
 import pytest
 
-from cio_worker.examples import example_root
-from cio_worker.hashing import md5_hex
-from cio_worker.project import load_project, output_file_name
+from cio_worker.sim.examples import example_root
+from cio_worker.job.hashing import md5_hex
+from cio_worker.job.project import load_project, output_file_name
 from cio_worker.queue import open_queue
 from tests.servers import FaultProxy
 

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from cio_worker.environment import EnvEntry, expand_references, is_secret_name, masked, merge_environment
+from cio_worker.job.environment import EnvEntry, expand_references, is_secret_name, masked, merge_environment
 from cio_worker.errors import CioError, EnvironmentSpecError
 
 NODE = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/home/render", "LANG": "C.UTF-8"}

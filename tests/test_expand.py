@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.depscan import upload_files
-from cio_worker.document import TaskDocument
+from cio_worker.job.depscan import upload_files
+from cio_worker.job.document import TaskDocument
 from cio_worker.errors import CioError, TokenError
-from cio_worker.examples import example_job_path, example_root
-from cio_worker.expand import expand_job
-from cio_worker.jobspec import JobSpecError, load_job_spec
-from cio_worker.paths import PathMap
+from cio_worker.sim.examples import example_job_path, example_root
+from cio_worker.job.expand import expand_job
+from cio_worker.job.jobspec import JobSpecError, load_job_spec
+from cio_worker.job.paths import PathMap
 
 IMAGES = {
     "project://scene/image1": {"frames": "1-10", "save_as": "C:/proj/renders/layerA/a.####.png"},

@@ -20,9 +20,9 @@ from typing import Iterator
 
 import pytest
 
-from cio_worker.document import JobInfo, RetryPolicy
-from cio_worker.downloader import Downloader
-from cio_worker.paths import PathMap
+from cio_worker.job.document import JobInfo, RetryPolicy
+from cio_worker.artist.downloader import Downloader
+from cio_worker.job.paths import PathMap
 from cio_worker.queue import NewTask
 from cio_worker.storage import open_storage
 from tests.test_faults_storage import (

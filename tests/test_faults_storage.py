@@ -34,19 +34,19 @@ from typing import Callable, Iterator
 import psutil
 import pytest
 
-from cio_worker.agent import Agent, AgentConfig, AgentSummary
-from cio_worker.cache import ContentCache
-from cio_worker.downloader import Downloader
-from cio_worker.execution import ExecutionContext
-from cio_worker.hashing import md5_b64_of_bytes, md5_b64_of_file, md5_hex
-from cio_worker.md5cache import Md5Cache
-from cio_worker.paths import PathMap
+from cio_worker.node.agent import Agent, AgentConfig, AgentSummary
+from cio_worker.node.cache import ContentCache
+from cio_worker.artist.downloader import Downloader
+from cio_worker.node.execution import ExecutionContext
+from cio_worker.job.hashing import md5_b64_of_bytes, md5_b64_of_file, md5_hex
+from cio_worker.storage.md5cache import Md5Cache
+from cio_worker.job.paths import PathMap
 from cio_worker.queue import SqliteQueue
-from cio_worker.runner import ProcessRunner
-from cio_worker.simulator import install_cnode_shim
+from cio_worker.node.runner import ProcessRunner
+from cio_worker.sim.shim import install_cnode_shim
 from cio_worker.storage import Storage, StorageOptions, open_storage
 from cio_worker.storage.retry import RetryPolicy
-from cio_worker.submit import submit_job
+from cio_worker.artist.submit import submit_job
 from tests.servers import Fault, FaultProxy
 from tests.shots import Shot, make_shot
 
@@ -312,7 +312,7 @@ class Farm:
         settings = {"lease_seconds": 30, "heartbeat_seconds": 0.5, "poll_seconds": 0.05, **config}
         running = AgentThread(Agent(
             AgentConfig(worker_id=worker, **settings),  # type: ignore[arg-type]
-            self.queue, self.context(), log=logging.getLogger("cio_worker.agent"),
+            self.queue, self.context(), log=logging.getLogger("cio_worker.node.agent"),
         ))
         try:
             yield running

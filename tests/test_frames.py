@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cio_worker.errors import CioError, FrameSpecError
-from cio_worker.frames import FrameSet, chunk_count
+from cio_worker.job.frames import FrameSet, chunk_count
 
 frame_sets = st.sets(st.integers(-300, 300), min_size=1, max_size=60).map(FrameSet.of)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.document import RetryPolicy
-from cio_worker.environment import EnvEntry
+from cio_worker.job.document import RetryPolicy
+from cio_worker.job.environment import EnvEntry
 from cio_worker.errors import CioError
-from cio_worker.frames import FrameSet
-from cio_worker.instances import UnknownInstanceType, default_catalogue
-from cio_worker.jobspec import DEFAULT_TASK_TEMPLATE, JobSpecError, load_job_spec
-from cio_worker.software import SoftwareCatalogue, UnknownSoftwareVersion
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.instances import UnknownInstanceType, default_catalogue
+from cio_worker.job.jobspec import DEFAULT_TASK_TEMPLATE, JobSpecError, load_job_spec
+from cio_worker.job.software import SoftwareCatalogue, UnknownSoftwareVersion
 
 MINIMAL = """
 [job]

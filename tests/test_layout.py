@@ -7,8 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cio_worker.errors import CioError, DocumentError
-from cio_worker.frames import FrameSet
-from cio_worker.layout import PlannedTask, has_holding, plan_tasks, validate_tiles
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.layout import PlannedTask, has_holding, plan_tasks, validate_tiles
 
 
 @pytest.mark.parametrize("n", [1, 4, 9, 16, 25, 36, 49, 64, 81, 100])

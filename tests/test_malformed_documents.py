@@ -27,8 +27,8 @@ import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from cio_worker.cli import main as cli_main
-from cio_worker.document import TaskDocument
+from cio_worker.cli.main import main as cli_main
+from cio_worker.job.document import TaskDocument
 from cio_worker.errors import DocumentError
 from tests.test_faults_node import create_job, file_farm
 from tests.test_faults_storage import agent_process, assert_farm_invariants, captured_logs, record_figure

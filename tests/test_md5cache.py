@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.hashing import md5_b64_of_bytes, md5_b64_of_file
-from cio_worker.md5cache import Md5Cache, Md5CacheError
+from cio_worker.job.hashing import md5_b64_of_bytes, md5_b64_of_file
+from cio_worker.storage.md5cache import Md5Cache, Md5CacheError
 
 REPO = Path(__file__).resolve().parents[1]
 OLD = time.time() - 3600  # outside the racy window
@@ -125,7 +125,7 @@ def test_a_corrupt_database_is_a_clear_error(tmp_path):
 _WORKER = """
 import sys
 from pathlib import Path
-from cio_worker.md5cache import Md5Cache
+from cio_worker.storage.md5cache import Md5Cache
 db, root, start = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
 cache = Md5Cache(db)
 paths = sorted(root.iterdir())

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from cio_worker.metadata_server import MetadataServer
+from cio_worker.sim.metadata_server import MetadataServer
 
 GOOGLE = {"Metadata-Flavor": "Google"}
 AZURE = {"Metadata": "true"}
@@ -336,7 +336,7 @@ def test_providers_can_be_switched_off(http):
 
 def test_main_runs_as_a_process_and_stops_on_sigterm(http):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    child = subprocess.Popen([sys.executable, "-m", "cio_worker.metadata_server", "--port", "0"],
+    child = subprocess.Popen([sys.executable, "-m", "cio_worker.sim.metadata_server", "--port", "0"],
                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         url = child.stdout.readline().strip()

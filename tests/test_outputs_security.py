@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.cli import main as cli_main
-from cio_worker.document import JobInfo, TaskDocument, TaskInfo
-from cio_worker.environment import EnvEntry
+from cio_worker.cli.main import main as cli_main
+from cio_worker.job.document import JobInfo, TaskDocument, TaskInfo
+from cio_worker.job.environment import EnvEntry
 from cio_worker.errors import ChecksumError, StorageError
-from cio_worker.hashing import hashstore_key, md5_b64_of_bytes
-from cio_worker.outputs import changed_since, snapshot, upload_outputs
+from cio_worker.job.hashing import hashstore_key, md5_b64_of_bytes
+from cio_worker.node.outputs import changed_since, snapshot, upload_outputs
 from cio_worker.storage import TransferError, open_storage
 from tests.test_faults_node import create_job, file_farm
 from tests.test_faults_storage import (

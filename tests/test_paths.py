@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from cio_worker.errors import CioError, PathError
-from cio_worker.paths import PathMap, is_within, node_path, posix_path, relative_inside
+from cio_worker.job.paths import PathMap, is_within, node_path, posix_path, relative_inside
 
 
 @pytest.mark.parametrize(

@@ -17,8 +17,8 @@ from typing import Callable
 import pytest
 import requests
 
-from cio_worker.metadata_server import MetadataServer
-from cio_worker.preemption import (AzureWatcher, Ec2Watcher, GceWatcher, Notice, NoticeBoard,
+from cio_worker.sim.metadata_server import MetadataServer
+from cio_worker.node.preemption import (AzureWatcher, Ec2Watcher, GceWatcher, Notice, NoticeBoard,
                                    PreemptionConfig, PreemptionConfigError, SignalWatcher,
                                    Watchers, detect_provider, start_watchers)
 
@@ -391,7 +391,7 @@ def test_signal_watcher_chains_and_restores_the_previous_handler(board):
 
 CHILD = textwrap.dedent("""
     import json, signal, sys
-    from cio_worker.preemption import NoticeBoard, PreemptionConfig, start_watchers
+    from cio_worker.node.preemption import NoticeBoard, PreemptionConfig, start_watchers
     board = NoticeBoard()
     watchers = start_watchers(PreemptionConfig(provider="none", signal_grace=7), board.post)
     print("ready", flush=True)

@@ -13,8 +13,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from cio_worker.errors import CioError
-from cio_worker.frames import FrameSet
-from cio_worker.project import (
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.project import (
     DEFAULT_RESOLUTION,
     ProjectError,
     Reference,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.document import JobInfo, RetryPolicy
+from cio_worker.job.document import JobInfo, RetryPolicy
 from cio_worker.errors import DocumentError, LeaseLost, QueueError
-from cio_worker.hashing import md5_b64_of_bytes
+from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.queue import (
     DownloadFile,
     NewDownload,
@@ -21,7 +21,7 @@ from cio_worker.queue import (
     SqliteQueue,
     open_queue,
 )
-from cio_worker.status_view import format_status
+from cio_worker.artist.status_view import format_status
 
 
 class Clock:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from cio_worker.errors import RenderError
-from cio_worker.runner import ProcessRunner, RunningProcess, RunResult, RunSpec
+from cio_worker.node.runner import ProcessRunner, RunningProcess, RunResult, RunSpec
 
 PY = sys.executable
 MIB = 1024 * 1024

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.hashing import md5_b64_of_file
+from cio_worker.job.hashing import md5_b64_of_file
 from cio_worker.queue import open_queue
-from cio_worker.simulate import Simulation, SimulationConfig, SimulationSummary, instance_processes
-from cio_worker.simulator.png import PngError, read_png
+from cio_worker.sim.simulate import Simulation, SimulationConfig, SimulationSummary, instance_processes
+from cio_worker.sim.png import PngError, read_png
 from tests.shots import make_shot
 
 pytestmark = pytest.mark.slow

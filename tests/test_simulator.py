@@ -20,11 +20,11 @@ import psutil
 import pytest
 
 import cio_worker
-from cio_worker.paths import PathMap
-from cio_worker.project import output_file_name
-from cio_worker.simulator import install_cnode_shim
-from cio_worker.simulator.png import PngError, chunk, decode_png, encode_png, read_png
-from cio_worker.simulator.render import TileError, tile_region
+from cio_worker.job.paths import PathMap
+from cio_worker.job.project import output_file_name
+from cio_worker.sim.shim import install_cnode_shim
+from cio_worker.sim.png import PngError, chunk, decode_png, encode_png, read_png
+from cio_worker.sim.render import TileError, tile_region
 
 PACKAGE_ROOT = Path(cio_worker.__file__).resolve().parent.parent
 I1 = "project://scene/image1"
@@ -44,7 +44,7 @@ def sim_env(**extra: str) -> dict[str, str]:
 
 
 def cnode_command(*args: str) -> list[str]:
-    return [sys.executable, "-m", "cio_worker.simulator.cnode", *args]
+    return [sys.executable, "-m", "cio_worker.sim.cnode", *args]
 
 
 def run_cnode(cwd: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -409,7 +409,7 @@ def test_path_map_reroots_artist_inputs_and_outputs(tmp_path: Path) -> None:
 
 
 def test_shim_runs_the_simulator_as_cnode_from_path(scene: Scene, tmp_path: Path) -> None:
-    from cio_worker.simulator.cnode import install_cnode_shim as from_cnode  # where simulate.py takes it
+    from cio_worker.sim.cnode import install_cnode_shim as from_cnode  # where simulate.py takes it
 
     assert from_cnode is install_cnode_shim
     shim = install_cnode_shim(tmp_path / "bin")

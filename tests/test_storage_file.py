@@ -18,8 +18,8 @@ from typing import Iterator
 import pytest
 
 from cio_worker.errors import ChecksumError, StorageError
-from cio_worker.hashing import hashstore_key, md5_b64_of_bytes
-from cio_worker.progress import LoggingProgress, TerminalProgress
+from cio_worker.job.hashing import hashstore_key, md5_b64_of_bytes
+from cio_worker.storage.progress import LoggingProgress, TerminalProgress
 from cio_worker.storage import DownloadItem, StorageOptions, TransferError, UploadItem, open_storage
 from cio_worker.storage.common import Activity, fetch_parts, part_size_for, present_keys, run_batch
 from cio_worker.storage.retry import Retrier, RetryPolicy

@@ -12,7 +12,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import storage as gcs
 
 from cio_worker.errors import ChecksumError, StorageError
-from cio_worker.hashing import md5_b64_of_bytes
+from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.storage import DownloadItem, StorageOptions, TransferError, UploadItem, open_storage
 from cio_worker.storage.gcs import GCSStorage
 from cio_worker.storage.retry import RetryPolicy

@@ -11,7 +11,7 @@ import boto3
 import pytest
 
 from cio_worker.errors import ChecksumError, StorageError
-from cio_worker.hashing import md5_b64_of_bytes
+from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.storage import DownloadItem, StorageOptions, TransferError, UploadItem, open_storage
 from cio_worker.storage.retry import RetryPolicy
 from cio_worker.storage.s3 import S3Storage

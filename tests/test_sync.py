@@ -13,15 +13,15 @@ from typing import Sequence
 
 import pytest
 
-from cio_worker.cache import ContentCache
-from cio_worker.document import UploadFile
+from cio_worker.node.cache import ContentCache
+from cio_worker.job.document import UploadFile
 from cio_worker.errors import ChecksumError, DocumentError, PathError, StorageError
-from cio_worker.hashing import hashstore_key, md5_b64_of_bytes, md5_b64_of_file
-from cio_worker.md5cache import Md5Cache
-from cio_worker.paths import PathMap
+from cio_worker.job.hashing import hashstore_key, md5_b64_of_bytes, md5_b64_of_file
+from cio_worker.storage.md5cache import Md5Cache
+from cio_worker.job.paths import PathMap
 from cio_worker.storage.base import DownloadItem, Progress, Storage, UploadItem
 from cio_worker.storage.file import FileStorage
-from cio_worker.sync import InputSync, SyncResult
+from cio_worker.node.sync import InputSync, SyncResult
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -363,12 +363,12 @@ def test_symbolic_links_inside_the_root_are_replaced_outside_refused(farm, tmp_p
 _WORKER = """
 import json, sys, time
 from pathlib import Path
-from cio_worker.cache import ContentCache
-from cio_worker.document import UploadFile
-from cio_worker.md5cache import Md5Cache
-from cio_worker.paths import PathMap
+from cio_worker.node.cache import ContentCache
+from cio_worker.job.document import UploadFile
+from cio_worker.storage.md5cache import Md5Cache
+from cio_worker.job.paths import PathMap
 from cio_worker.storage import open_storage
-from cio_worker.sync import InputSync
+from cio_worker.node.sync import InputSync
 store, cache_dir, db, root, manifest, go = sys.argv[1:7]
 files = [UploadFile(**e) for e in json.loads(Path(manifest).read_text())]
 syncer = InputSync(open_storage(store), ContentCache(Path(cache_dir), 1 << 30), Md5Cache(db), PathMap.rooted(root))

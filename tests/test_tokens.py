@@ -7,8 +7,8 @@ import shlex
 import pytest
 
 from cio_worker.errors import CioError, FrameSpecError, TokenError
-from cio_worker.frames import FrameSet
-from cio_worker.tokens import TOKENS, Scope, TemplateError, chunk_values, render, tokens_in
+from cio_worker.job.frames import FrameSet
+from cio_worker.job.tokens import TOKENS, Scope, TemplateError, chunk_values, render, tokens_in
 
 # The seed's table (seeds/000_*, end): token -> (example value, scope).
 SEED_TABLE = {

@@ -3,6 +3,9 @@
 ``sqlite:///relative/queue.db`` is relative to the current directory and
 ``sqlite:////abs/path/queue.db`` is absolute (SQLAlchemy's convention: what follows
 ``sqlite:///`` is the path as written). The file is created on first open; its directory must exist.
+
+Shared by every role (the node claims and reports, the artist submits and reads status).
+May import: ``errors``, ``job``.
 """
 
 from __future__ import annotations
@@ -11,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..errors import QueueError
-from .base import (
+from cio_worker.errors import QueueError
+from cio_worker.queue.base import (
     ACTIVE_STATES,
     ATTEMPT_CAUSES,
     DOWNLOAD_STATES,
@@ -30,7 +33,7 @@ from .base import (
     Queue,
     TaskRow,
 )
-from .sqlite import SqliteQueue
+from cio_worker.queue.sqlite import SqliteQueue
 
 SQLITE_PREFIX = "sqlite:///"
 

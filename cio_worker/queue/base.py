@@ -30,10 +30,10 @@ import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Sequence
 
-from ..document import JobInfo, TaskDocument, parse_job, parse_task
-from ..document import _Reader  # the document module's field-path-aware reader
-from ..errors import DocumentError
-from ..hashing import check_md5_b64
+from cio_worker.job.document import JobInfo, TaskDocument, parse_job, parse_task
+from cio_worker.job.document import _Reader  # the document module's field-path-aware reader
+from cio_worker.errors import DocumentError
+from cio_worker.job.hashing import check_md5_b64
 
 STATES = ("holding", "pending", "leased", "done", "failed")
 ACTIVE_STATES = ("holding", "pending", "leased")

@@ -19,10 +19,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-from ..document import JobInfo, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
-from ..errors import CioError, DocumentError, LeaseLost, QueueError
-from ..frames import FrameSet
-from .base import (
+from cio_worker.job.document import JobInfo, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
+from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
+from cio_worker.job.frames import FrameSet
+from cio_worker.queue.base import (
     ACTIVE_STATES,
     ATTEMPT_CAUSES,
     DOWNLOAD_STATES,

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Protocol, Sequence
 
-from ..errors import StorageError
+from cio_worker.errors import StorageError
 
 
 @dataclass(frozen=True)

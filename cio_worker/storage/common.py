@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
 
-from ..errors import ChecksumError, StorageError
-from ..hashing import b64_from_digest
-from .base import ItemFailure, NullProgress, Progress, TransferError
+from cio_worker.errors import ChecksumError, StorageError
+from cio_worker.job.hashing import b64_from_digest
+from cio_worker.storage.base import ItemFailure, NullProgress, Progress, TransferError
 
 T = TypeVar("T")
 COPY_BLOCK = 1024 * 1024

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
-from ..errors import ChecksumError, StorageError
-from .base import DownloadItem, Progress, Storage, StorageOptions, UploadItem
-from .common import Activity, copy_stream, default_concurrency, fetch_verified, remove_quietly, run_batch, temp_sibling
+from cio_worker.errors import ChecksumError, StorageError
+from cio_worker.storage.base import DownloadItem, Progress, Storage, StorageOptions, UploadItem
+from cio_worker.storage.common import Activity, copy_stream, default_concurrency, fetch_verified, remove_quietly, run_batch, temp_sibling
 
 
 class FileStorage(Storage):

@@ -48,10 +48,10 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
-from ..errors import ChecksumError, CioError, StorageError
-from ..hashing import b64_from_digest, md5_b64_of_file
-from .base import DownloadItem, Progress, Storage, StorageOptions, UploadItem
-from .common import (
+from cio_worker.errors import ChecksumError, CioError, StorageError
+from cio_worker.job.hashing import b64_from_digest, md5_b64_of_file
+from cio_worker.storage.base import DownloadItem, Progress, Storage, StorageOptions, UploadItem
+from cio_worker.storage.common import (
     COPY_BLOCK,
     Activity,
     ShortRead,
@@ -63,7 +63,7 @@ from .common import (
     present_keys,
     run_batch,
 )
-from .retry import TRANSIENT_STATUS, Retrier, RetryPolicy, describe, is_network_error
+from cio_worker.storage.retry import TRANSIENT_STATUS, Retrier, RetryPolicy, describe, is_network_error
 
 MiB = 1024 * 1024
 DEFAULT_PART_SIZE = 8 * MiB

@@ -1,0 +1,95 @@
+"""``cio-worker simulate``: a whole job on this machine, the README's main job."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from cio_worker.cli.main import CliError, Streams
+from cio_worker.sim.examples import example_job_path, example_root
+from cio_worker.sim.simulate import Simulation, SimulationConfig
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "simulate",
+        help="run a whole job locally: submit, N agents, scouts, download, summary",
+        description="Submit a job (default: the shipped example shot) to a temporary sqlite queue and "
+        "storage, run N agent processes with the cnode simulator, release the scouts once they are done, "
+        "download the frames and print a summary.",
+    )
+    parser.add_argument("job_spec", nargs="?", metavar="JOB_SPEC", help="default: the shipped example shot")
+    parser.add_argument("--root", metavar="DIR",
+                        help="the directory playing the artist's filesystem root (required with JOB_SPEC)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--storage", default=None, help="default: file://WORK_DIR/storage")
+    parser.add_argument("--work-dir", default=None, help="default: a new temporary directory (kept)")
+    parser.add_argument("--frame-seconds", type=float, default=0.2, help="simulated render time per frame")
+    parser.add_argument("--no-release", action="store_true", help="leave held tasks held (scouts only)")
+    parser.add_argument("--timeout", type=float, default=900.0)
+    chaos = parser.add_argument_group(
+        "chaos",
+        "Each agent plays a cloud instance with its own GCE metadata server. Rates are Poisson: mean "
+        "events per minute an instance spends holding a task (a busy agent-minute). 2 means, on "
+        "average, one event every 30 s of work per agent. A preempted or killed instance is replaced "
+        "by a fresh one (new node root, cache and work directory).",
+    )
+    chaos.add_argument("--preempt-rate", type=float, default=0.0, metavar="R",
+                       help="GCE preemption notices per busy agent-minute; the instance is powered off "
+                       "(every process SIGKILLed) --notice-seconds after its notice (default 0: none)")
+    chaos.add_argument("--kill-rate", type=float, default=0.0, metavar="R",
+                       help="instance deaths without notice (every process SIGKILLed at once) per busy "
+                       "agent-minute (default 0: none)")
+    chaos.add_argument("--notice-seconds", type=float, default=5.0,
+                       help="time from a preemption notice to the power-off (default %(default)s; GCE gives 30)")
+    chaos.add_argument("--seed", type=int, default=None, help="seed of the chaos, for a repeatable run")
+    chaos.add_argument("--no-spare", action="store_true",
+                       help="also preempt and kill tasks on the last attempt their preempted budget allows "
+                       "(by default that attempt is spared, so that chaos alone never fails the job)")
+    chaos.add_argument("--lease-seconds", type=float, default=None,
+                       help="task lease; a killed agent's task returns to the queue this long after its last "
+                       "heartbeat (default 30, or 6 with --kill-rate)")
+    chaos.add_argument("--heartbeat-seconds", type=float, default=None,
+                       help="heartbeat interval (default 2, or 1 with --kill-rate)")
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace, streams: Streams) -> int:
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    for name in ("preempt_rate", "kill_rate"):
+        if getattr(args, name) < 0:
+            raise CliError(f"--{name.replace('_', '-')} must be 0 or more (events per busy agent-minute)")
+    if args.notice_seconds <= 0:
+        raise CliError("--notice-seconds must be more than 0")
+    lease = args.lease_seconds if args.lease_seconds is not None else (6.0 if args.kill_rate > 0 else 30.0)
+    heartbeat = args.heartbeat_seconds if args.heartbeat_seconds is not None else (1.0 if args.kill_rate > 0 else 2.0)
+    if heartbeat >= lease:
+        raise CliError(f"--heartbeat-seconds ({heartbeat:g}) must be shorter than --lease-seconds ({lease:g})")
+    if args.job_spec and not args.root:
+        raise CliError("with a JOB_SPEC, give --root: the directory that holds its artist paths")
+    spec = Path(args.job_spec) if args.job_spec else example_job_path()
+    root = Path(args.root) if args.root else example_root()
+    if not root.is_dir():
+        raise CliError(f"--root {root} is not a directory")
+    config = SimulationConfig(
+        job_spec=spec,
+        source_root=root,
+        workers=args.workers,
+        work_dir=Path(args.work_dir) if args.work_dir else None,
+        storage_url=args.storage,
+        frame_seconds=args.frame_seconds,
+        release_scouts=not args.no_release,
+        timeout_seconds=args.timeout,
+        preempt_rate=args.preempt_rate,
+        kill_rate=args.kill_rate,
+        notice_seconds=args.notice_seconds,
+        seed=args.seed,
+        spare_last_attempt=not args.no_spare,
+        lease_seconds=lease,
+        heartbeat_seconds=heartbeat,
+    )
+    summary = Simulation(config, out=streams.out).run()
+    for line in summary.lines():
+        print(line, file=streams.out)
+    return 0 if summary.failed == 0 and summary.done == summary.tasks and not summary.orphans else 1

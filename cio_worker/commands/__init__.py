@@ -1,1 +1,0 @@
-"""Subcommands of ``cio-worker`` beyond preflight/frames, one module per group."""

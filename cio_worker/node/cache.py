@@ -1,0 +1,285 @@
+"""The instance's local content cache: file contents by MD5, within a size budget (LRU).
+
+Layout under ``root``::
+
+    objects/ab/<32 hex>   one read-only file per content, named by its MD5
+    tmp/                  downloads in progress (same filesystem, so adoption is a rename)
+    evict.lock            fcntl lock held while evicting
+
+Several agent processes may share one directory. Objects only ever appear by an atomic rename
+of a verified file, and an object's mtime is its last use (set on adoption and every use).
+Eviction runs under an exclusive file lock, removes least recently used objects until the total
+is within budget, and never removes an object pinned by this process (``pinned``) or used by
+any process within the last ``grace_seconds``; the budget is therefore soft by what was used in
+that window. A copy that loses a race with eviction in another process gets ``False`` from
+``copy_out`` and fetches the content again.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import threading
+import time
+import uuid
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+from cio_worker.errors import CioError
+from cio_worker.job.hashing import check_md5_b64, md5_hex
+from cio_worker.storage.common import remove_quietly
+
+COPY_BLOCK = 1024 * 1024
+_NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY}
+_NO_COPY_RANGE.add(getattr(errno, "ENOTSUP", errno.EOPNOTSUPP))
+
+
+class CacheError(CioError):
+    code = "cache"
+
+
+@dataclass(frozen=True)
+class _Entry:
+    mtime_ns: int
+    size: int
+    path: Path
+    hex: str
+
+
+class ContentCache:
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        budget_bytes: int,
+        *,
+        grace_seconds: float = 600.0,
+        stale_temp_seconds: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
+            raise CacheError(f"cache budget {budget_bytes!r} must be a whole number of bytes, zero or more")
+        self.root = Path(root)
+        self.budget_bytes = budget_bytes
+        self.grace_seconds = grace_seconds
+        self.stale_temp_seconds = stale_temp_seconds
+        self._clock = clock
+        self._objects = self.root / "objects"
+        self._tmp = self.root / "tmp"
+        self._lock_path = self.root / "evict.lock"
+        self._pins: Counter[str] = Counter()
+        self._pins_lock = threading.Lock()
+        try:
+            self._objects.mkdir(parents=True, exist_ok=True)
+            self._tmp.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CacheError(f"cannot create the content cache at {self.root}: {exc}") from exc
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def object_path(self, md5: str) -> Path:
+        """Where the content with ``md5`` lives (whether or not it is there)."""
+        hex_digest = md5_hex(check_md5_b64(md5))
+        return self._objects / hex_digest[:2] / hex_digest
+
+    def has(self, md5: str) -> bool:
+        return self.object_path(md5).is_file()
+
+    def path(self, md5: str) -> Path | None:
+        """The object's path, marked as used; None when the cache does not hold it."""
+        target = self.object_path(md5)
+        if not self._touch(target):
+            return None
+        return target
+
+    # -- writing ------------------------------------------------------------------------------
+
+    def temp_path(self, md5: str) -> Path:
+        """A fresh name in the cache's tmp directory for downloading ``md5`` before ``adopt``."""
+        return self._tmp / f"{md5_hex(check_md5_b64(md5))}.{os.getpid()}.{uuid.uuid4().hex[:12]}"
+
+    def adopt(self, md5: str, file: str | os.PathLike[str]) -> Path:
+        """Move ``file`` (whose content the caller verified to be ``md5``) into the cache."""
+        target = self.object_path(md5)
+        source = Path(file)
+        target.parent.mkdir(exist_ok=True)
+        os.chmod(source, 0o444)
+        try:
+            os.replace(source, target)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            staged = self.temp_path(md5)
+            try:
+                shutil.copyfile(source, staged)
+                os.chmod(staged, 0o444)
+                os.replace(staged, target)
+            finally:
+                remove_quietly(staged)
+            remove_quietly(source)
+        self._touch(target)
+        return target
+
+    def copy_out(self, md5: str, dest: str | os.PathLike[str]) -> bool:
+        """Copy the content to ``dest`` (a temporary name; the caller renames it into place).
+
+        A real copy, never a link: a renderer that writes to its input cannot reach the cache,
+        and the destination's mode is its own. False when the cache does not hold ``md5``.
+        """
+        source = self.object_path(md5)
+        try:
+            src = os.open(source, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            self._touch(source)
+            dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                copy_fd(src, dst, os.fstat(src).st_size)
+            except BaseException:
+                os.close(dst)
+                remove_quietly(Path(dest))
+                raise
+            os.close(dst)
+        finally:
+            os.close(src)
+        return True
+
+    def discard(self, md5: str) -> None:
+        """Remove an object found to be damaged."""
+        remove_quietly(self.object_path(md5))
+
+    @contextmanager
+    def pinned(self, md5s: Iterable[str]) -> Iterator[None]:
+        """While inside, this process's ``evict_to_budget`` leaves these contents alone."""
+        keys = [md5_hex(check_md5_b64(m)) for m in set(md5s)]
+        with self._pins_lock:
+            self._pins.update(keys)
+        try:
+            yield
+        finally:
+            with self._pins_lock:
+                self._pins.subtract(keys)
+                self._pins += Counter()  # drop zero counts
+
+    # -- budget -------------------------------------------------------------------------------
+
+    def usage(self) -> int:
+        """Bytes held by the cache's objects."""
+        return sum(e.size for e in self._scan())
+
+    def evict_to_budget(self) -> int:
+        """Remove least recently used objects until within budget; return how many were removed."""
+        with self._evict_lock():
+            self._remove_stale_temps()
+            entries = self._scan()
+            total = sum(e.size for e in entries)
+            if total <= self.budget_bytes:
+                return 0
+            with self._pins_lock:
+                pinned = set(self._pins)
+            protected_from = int((self._clock() - self.grace_seconds) * 1e9)
+            removed = 0
+            for entry in sorted(entries, key=lambda e: (e.mtime_ns, e.hex)):
+                if total <= self.budget_bytes:
+                    break
+                if entry.hex in pinned or entry.mtime_ns >= protected_from:
+                    continue
+                try:
+                    if os.stat(entry.path).st_mtime_ns != entry.mtime_ns:
+                        continue  # used since the scan
+                    os.unlink(entry.path)
+                    removed += 1
+                except FileNotFoundError:
+                    pass
+                total -= entry.size
+            return removed
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _touch(self, target: Path) -> bool:
+        now = int(self._clock() * 1e9)
+        try:
+            os.utime(target, ns=(now, now))
+        except FileNotFoundError:
+            return False
+        except PermissionError:  # another user's object: usable, just not re-dated
+            return target.is_file()
+        return True
+
+    def _scan(self) -> list[_Entry]:
+        entries = []
+        try:
+            shards = list(os.scandir(self._objects))
+        except FileNotFoundError:
+            return []
+        for shard in shards:
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            try:
+                files = list(os.scandir(shard.path))
+            except FileNotFoundError:
+                continue
+            for item in files:
+                try:
+                    st = item.stat(follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if item.is_file(follow_symlinks=False):
+                    entries.append(_Entry(st.st_mtime_ns, st.st_size, Path(item.path), item.name))
+        return entries
+
+    def _remove_stale_temps(self) -> None:
+        """Downloads left behind by a process that died (nothing written for a long time)."""
+        cutoff = self._clock() - self.stale_temp_seconds
+        try:
+            items = list(os.scandir(self._tmp))
+        except FileNotFoundError:
+            return
+        for item in items:
+            try:
+                if item.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(item.path)
+            except FileNotFoundError:
+                pass
+
+    @contextmanager
+    def _evict_lock(self) -> Iterator[None]:
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def copy_fd(src: int, dst: int, size: int) -> int:
+    """Copy ``size`` bytes from the current offsets; in-kernel (reflink where the filesystem
+    can) when possible, else read/write. Returns the bytes copied (fewer if the source is short)."""
+    copied = 0
+    if hasattr(os, "copy_file_range"):
+        try:
+            while copied < size:
+                n = os.copy_file_range(src, dst, size - copied)
+                if n == 0:
+                    return copied
+                copied += n
+            return copied
+        except OSError as exc:
+            if exc.errno not in _NO_COPY_RANGE:
+                raise
+            os.lseek(src, copied, os.SEEK_SET)
+            os.lseek(dst, copied, os.SEEK_SET)
+    while copied < size:
+        block = os.read(src, min(COPY_BLOCK, size - copied))
+        if not block:
+            break
+        view = memoryview(block)
+        while view:
+            view = view[os.write(dst, view) :]
+        copied += len(block)
+    return copied

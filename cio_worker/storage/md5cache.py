@@ -1,0 +1,206 @@
+"""A persistent MD5 cache: a file whose stat has not changed is not hashed again.
+
+An entry is keyed on the absolute path and trusted only while the file's size, mtime_ns,
+ctime_ns, inode and device are all what they were when it was recorded. ctime cannot be set by
+``touch`` or ``utime`` and changes on every write, chmod and rename, so any later change to the
+file invalidates the entry; the one blind spot is a same-size rewrite within one timestamp tick
+of the recording. ``md5_of`` therefore does not record a file modified less than
+``racy_seconds`` ago (it is hashed again next time), nor one that changed while being hashed.
+``record`` trusts its caller: it is for a file we have just placed with verified content.
+
+The database is sqlite in WAL mode with a busy timeout, so several processes on one machine
+can share it. It must live on a local disk (WAL does not work over network filesystems).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from cio_worker.errors import CioError
+from cio_worker.job.hashing import md5_b64_of_file
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS md5 (
+    path TEXT PRIMARY KEY,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    device INTEGER NOT NULL,
+    md5 TEXT NOT NULL
+) WITHOUT ROWID
+"""
+
+
+class Md5CacheError(CioError):
+    code = "md5_cache"
+
+
+@dataclass(frozen=True)
+class FileStamp:
+    """What must not change for a recorded MD5 to still be true."""
+
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+    inode: int
+    device: int
+
+    @classmethod
+    def of(cls, st: os.stat_result) -> "FileStamp":
+        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+
+    def row(self) -> tuple[int, int, int, int, int]:
+        return (self.size, self.mtime_ns, self.ctime_ns, self.inode, self.device)
+
+
+class Md5Cache:
+    """``md5_of(path)`` hashes only on a miss; ``record(path, md5)`` after placing verified content.
+
+    Thread-safe (one connection behind a lock; hashing runs outside it) and process-safe.
+    ``hits`` and ``computed`` count lookups answered from the database and files hashed.
+    """
+
+    def __init__(
+        self,
+        db_path: str | os.PathLike[str],
+        *,
+        hasher: Callable[[Path], str] = md5_b64_of_file,
+        racy_seconds: float = 2.0,
+        busy_timeout_seconds: float = 30.0,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.db_path = Path(db_path)
+        self._hasher = hasher
+        self._racy_ns = int(racy_seconds * 1e9)
+        self._busy_timeout = busy_timeout_seconds
+        self._wall_clock = wall_clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
+        self.hits = 0
+        self.computed = 0
+        with self._lock:
+            self._connection()
+
+    # -- public -------------------------------------------------------------------------------
+
+    def md5_of(self, path: str | os.PathLike[str]) -> str:
+        """The base64 MD5 of ``path``: from the database when its stat is unchanged, else hashed."""
+        key = _key(path)
+        before = FileStamp.of(os.stat(key))
+        known = self._lookup(key, before)
+        if known is not None:
+            return known
+        md5 = self._hasher(Path(key))
+        with self._lock:
+            self.computed += 1
+        after = FileStamp.of(os.stat(key))
+        fresh = after.mtime_ns > int(self._wall_clock() * 1e9) - self._racy_ns
+        if after == before and not fresh:
+            self._store([(key, after, md5)])
+        return md5
+
+    def lookup(self, path: str | os.PathLike[str]) -> str | None:
+        """The recorded MD5 if the file's stat still matches; never hashes."""
+        key = _key(path)
+        try:
+            stamp = FileStamp.of(os.stat(key))
+        except FileNotFoundError:
+            return None
+        return self._lookup(key, stamp)
+
+    def record(self, path: str | os.PathLike[str], md5: str) -> None:
+        """Remember that ``path``, as it is now, has ``md5`` (the caller verified the content)."""
+        self.record_many([(path, md5)])
+
+    def record_many(self, entries: Iterable[tuple[str | os.PathLike[str], str]]) -> None:
+        rows = []
+        for path, md5 in entries:
+            key = _key(path)
+            rows.append((key, FileStamp.of(os.stat(key)), md5))
+        self._store(rows)
+
+    def forget(self, path: str | os.PathLike[str]) -> None:
+        with self._lock:
+            self._run(lambda c: c.execute("DELETE FROM md5 WHERE path = ?", (_key(path),)))
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None and self._pid == os.getpid():
+                self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Md5Cache":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _lookup(self, key: str, stamp: FileStamp) -> str | None:
+        with self._lock:
+            row = self._run(
+                lambda c: c.execute(
+                    "SELECT md5 FROM md5 WHERE path = ? AND size = ? AND mtime_ns = ? AND ctime_ns = ?"
+                    " AND inode = ? AND device = ?",
+                    (key, *stamp.row()),
+                ).fetchone()
+            )
+            if row is not None:
+                self.hits += 1
+        return None if row is None else str(row[0])
+
+    def _store(self, rows: list[tuple[str, FileStamp, str]]) -> None:
+        if not rows:
+            return
+        values = [(key, *stamp.row(), md5) for key, stamp, md5 in rows]
+
+        def write(conn: sqlite3.Connection) -> None:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                conn.executemany("INSERT OR REPLACE INTO md5 VALUES (?, ?, ?, ?, ?, ?, ?)", values)
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+        with self._lock:
+            self._run(write)
+
+    def _run(self, action: Callable[[sqlite3.Connection], object]):  # type: ignore[no-untyped-def]
+        try:
+            return action(self._connection())
+        except sqlite3.Error as exc:
+            raise Md5CacheError(f"MD5 cache {self.db_path}: {exc}") from exc
+
+    def _connection(self) -> sqlite3.Connection:
+        # A connection must not cross a fork: a child process opens its own.
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        try:
+            self.db_path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.db_path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise Md5CacheError(
+                f"cannot open the MD5 cache {self.db_path}: {exc} (delete the file to start an empty cache)"
+            ) from exc
+        self._conn, self._pid = conn, os.getpid()
+        return conn
+
+
+def _key(path: str | os.PathLike[str]) -> str:
+    return os.path.abspath(os.fspath(path))
