@@ -1,5 +1,5 @@
-"""The embedded sqlite queue: lifecycle, scouts, retry budgets, leases, kill, downloads, URLs,
-and claims from several real OS processes at once."""
+"""The queue contract on every backend (sqlite, postgresql): lifecycle, scouts, retry budgets,
+leases, kill, downloads; sqlite's URLs, and claims from several real OS processes at once."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from cio_worker.queue import (
     DownloadFile,
     NewDownload,
     NewTask,
+    Queue,
     SqliteQueue,
     open_queue,
 )
@@ -64,9 +65,15 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def queue(tmp_path: Path, clock: Clock):
-    q = SqliteQueue(tmp_path / "queue.db", clock=clock)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def queue(request: pytest.FixtureRequest, tmp_path: Path, clock: Clock):
+    """The same contract against every backend (the test's clock stands in for the database's)."""
+    if request.param == "sqlite":
+        q: Queue = SqliteQueue(tmp_path / "queue.db", clock=clock)
+    else:
+        from cio_worker.queue.postgres import PostgresQueue
+
+        q = PostgresQueue(request.getfixturevalue("pg_url"), clock=clock)
     yield q
     q.close()
 
@@ -78,7 +85,7 @@ def states(q, job_id: str) -> list[str]:
 # -- lifecycle ------------------------------------------------------------------------------------
 
 
-def test_whole_lifecycle(queue: SqliteQueue, clock: Clock) -> None:
+def test_whole_lifecycle(queue: Queue, clock: Clock) -> None:
     job_id = queue.create_job(job_spec(), [task("1-2"), task("3-4"), task("5")])
     assert job_id == "00001"
     assert states(queue, job_id) == ["pending"] * 3
@@ -109,7 +116,7 @@ def test_whole_lifecycle(queue: SqliteQueue, clock: Clock) -> None:
     assert queue.job(job_id).id == job_id
 
 
-def test_job_and_task_ids_are_zero_padded_and_in_order(queue: SqliteQueue) -> None:
+def test_job_and_task_ids_are_zero_padded_and_in_order(queue: Queue) -> None:
     first = queue.create_job(job_spec(), [task(str(f)) for f in range(12)])
     second = queue.create_job(job_spec(), [task("1")])
     assert (first, second) == ("00001", "00002")
@@ -118,7 +125,7 @@ def test_job_and_task_ids_are_zero_padded_and_in_order(queue: SqliteQueue) -> No
     assert [(l.job_id, l.task_id) for l in (queue.claim("w", 10), queue.claim("w", 10))] == [("00001", "000"), ("00001", "001")]
 
 
-def test_job_info_placeholder_id_is_replaced(queue: SqliteQueue) -> None:
+def test_job_info_placeholder_id_is_replaced(queue: Queue) -> None:
     info = JobInfo(id="00000", title="t", project="p", storage="s3://b/p", output_path="/out",
                    autoretry_policy=RetryPolicy(preempted=2, failed=0))
     job_id = queue.create_job(info, [task("7")])
@@ -128,7 +135,7 @@ def test_job_info_placeholder_id_is_replaced(queue: SqliteQueue) -> None:
     assert queue.claim("w", 10).document.job == stored
 
 
-def test_upload_only_job_is_finished_at_once(queue: SqliteQueue) -> None:
+def test_upload_only_job_is_finished_at_once(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(), [])
     assert queue.is_finished(job_id)
     assert queue.tasks(job_id) == []
@@ -146,7 +153,7 @@ def test_upload_only_job_is_finished_at_once(queue: SqliteQueue) -> None:
         (job_spec(), [("1", "cmd", 1)], None),  # a plain tuple is accepted
     ],
 )
-def test_bad_job_input_is_refused_and_nothing_stored(queue: SqliteQueue, job, tasks, field) -> None:
+def test_bad_job_input_is_refused_and_nothing_stored(queue: Queue, job, tasks, field) -> None:
     if field is None:
         assert queue.create_job(job, tasks) == "00001"
         return
@@ -159,7 +166,7 @@ def test_bad_job_input_is_refused_and_nothing_stored(queue: SqliteQueue, job, ta
 # -- scouts ---------------------------------------------------------------------------------------
 
 
-def test_scouts_run_first_and_hold_the_rest_until_release(queue: SqliteQueue) -> None:
+def test_scouts_run_first_and_hold_the_rest_until_release(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(), [task("1"), task("2", scout=True), task("3"), task("4", scout=True)])
     assert states(queue, job_id) == ["holding", "pending", "holding", "pending"]
     scouts = [queue.claim("w", 10), queue.claim("w", 10)]
@@ -175,7 +182,7 @@ def test_scouts_run_first_and_hold_the_rest_until_release(queue: SqliteQueue) ->
     assert [queue.claim("w", 10).task_id, queue.claim("w", 10).task_id] == ["000", "002"]
 
 
-def test_all_scout_job_is_all_pending(queue: SqliteQueue) -> None:
+def test_all_scout_job_is_all_pending(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(), [task("1", scout=True), task("2", scout=True)])
     assert states(queue, job_id) == ["pending", "pending"]
 
@@ -183,7 +190,7 @@ def test_all_scout_job_is_all_pending(queue: SqliteQueue) -> None:
 # -- retry budgets ---------------------------------------------------------------------------------
 
 
-def test_failed_budget_one_retry_then_final_with_reason(queue: SqliteQueue) -> None:
+def test_failed_budget_one_retry_then_final_with_reason(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(failed=1), [task("1-3")])
     lease = queue.claim("w1", 10)
     assert queue.fail(lease, "cnode exited with status 1") == "pending"
@@ -199,12 +206,12 @@ def test_failed_budget_one_retry_then_final_with_reason(queue: SqliteQueue) -> N
     assert queue.is_finished(job_id)
 
 
-def test_failed_budget_zero_fails_at_once(queue: SqliteQueue) -> None:
+def test_failed_budget_zero_fails_at_once(queue: Queue) -> None:
     queue.create_job(job_spec(failed=0), [task("1")])
     assert queue.fail(queue.claim("w", 10), "missing file /proj/tex.exr") == "failed"
 
 
-def test_preempted_budget(queue: SqliteQueue) -> None:
+def test_preempted_budget(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(preempted=1, failed=0), [task("1-4")])
     assert queue.release(queue.claim("w1", 10), "preempted", reason="GCE preemption notice") == "pending"
     assert queue.tasks(job_id)[0].reason == "GCE preemption notice"
@@ -214,7 +221,7 @@ def test_preempted_budget(queue: SqliteQueue) -> None:
     assert "preempted twice" in row.reason
 
 
-def test_clean_release_counts_but_spends_no_budget(queue: SqliteQueue) -> None:
+def test_clean_release_counts_but_spends_no_budget(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(preempted=0, failed=0), [task("1")])
     for _ in range(3):
         assert queue.release(queue.claim("w", 10), cause="released", reason="agent shutting down") == "pending"
@@ -229,7 +236,7 @@ def test_clean_release_counts_but_spends_no_budget(queue: SqliteQueue) -> None:
 # -- leases ---------------------------------------------------------------------------------------
 
 
-def test_expired_lease_returns_task_counted_preempted_and_old_lease_is_lost(queue: SqliteQueue, clock: Clock) -> None:
+def test_expired_lease_returns_task_counted_preempted_and_old_lease_is_lost(queue: Queue, clock: Clock) -> None:
     job_id = queue.create_job(job_spec(preempted=3), [task("1")])
     old = queue.claim("w1", 10)
     clock.advance(11)
@@ -248,7 +255,7 @@ def test_expired_lease_returns_task_counted_preempted_and_old_lease_is_lost(queu
     assert "lease_expired" in [e.kind for e in queue.events(job_id, "000")]
 
 
-def test_expired_lease_with_budget_spent_fails(queue: SqliteQueue, clock: Clock) -> None:
+def test_expired_lease_with_budget_spent_fails(queue: Queue, clock: Clock) -> None:
     job_id = queue.create_job(job_spec(preempted=1), [task("1")])
     for _ in range(2):
         queue.claim("w", 10)
@@ -259,7 +266,7 @@ def test_expired_lease_with_budget_spent_fails(queue: SqliteQueue, clock: Clock)
     assert row.reason.startswith("lease expired twice")
 
 
-def test_heartbeat_extends_the_lease(queue: SqliteQueue, clock: Clock) -> None:
+def test_heartbeat_extends_the_lease(queue: Queue, clock: Clock) -> None:
     queue.create_job(job_spec(), [task("1")])
     lease = queue.claim("w1", 10)
     clock.advance(8)
@@ -275,7 +282,7 @@ def test_heartbeat_extends_the_lease(queue: SqliteQueue, clock: Clock) -> None:
         queue.heartbeat(lease, 10)
 
 
-def test_complete_twice_makes_no_second_download_record(queue: SqliteQueue) -> None:
+def test_complete_twice_makes_no_second_download_record(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(), [task("1")])
     lease = queue.claim("w", 10)
     queue.complete(lease, download("a.exr"))
@@ -284,7 +291,7 @@ def test_complete_twice_makes_no_second_download_record(queue: SqliteQueue) -> N
     assert len(queue.downloads(job_id, state=None)) == 1
 
 
-def test_bad_claim_arguments(queue: SqliteQueue) -> None:
+def test_bad_claim_arguments(queue: Queue) -> None:
     with pytest.raises(DocumentError):
         queue.claim("", 10)
     with pytest.raises(DocumentError):
@@ -294,7 +301,7 @@ def test_bad_claim_arguments(queue: SqliteQueue) -> None:
 # -- kill -----------------------------------------------------------------------------------------
 
 
-def test_kill_job_fails_waiting_tasks_and_cancels_leased_ones(queue: SqliteQueue, clock: Clock) -> None:
+def test_kill_job_fails_waiting_tasks_and_cancels_leased_ones(queue: Queue, clock: Clock) -> None:
     job_id = queue.create_job(job_spec(failed=5), [task("1", scout=True), task("2", scout=True), task("3"), task("4")])
     running, expiring = queue.claim("w1", 10), queue.claim("w2", 10)
     other = queue.create_job(job_spec(), [task("9")])
@@ -313,7 +320,7 @@ def test_kill_job_fails_waiting_tasks_and_cancels_leased_ones(queue: SqliteQueue
         queue.heartbeat(expiring, 10)
 
 
-def test_unknown_job_is_a_clear_error(queue: SqliteQueue) -> None:
+def test_unknown_job_is_a_clear_error(queue: Queue) -> None:
     for call in (queue.release_job, queue.kill_job, queue.tasks, queue.job, queue.is_finished):
         with pytest.raises(QueueError) as err:
             call("00042")
@@ -323,7 +330,7 @@ def test_unknown_job_is_a_clear_error(queue: SqliteQueue) -> None:
 # -- frames done ----------------------------------------------------------------------------------
 
 
-def test_frames_done_accumulate_across_attempts(queue: SqliteQueue) -> None:
+def test_frames_done_accumulate_across_attempts(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(preempted=5), [task("1-10")])
     assert queue.release(queue.claim("w1", 10), frames_done="1-3") == "pending"
     lease = queue.claim("w2", 10)
@@ -342,7 +349,7 @@ def test_frames_done_accumulate_across_attempts(queue: SqliteQueue) -> None:
 # -- downloads ------------------------------------------------------------------------------------
 
 
-def test_download_records_and_mark_downloaded(queue: SqliteQueue) -> None:
+def test_download_records_and_mark_downloaded(queue: Queue) -> None:
     job_id = queue.create_job(job_spec(), [task("1-2"), task("3-4")])
     first, second = queue.claim("w", 10), queue.claim("w", 10)
     queue.release(first, frames_done="1", download=download("img.0001.exr"))  # a partial delivery
@@ -381,7 +388,7 @@ def test_download_records_and_mark_downloaded(queue: SqliteQueue) -> None:
         (NewDownload("", ()), "download.output_dir"),
     ],
 )
-def test_bad_download_record_is_refused_and_the_lease_still_holds(queue: SqliteQueue, bad, field) -> None:
+def test_bad_download_record_is_refused_and_the_lease_still_holds(queue: Queue, bad, field) -> None:
     job_id = queue.create_job(job_spec(), [task("1")])
     lease = queue.claim("w", 10)
     with pytest.raises(DocumentError) as err:
@@ -462,7 +469,7 @@ def test_closed_queue_refuses_calls(tmp_path: Path) -> None:
 # -- status view ----------------------------------------------------------------------------------
 
 
-def test_format_status(queue: SqliteQueue) -> None:
+def test_format_status(queue: Queue) -> None:
     assert format_status(queue) == "no jobs in the queue"
     job_id = queue.create_job(job_spec(title="shot_B", failed=2), [task("1-4", tile=2, tiles=4), task("5-8")])
     first, _ = queue.claim("render-7", 10), queue.claim("render-8", 10)

@@ -3,6 +3,8 @@
 ``sqlite:///relative/queue.db`` is relative to the current directory and
 ``sqlite:////abs/path/queue.db`` is absolute (SQLAlchemy's convention: what follows
 ``sqlite:///`` is the path as written). The file is created on first open; its directory must exist.
+``postgresql://user:password@host:port/database`` is the queue a farm shares (``postgres.py``; its
+schema is created by ``cio-worker queue init URL``). ``sql.py`` holds the contract's SQL, once.
 
 Shared by every role (the node claims and reports, the artist submits and reads status).
 May import: ``errors``, ``job``.
@@ -84,4 +86,12 @@ def open_queue(url: str, clock: Callable[[], float] = time.time) -> Queue:
         raise QueueError(f"queue URL {url!r} has no scheme (for example sqlite:////var/lib/cio/queue.db)", code="bad_queue_url")
     if scheme.lower() == "sqlite":
         return SqliteQueue(sqlite_path(url), clock=clock)
-    raise QueueError(f"queue URL {url!r}: unknown scheme {scheme!r} (this cio_worker knows sqlite:///)", code="bad_queue_url")
+    if scheme.lower() in ("postgresql", "postgres"):
+        from cio_worker.queue.postgres import PostgresQueue
+
+        # The database's clock, never this machine's: ``clock`` is not passed on.
+        return PostgresQueue(url)
+    raise QueueError(
+        f"queue URL {url.split('@')[-1]!r}: unknown scheme {scheme!r} (this cio_worker knows sqlite:/// and postgresql://)",
+        code="bad_queue_url",
+    )

@@ -1,0 +1,571 @@
+"""The queue contract in SQL, written once for every engine (SQLite, PostgreSQL).
+
+A backend supplies a transaction (``_transaction``) whose ``execute`` takes ``?`` placeholders and
+returns rows addressable by column name, the time (``_now``: the agent's clock for the embedded
+file, the database's for a shared server), and the row-locking clauses of its engine: SQLite
+serialises writers for the whole transaction (``BEGIN IMMEDIATE``) and needs none; PostgreSQL
+locks the rows a change reads (``FOR UPDATE``), and claimers skip the rows another claimer holds
+(``FOR UPDATE SKIP LOCKED``), so claims never queue behind each other.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import secrets
+from contextlib import AbstractContextManager
+from dataclasses import replace
+from typing import Any, Iterable, Mapping, Protocol, Sequence
+
+from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
+from cio_worker.job.document import JobInfo, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
+from cio_worker.job.frames import FrameSet
+from cio_worker.queue.base import (
+    ACTIVE_STATES,
+    ATTEMPT_CAUSES,
+    DOWNLOAD_STATES,
+    KILLED_REASON,
+    RELEASE_CAUSES,
+    STATES,
+    DownloadFile,
+    DownloadRecord,
+    Event,
+    HeartbeatReply,
+    JobSummary,
+    Lease,
+    NewDownload,
+    NewTask,
+    Queue,
+    TaskRow,
+    coerce_job,
+    job_from_stored,
+    validate_new_tasks,
+)
+
+Row = Mapping[str, Any]
+# Job and task numbers are stored as 64-bit integers; longer digit strings name nothing.
+_MAX_NUMBER_DIGITS = 18
+
+
+class Cursor(Protocol):
+    rowcount: int
+
+    def fetchone(self) -> Row | None: ...
+
+    def fetchall(self) -> list[Row]: ...
+
+
+class Tx(Protocol):
+    """One open transaction: ``?`` placeholders, rows by column name."""
+
+    def execute(self, sql: str, params: Sequence[Any] = ...) -> Cursor: ...
+
+    def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> Any: ...
+
+
+class SqlQueue(Queue):
+    """The shared logic; subclasses connect, lock and tell the time."""
+
+    # Appended to the claim's SELECT of the next pending task / the reap's SELECT of expired leases.
+    CLAIM_LOCK = ""
+    REAP_LOCK = ""
+    # Appended to SELECTs of the rows a change is about to update (a report, a kill); the table
+    # whose rows it locks is always aliased ``t``.
+    ROW_LOCK = ""
+
+    def __init__(self) -> None:
+        self._jobs_cache: dict[int, JobInfo] = {}
+
+    # -- what a backend provides ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def _transaction(self, write: bool = True) -> AbstractContextManager[Tx]: ...
+
+    @abc.abstractmethod
+    def _now(self, tx: Tx) -> float:
+        """Seconds since the epoch, as the queue's clock reads them inside ``tx``."""
+
+    @abc.abstractmethod
+    def _where(self) -> str:
+        """The queue as a person named it (a path, a URL without its password), for messages."""
+
+    # -- jobs -------------------------------------------------------------------------------------
+
+    def create_job(self, job: JobInfo | Mapping[str, Any], tasks: Sequence[NewTask]) -> str:
+        info = coerce_job(job)
+        checked = validate_new_tasks(tasks)
+        scouts = sum(1 for t in checked if t.scout)
+        hold = 0 < scouts < len(checked)
+        policy = info.autoretry_policy
+        with self._transaction() as tx:
+            now = self._now(tx)
+            number = tx.execute(
+                "INSERT INTO jobs (title, document, created, scout, retry_preempted, retry_failed)"
+                " VALUES (?, '', ?, ?, ?, ?) RETURNING number",
+                (info.title, now, int(scouts > 0), policy.preempted, policy.failed),
+            ).fetchone()["number"]
+            job_id = job_id_text(number)
+            tx.execute("UPDATE jobs SET document = ? WHERE number = ?", (json.dumps(replace(info, id=job_id).to_dict()), number))
+            if checked:
+                tx.executemany(
+                    "INSERT INTO tasks (job_number, number, frames, command, tile, tiles, scout, state, updated)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (number, i, t.frames, t.command, t.tile, t.tiles, int(t.scout),
+                         "holding" if hold and not t.scout else "pending", now)
+                        for i, t in enumerate(checked)
+                    ],
+                )
+            detail = f"{len(checked)} tasks"
+            if hold:
+                detail += f"; {len(checked) - scouts} held until the job is released, {scouts} scout tasks pending"
+            self._event(tx, number, None, now, "created", "", detail)
+        return job_id
+
+    def release_job(self, job_id: str) -> int:
+        with self._transaction() as tx:
+            number = self._job_number(tx, job_id)
+            now = self._now(tx)
+            count = tx.execute(
+                "UPDATE tasks SET state = 'pending', updated = ? WHERE job_number = ? AND state = 'holding'", (now, number)
+            ).rowcount
+            self._event(tx, number, None, now, "job_released", "", f"{count} held tasks now pending")
+        return count
+
+    def kill_job(self, job_id: str) -> int:
+        with self._transaction() as tx:
+            number = self._job_number(tx, job_id)
+            now = self._now(tx)
+            tx.execute("UPDATE jobs SET killed = 1 WHERE number = ?", (number,))
+            active = tx.execute(
+                "SELECT number, state, worker FROM tasks t WHERE job_number = ? AND state IN ('holding', 'pending', 'leased')"
+                " ORDER BY number" + self.ROW_LOCK,
+                (number,),
+            ).fetchall()
+            waiting = [r["number"] for r in active if r["state"] != "leased"]
+            leased = [(r["number"], r["worker"]) for r in active if r["state"] == "leased"]
+            tx.execute(
+                "UPDATE tasks SET state = 'failed', reason = ?, updated = ? WHERE job_number = ? AND state IN ('holding', 'pending')",
+                (KILLED_REASON, now, number),
+            )
+            tx.execute("UPDATE tasks SET cancel = 1, updated = ? WHERE job_number = ? AND state = 'leased'", (now, number))
+            for task in waiting:
+                self._event(tx, number, task, now, "killed", "", KILLED_REASON)
+            for task, worker in leased:
+                self._event(tx, number, task, now, "cancel_requested", worker, "job killed; the agent stops at its next heartbeat")
+            self._event(tx, number, None, now, "killed", "", f"{len(waiting)} tasks failed, {len(leased)} running tasks asked to stop")
+        return len(waiting) + len(leased)
+
+    def jobs(self) -> list[JobSummary]:
+        with self._transaction(write=False) as tx:
+            counts: dict[int, dict[str, int]] = {}
+            for r in tx.execute("SELECT job_number, state, COUNT(*) AS n FROM tasks GROUP BY job_number, state").fetchall():
+                counts.setdefault(r["job_number"], {})[r["state"]] = r["n"]
+            rows = tx.execute("SELECT number, title, created, scout, killed FROM jobs ORDER BY number").fetchall()
+        return [
+            JobSummary(
+                id=job_id_text(r["number"]),
+                title=r["title"],
+                counts={s: counts.get(r["number"], {}).get(s, 0) for s in STATES},
+                created=r["created"],
+                scout=bool(r["scout"]),
+                killed=bool(r["killed"]),
+            )
+            for r in rows
+        ]
+
+    def job(self, job_id: str) -> JobInfo:
+        with self._transaction(write=False) as tx:
+            return self._job_info(tx, self._job_number(tx, job_id))
+
+    def tasks(self, job_id: str) -> list[TaskRow]:
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            rows = tx.execute("SELECT * FROM tasks WHERE job_number = ? ORDER BY number", (number,)).fetchall()
+        return [_task_row(r) for r in rows]
+
+    def events(self, job_id: str, task_id: str | None = None) -> list[Event]:
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            if task_id is None:
+                rows = tx.execute("SELECT * FROM events WHERE job_number = ? ORDER BY seq", (number,)).fetchall()
+            else:
+                task = self._task_number(tx, number, task_id)
+                rows = tx.execute(
+                    "SELECT * FROM events WHERE job_number = ? AND task_number = ? ORDER BY seq", (number, task)
+                ).fetchall()
+        return [
+            Event(
+                job_id=job_id_text(r["job_number"]),
+                task_id=None if r["task_number"] is None else task_id_text(r["task_number"]),
+                time=r["time"],
+                kind=r["kind"],
+                worker=r["worker"],
+                detail=r["detail"],
+            )
+            for r in rows
+        ]
+
+    def is_finished(self, job_id: str) -> bool:
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            active = tx.execute(
+                f"SELECT COUNT(*) AS n FROM tasks WHERE job_number = ? AND state IN ({_marks(ACTIVE_STATES)})",
+                (number, *ACTIVE_STATES),
+            ).fetchone()["n"]
+        return active == 0
+
+    # -- leases -----------------------------------------------------------------------------------
+
+    def claim(self, worker: str, lease_seconds: float) -> Lease | None:
+        _check_worker(worker)
+        _check_lease_seconds(lease_seconds)
+        with self._transaction() as tx:
+            now = self._now(tx)
+            self._reap(tx, now)
+            while True:
+                row = tx.execute(
+                    "SELECT * FROM tasks WHERE state = 'pending' ORDER BY job_number, number LIMIT 1" + self.CLAIM_LOCK
+                ).fetchone()
+                if row is None:
+                    return None
+                # A stored job or task that no longer reads (another version wrote it, or someone
+                # edited the database) fails that task with the field and the problem; claiming goes on.
+                try:
+                    job = self._job_info(tx, row["job_number"])
+                except DocumentError as exc:
+                    self._set_final(tx, row, now, "failed", f"the stored job document is invalid: {exc}")
+                    continue
+                attempt = _attempts_so_far(row) + 1
+                try:
+                    task = _stored_task(row, attempt)
+                except DocumentError as exc:
+                    self._set_final(tx, row, now, "failed", f"the stored task is invalid: {exc}")
+                    continue
+                token = secrets.token_hex(16)
+                expires = now + lease_seconds
+                tx.execute(
+                    "UPDATE tasks SET state = 'leased', worker = ?, lease_token = ?, lease_expires = ?, updated = ?"
+                    " WHERE job_number = ? AND number = ?",
+                    (worker, token, expires, now, row["job_number"], row["number"]),
+                )
+                self._event(tx, row["job_number"], row["number"], now, "claimed", worker, f"attempt {attempt}")
+                return Lease(
+                    job_id=job.id,
+                    task_id=task.id,
+                    token=token,
+                    worker=worker,
+                    expires_at=expires,
+                    document=TaskDocument(job=job, task=task),
+                )
+
+    def reap(self) -> int:
+        with self._transaction() as tx:
+            return self._reap(tx, self._now(tx))
+
+    def _reap(self, tx: Tx, now: float) -> int:
+        rows = tx.execute(
+            "SELECT t.*, j.retry_preempted FROM tasks t JOIN jobs j ON j.number = t.job_number"
+            " WHERE t.state = 'leased' AND t.lease_expires <= ? ORDER BY t.job_number, t.number" + self.REAP_LOCK,
+            (now,),
+        ).fetchall()
+        for row in rows:
+            preempted = row["attempts_preempted"] + 1
+            expiries = row["lease_expiries"] + 1
+            tx.execute(
+                "UPDATE tasks SET attempts_preempted = ?, lease_expiries = ? WHERE job_number = ? AND number = ?",
+                (preempted, expiries, row["job_number"], row["number"]),
+            )
+            lost = f"the lease of {row['worker']} expired"
+            if row["cancel"]:
+                self._set_final(tx, row, now, "failed", KILLED_REASON, kind="lease_expired", detail=lost)
+            elif preempted > row["retry_preempted"]:
+                reason = f"lease expired {_times(expiries)}"
+                if expiries != preempted:
+                    reason += f", preempted {_times(preempted)} in all"
+                reason += f" (the job allows {row['retry_preempted']} preempted retries)"
+                self._set_final(tx, row, now, "failed", reason, kind="lease_expired", detail=lost)
+            else:
+                self._set_final(tx, row, now, "pending", lost, kind="lease_expired", detail=lost)
+        return len(rows)
+
+    def heartbeat(self, lease: Lease, lease_seconds: float) -> HeartbeatReply:
+        _check_lease_seconds(lease_seconds)
+        with self._transaction() as tx:
+            now = self._now(tx)
+            row = self._held(tx, lease)
+            expires = now + lease_seconds
+            tx.execute(
+                "UPDATE tasks SET lease_expires = ? WHERE job_number = ? AND number = ?",
+                (expires, row["job_number"], row["number"]),
+            )
+            return HeartbeatReply(cancel=bool(row["cancel"]), expires_at=expires)
+
+    def complete(self, lease: Lease, download: NewDownload | None = None) -> None:
+        if download is not None:
+            download.validate()
+        with self._transaction() as tx:
+            now = self._now(tx)
+            row = self._held(tx, lease)
+            all_frames = FrameSet.parse(row["frames"]).canonical()
+            tx.execute(
+                "UPDATE tasks SET frames_done = ? WHERE job_number = ? AND number = ?",
+                (all_frames, row["job_number"], row["number"]),
+            )
+            if download is not None:
+                self._add_download(tx, row, download, now)
+            files = "" if download is None else f"; {len(download.files)} files for download"
+            self._set_final(tx, row, now, "done", "", kind="done", detail=f"attempt {_attempts_so_far(row) + 1}{files}")
+
+    def fail(self, lease: Lease, reason: str) -> str:
+        if not isinstance(reason, str):
+            raise DocumentError("reason", f"must be text, not {type(reason).__name__}")
+        reason = reason.strip() or "failed without a reason given"
+        with self._transaction() as tx:
+            now = self._now(tx)
+            row = self._held(tx, lease)
+            failed = row["attempts_failed"] + 1
+            tx.execute(
+                "UPDATE tasks SET attempts_failed = ? WHERE job_number = ? AND number = ?",
+                (failed, row["job_number"], row["number"]),
+            )
+            budget = row["retry_failed"]
+            if row["cancel"]:
+                return self._set_final(tx, row, now, "failed", KILLED_REASON, kind="failed", detail=f"{reason} (job killed)")
+            if failed > budget:
+                detail = f"{reason} (final: failed {_times(failed)}, the job allows {budget} retries)"
+                return self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
+            detail = f"{reason} (retry {failed} of {budget})"
+            return self._set_final(tx, row, now, "pending", reason, kind="failed", detail=detail)
+
+    def release(
+        self,
+        lease: Lease,
+        cause: str = "preempted",
+        frames_done: str = "",
+        download: NewDownload | None = None,
+        reason: str = "",
+    ) -> str:
+        if cause not in RELEASE_CAUSES:
+            raise DocumentError("cause", f"{cause!r} is not a release cause (use {' or '.join(RELEASE_CAUSES)}; fail() for failures)")
+        if not isinstance(reason, str):
+            raise DocumentError("reason", f"must be text, not {type(reason).__name__}")
+        try:
+            given = FrameSet.parse_optional(frames_done)
+        except CioError as exc:
+            raise DocumentError("frames_done", str(exc)) from None
+        if download is not None:
+            download.validate()
+        with self._transaction() as tx:
+            now = self._now(tx)
+            row = self._held(tx, lease)
+            task_frames = FrameSet.parse(row["frames"])
+            extra = given - task_frames
+            if extra:
+                raise DocumentError("frames_done", f"names frames {extra} that are not in the task's frames {row['frames']}")
+            done = (FrameSet.parse_optional(row["frames_done"]) | given).canonical()
+            count = row[f"attempts_{cause}"] + 1
+            tx.execute(
+                f"UPDATE tasks SET attempts_{cause} = ?, frames_done = ? WHERE job_number = ? AND number = ?",
+                (count, done, row["job_number"], row["number"]),
+            )
+            if download is not None:
+                self._add_download(tx, row, download, now)
+            detail = ", ".join(p for p in (reason.strip(), f"frames done {done}" if done else "") if p)
+            if row["cancel"]:
+                return self._set_final(tx, row, now, "failed", KILLED_REASON, kind=cause, detail=detail)
+            if cause == "preempted" and count > row["retry_preempted"]:
+                final = f"preempted {_times(count)} (the job allows {row['retry_preempted']} preempted retries)"
+                if reason.strip():
+                    final += f"; last: {reason.strip()}"
+                return self._set_final(tx, row, now, "failed", final, kind=cause, detail=detail)
+            return self._set_final(tx, row, now, "pending", reason.strip() or row["reason"], kind=cause, detail=detail)
+
+    def _held(self, tx: Tx, lease: Lease) -> Row:
+        """The task row (with its job's budgets) if ``lease`` still holds it; LeaseLost otherwise."""
+        number = self._job_number(tx, lease.job_id)
+        task = self._task_number(tx, number, lease.task_id)
+        row = tx.execute(
+            "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
+            " WHERE t.job_number = ? AND t.number = ?" + self.ROW_LOCK,
+            (number, task),
+        ).fetchone()
+        assert row is not None
+        if row["state"] == "leased" and row["lease_token"] == lease.token:
+            return row
+        now_held = f"leased by {row['worker']}" if row["state"] == "leased" else row["state"]
+        raise LeaseLost(
+            f"{lease.label}: the lease of {lease.worker} is gone (the task is now {now_held}); "
+            "drop this attempt's results and do not report it"
+        )
+
+    def _set_final(
+        self, tx: Tx, row: Row, now: float, state: str, reason: str, *, kind: str = "failed", detail: str | None = None
+    ) -> str:
+        """End the current lease (if any) with ``state``; record an event; return the state."""
+        tx.execute(
+            "UPDATE tasks SET state = ?, reason = ?, lease_token = NULL, lease_expires = NULL, updated = ?"
+            " WHERE job_number = ? AND number = ?",
+            (state, reason, now, row["job_number"], row["number"]),
+        )
+        text = reason if detail is None else detail
+        if kind != state:
+            outcome = f"{state}: {reason}" if state == "failed" else state
+            text = f"{text} -> {outcome}" if text else outcome
+        self._event(tx, row["job_number"], row["number"], now, kind, row["worker"], text)
+        return state
+
+    # -- downloads --------------------------------------------------------------------------------
+
+    def _add_download(self, tx: Tx, row: Row, download: NewDownload, now: float) -> str:
+        job, task = row["job_number"], row["number"]
+        seq = tx.execute(
+            "SELECT COUNT(*) AS n FROM downloads WHERE job_number = ? AND task_number = ?", (job, task)
+        ).fetchone()["n"]
+        download_id = f"{job_id_text(job)}-{task_id_text(task)}-{seq + 1}"
+        tx.execute(
+            "INSERT INTO downloads (id, job_number, task_number, output_dir, size, files, state, created, updated)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'pending', ?, ?)",
+            (download_id, job, task, download.output_dir, download.size,
+             json.dumps([f.to_dict() for f in download.files]), now, now),
+        )
+        return download_id
+
+    def downloads(self, job_id: str | None = None, state: str | None = "pending") -> list[DownloadRecord]:
+        if state is not None and state not in DOWNLOAD_STATES:
+            raise QueueError(f"{state!r} is not a download state (use {', '.join(DOWNLOAD_STATES)} or None for all)", code="bad_request")
+        where: list[str] = []
+        args: list[Any] = []
+        with self._transaction(write=False) as tx:
+            if job_id is not None:
+                where.append("job_number = ?")
+                args.append(self._job_number(tx, job_id))
+            if state is not None:
+                where.append("state = ?")
+                args.append(state)
+            clause = f" WHERE {' AND '.join(where)}" if where else ""
+            rows = tx.execute(f"SELECT * FROM downloads{clause} ORDER BY job_number, task_number, created, id", args).fetchall()
+        return [
+            DownloadRecord(
+                download_id=r["id"],
+                job_id=job_id_text(r["job_number"]),
+                task_id=task_id_text(r["task_number"]),
+                output_dir=r["output_dir"],
+                size=r["size"],
+                files=tuple(DownloadFile.from_dict(f) for f in json.loads(r["files"])),
+                state=r["state"],
+                created=r["created"],
+            )
+            for r in rows
+        ]
+
+    def mark_downloaded(self, download_id: str) -> None:
+        if not isinstance(download_id, str):
+            raise QueueError(f"download id must be text, not {type(download_id).__name__}", code="bad_request")
+        with self._transaction() as tx:
+            now = self._now(tx)
+            row = tx.execute(
+                "SELECT job_number, task_number, state FROM downloads t WHERE id = ?" + self.ROW_LOCK, (download_id,)
+            ).fetchone()
+            if row is None:
+                raise QueueError(f"there is no download {download_id!r} in queue {self._where()}", code="unknown_download")
+            if row["state"] == "downloaded":
+                return
+            tx.execute("UPDATE downloads SET state = 'downloaded', updated = ? WHERE id = ?", (now, download_id))
+            self._event(tx, row["job_number"], row["task_number"], now, "downloaded", "", download_id)
+
+    # -- helpers ----------------------------------------------------------------------------------
+
+    def _job_number(self, tx: Tx, job_id: str) -> int:
+        text = str(job_id).strip()
+        if (text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS
+                and tx.execute("SELECT 1 AS one FROM jobs WHERE number = ?", (int(text),)).fetchone()):
+            return int(text)
+        raise QueueError(f"there is no job {job_id!r} in queue {self._where()}; `status` lists the jobs", code="unknown_job")
+
+    def _task_number(self, tx: Tx, job: int, task_id: str) -> int:
+        text = str(task_id).strip()
+        if (text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS
+                and tx.execute("SELECT 1 AS one FROM tasks WHERE job_number = ? AND number = ?", (job, int(text))).fetchone()):
+            return int(text)
+        raise QueueError(f"job {job_id_text(job)} has no task {task_id!r}", code="unknown_task")
+
+    def _job_info(self, tx: Tx, number: int) -> JobInfo:
+        cached = self._jobs_cache.get(number)
+        if cached is None:
+            text = tx.execute("SELECT document FROM jobs WHERE number = ?", (number,)).fetchone()["document"]
+            try:
+                data = json.loads(text)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise DocumentError("job", f"the stored document is not valid JSON ({_short(exc)})") from None
+            cached = self._jobs_cache[number] = job_from_stored(data)
+        return cached
+
+    @staticmethod
+    def _event(tx: Tx, job: int, task: int | None, now: float, kind: str, worker: str, detail: str) -> None:
+        tx.execute(
+            "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (job, task, now, kind, worker, detail),
+        )
+
+
+def _task_row(r: Row) -> TaskRow:
+    return TaskRow(
+        job_id=job_id_text(r["job_number"]),
+        id=task_id_text(r["number"]),
+        frames=r["frames"],
+        tile=r["tile"],
+        tiles=r["tiles"],
+        scout=bool(r["scout"]),
+        state=r["state"],
+        attempts={c: r[f"attempts_{c}"] for c in ATTEMPT_CAUSES},
+        frames_done=r["frames_done"],
+        worker=r["worker"],
+        reason=r["reason"],
+        cancel_requested=bool(r["cancel"]),
+        lease_expires=r["lease_expires"],
+        updated=r["updated"],
+    )
+
+
+def _stored_task(row: Row, attempt: int) -> TaskInfo:
+    """The task part of a claimed task's document, checked with the document's own rules."""
+    data = {
+        "id": task_id_text(row["number"]),
+        "frames": row["frames"],
+        "command": row["command"],
+        "tile": row["tile"],
+        "tiles": row["tiles"],
+        "attempt": attempt,
+        "frames_done": row["frames_done"],
+    }
+    return parse_task(_Reader(data, "task"))
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _attempts_so_far(row: Row) -> int:
+    return sum(row[f"attempts_{c}"] for c in ATTEMPT_CAUSES)
+
+
+def _times(n: int) -> str:
+    return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def _marks(values: Sequence[object]) -> str:
+    return ", ".join("?" for _ in values)
+
+
+def _check_worker(worker: str) -> None:
+    if not isinstance(worker, str) or not worker.strip():
+        raise DocumentError("worker", "is empty; name the agent (host and process) claiming the task")
+
+
+def _check_lease_seconds(seconds: float) -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise DocumentError("lease_seconds", f"must be a number of seconds above 0, not {seconds!r}")
+
+
