@@ -581,3 +581,114 @@ def test_a_stored_job_that_no_longer_reads_fails_its_tasks_and_claim_goes_on(tmp
     (row,) = q.tasks(broken)
     assert row.state == "failed" and "stored job document is invalid" in row.reason
     q.close()
+
+
+# -- operation ids, workers, tokens (every backend) --------------------------------------------------
+
+
+def test_a_report_resent_with_its_operation_id_is_applied_once(queue: Queue) -> None:
+    job = queue.create_job(job_spec(failed=3), [task("1"), task("2"), task("3")])
+    first = queue.claim("agent-a", 30)
+    queue.complete(first, download("beauty.0001.png"), op_id="op-1")
+    queue.complete(first, download("beauty.0001.png"), op_id="op-1")  # the answer was lost; resent
+    second = queue.claim("agent-a", 30)
+    assert queue.fail(second, "crashed", op_id="op-2") == "pending"
+    assert queue.fail(second, "crashed", op_id="op-2") == "pending"
+    third = queue.claim("agent-a", 30)
+    assert queue.release(third, "preempted", frames_done="", op_id="op-3") == "pending"
+    assert queue.release(third, "preempted", frames_done="", op_id="op-3") == "pending"
+    rows = {r.id: r for r in queue.tasks(job)}
+    assert rows["000"].state == "done" and len(queue.downloads(job)) == 1
+    assert rows[second.task_id].attempts["failed"] == 1 and rows[third.task_id].attempts["preempted"] == 1
+    kinds = [e.kind for e in queue.events(job)]
+    assert kinds.count("done") == 1 and kinds.count("failed") == 1 and kinds.count("preempted") == 1
+    # Without the id, the same resend is a report on a lease that is gone.
+    with pytest.raises(LeaseLost):
+        queue.complete(first)
+
+
+def test_a_report_on_another_workers_lease_changes_nothing(queue: Queue) -> None:
+    job = queue.create_job(job_spec(), [task("1")])
+    lease = queue.claim("agent-a", 30)
+    stolen = type(lease)(**{**lease.__dict__, "worker": "agent-b"})
+    before = [(e.kind, e.detail) for e in queue.events(job)]
+    for report in (lambda: queue.complete(stolen), lambda: queue.fail(stolen, "x"), lambda: queue.release(stolen),
+                   lambda: queue.heartbeat(stolen, 30)):
+        with pytest.raises(LeaseLost, match="belongs to agent-a"):
+            report()
+    assert [(e.kind, e.detail) for e in queue.events(job)] == before
+    assert queue.tasks(job)[0].state == "leased"
+    queue.complete(lease, op_id="op-a")
+    with pytest.raises(LeaseLost):  # nor can another worker replay agent-a's operation
+        queue.complete(stolen, op_id="op-a")
+
+
+def test_workers_register_and_their_state_follows_their_tasks(queue: Queue, clock: Clock) -> None:
+    from cio_worker.queue import WorkerStatus
+
+    info = {"instance_id": "i-123", "provider": "gce", "zone": "us-central1-a", "machine_type": "n1-standard-8",
+            "preemptible": True, "cores": 8, "memory_gb": 30.0, "version": "0.1.0"}
+    queue.register_worker("agent-a", info)
+    queue.register_worker("agent-b", {"provider": "none"})
+    job = queue.create_job(job_spec(), [task("1"), task("2")])
+    lease = queue.claim("agent-a", 30)
+    [a, b] = queue.workers()
+    assert (a.id, a.state, a.job_id, a.task_id, a.info) == ("agent-a", "syncing", job, "000", info)
+    assert (b.state, b.job_id) == ("idle", None)
+    queue.heartbeat(lease, 30, WorkerStatus("rendering", progress=40.0, detail="frame 1"))
+    a = queue.workers()[0]
+    assert (a.state, a.progress, a.detail) == ("rendering", 40.0, "frame 1")
+    queue.complete(lease)
+    second = queue.claim("agent-a", 30)
+    queue.fail(second, "crashed")
+    a = queue.workers()[0]
+    assert (a.state, a.job_id, a.tasks_done, a.tasks_failed) == ("idle", None, 1, 1)
+    clock.advance(200)
+    queue.worker_report("agent-b", WorkerStatus("idle"))
+    states = {w.id: w.state for w in queue.workers(gone_after=120)}
+    assert states == {"agent-a": "gone", "agent-b": "idle"}
+    with pytest.raises(DocumentError, match="status.state"):
+        queue.worker_report("agent-b", WorkerStatus("dancing"))
+    with pytest.raises(QueueError, match="not registered"):
+        queue.worker_report("agent-z", WorkerStatus("idle"))
+
+
+def test_tokens_are_stored_hashed_and_can_be_revoked(queue: Queue) -> None:
+    from cio_worker.queue.credentials import TokenError
+
+    row, text = queue.create_token("render fleet", "agent")
+    owner, owner_text = queue.create_token("alice", ["owner", "agent"])
+    assert text.startswith(f"cio_{row.id}_") and row.scopes == {"agent"} and owner.scopes == {"owner", "agent"}
+    assert queue.authenticate(text).id == row.id
+    assert queue.authenticate(owner_text).name == "alice"
+    assert queue.authenticate(text[:-1] + ("A" if text[-1] != "A" else "B")) is None  # wrong secret
+    assert queue.authenticate("cio_000000000000_" + "x" * 43) is None and queue.authenticate("nonsense") is None
+    assert all(text not in repr(r) for r in queue.list_tokens())
+    assert queue.revoke_token("render fleet") == 1
+    assert queue.authenticate(text) is None and queue.authenticate(owner_text) is not None
+    assert {r.name: r.active for r in queue.list_tokens()} == {"render fleet": False, "alice": True}
+    with pytest.raises(TokenError):
+        queue.create_token("x", "root")
+
+
+def test_a_version_1_sqlite_queue_is_migrated_when_opened(tmp_path: Path) -> None:
+    from cio_worker.queue import sqlite as sqlite_backend
+
+    raw = sqlite3.connect(tmp_path / "old.db")
+    for statement in sqlite_backend.MIGRATIONS[0][1]:
+        raw.execute(statement)
+    raw.execute("INSERT INTO schema_version (version) VALUES (1)")
+    raw.execute("INSERT INTO jobs (title, document, created, scout, retry_preempted, retry_failed)"
+                " VALUES ('old', '{}', 0, 0, 1, 1)")
+    raw.commit()
+    raw.close()
+    q = SqliteQueue(tmp_path / "old.db")
+    try:
+        assert [j.title for j in q.jobs()] == ["old"]
+        q.register_worker("agent-a", {})
+        assert [w.id for w in q.workers()] == ["agent-a"]
+    finally:
+        q.close()
+    raw = sqlite3.connect(tmp_path / "old.db")
+    assert raw.execute("SELECT version FROM schema_version").fetchall() == [(sqlite_backend.SCHEMA_VERSION,)]
+    raw.close()

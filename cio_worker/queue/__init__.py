@@ -34,6 +34,8 @@ from cio_worker.queue.base import (
     NewTask,
     Queue,
     TaskRow,
+    WorkerRow,
+    WorkerStatus,
 )
 from cio_worker.queue.sqlite import SqliteQueue
 
@@ -57,6 +59,8 @@ __all__ = [
     "Queue",
     "SqliteQueue",
     "TaskRow",
+    "WorkerRow",
+    "WorkerStatus",
     "open_queue",
     "sqlite_path",
 ]

@@ -17,6 +17,11 @@ Attempts are counted per cause:
 
 ``max_retries = N`` allows N retries, so the N+1th attempt of a cause that ends that way is final.
 
+Reports (``complete``, ``fail``, ``release``) may carry an operation id: a report whose id the queue
+has already applied is answered with the first answer and changes nothing, so a client may resend a
+report whose answer it never got. Workers register (``register_worker``) with what they run on, and
+their heartbeats and ``worker_report`` keep their state (``WORKER_STATES``) and progress current.
+
 A lease holds until its expiry has passed *and* the queue has reaped it (every ``claim`` reaps
 first); a late heartbeat before that renews it. A killed job asks its leased tasks to stop
 (``HeartbeatReply.cancel``); whatever the agent reports next except ``complete`` ends the task
@@ -40,6 +45,9 @@ ACTIVE_STATES = ("holding", "pending", "leased")
 ATTEMPT_CAUSES = ("preempted", "failed", "released")
 RELEASE_CAUSES = ("preempted", "released")
 DOWNLOAD_STATES = ("pending", "downloaded")
+# What a worker says it is doing; "gone" is what a reader sees of one silent for too long.
+WORKER_STATES = ("idle", "syncing", "rendering", "uploading", "draining", "stopped")
+GONE = "gone"
 KILLED_REASON = "killed by owner"
 # Stands in for the job id while a job spec is validated, before the queue allocates the real one.
 PLACEHOLDER_JOB_ID = "00000"
@@ -158,6 +166,40 @@ class HeartbeatReply:
 
 
 @dataclass(frozen=True)
+class WorkerStatus:
+    """What a worker is doing, carried by heartbeats and ``worker_report``."""
+
+    state: str  # one of WORKER_STATES
+    progress: float | None = None  # percent of the current task
+    detail: str = ""
+
+    def validate(self) -> None:
+        if self.state not in WORKER_STATES:
+            raise DocumentError("status.state", f"{self.state!r} is not one of {', '.join(WORKER_STATES)}")
+        if self.progress is not None and (
+            isinstance(self.progress, bool) or not isinstance(self.progress, (int, float)) or not 0 <= self.progress <= 100
+        ):
+            raise DocumentError("status.progress", f"must be a percentage from 0 to 100, not {self.progress!r}")
+        if not isinstance(self.detail, str) or len(self.detail) > 500:
+            raise DocumentError("status.detail", "must be text of at most 500 characters")
+
+
+@dataclass(frozen=True)
+class WorkerRow:
+    id: str
+    info: dict[str, Any]  # instance identity: instance_id, provider, zone, machine_type, preemptible, ...
+    state: str  # one of WORKER_STATES, or GONE when silent longer than the reader's limit
+    job_id: str | None
+    task_id: str | None
+    progress: float | None
+    detail: str
+    registered: float
+    last_contact: float
+    tasks_done: int
+    tasks_failed: int
+
+
+@dataclass(frozen=True)
 class JobSummary:
     id: str
     title: str
@@ -252,13 +294,13 @@ class Queue(abc.ABC):
         """Return tasks whose lease expired to pending (or failed); return how many."""
 
     @abc.abstractmethod
-    def heartbeat(self, lease: Lease, lease_seconds: float) -> HeartbeatReply: ...
+    def heartbeat(self, lease: Lease, lease_seconds: float, status: WorkerStatus | None = None) -> HeartbeatReply: ...
 
     @abc.abstractmethod
-    def complete(self, lease: Lease, download: NewDownload | None = None) -> None: ...
+    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None) -> None: ...
 
     @abc.abstractmethod
-    def fail(self, lease: Lease, reason: str) -> str:
+    def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
         """Count a failed attempt; return the new state (pending or failed)."""
 
     @abc.abstractmethod
@@ -269,8 +311,23 @@ class Queue(abc.ABC):
         frames_done: str = "",
         download: NewDownload | None = None,
         reason: str = "",
+        op_id: str | None = None,
     ) -> str:
         """Give the task back (see module doc for causes); return the new state."""
+
+    # -- workers --------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def register_worker(self, worker: str, info: Mapping[str, Any]) -> None:
+        """Record (or refresh) a worker and what it runs on; it starts idle."""
+
+    @abc.abstractmethod
+    def worker_report(self, worker: str, status: WorkerStatus) -> None:
+        """A worker's state between tasks (idle, stopped); heartbeats carry it during a task."""
+
+    @abc.abstractmethod
+    def workers(self, gone_after: float = 120.0) -> list[WorkerRow]:
+        """Every registered worker; one not heard from for ``gone_after`` seconds shows as gone."""
 
     # -- downloads ------------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from cio_worker.errors import QueueError
 from cio_worker.queue.base import STATES
-from cio_worker.queue.sql import Cursor, SqlQueue
+from cio_worker.queue.sql import WORKERS_TOKENS_OPERATIONS, Cursor, SqlQueue
 
 SCHEMES = ("postgresql", "postgres")
 
@@ -88,6 +88,7 @@ MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
             "CREATE INDEX downloads_pending ON downloads (job_number, task_number) WHERE state = 'pending'",
         ),
     ),
+    (2, WORKERS_TOKENS_OPERATIONS),
 )
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 # Any constant would do; it keeps two `queue init` runs from migrating at once.

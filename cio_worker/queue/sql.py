@@ -20,8 +20,10 @@ from typing import Any, Iterable, Mapping, Protocol, Sequence
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.job.document import JobInfo, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
 from cio_worker.job.frames import FrameSet
+from cio_worker.queue import credentials
 from cio_worker.queue.base import (
     ACTIVE_STATES,
+    GONE,
     ATTEMPT_CAUSES,
     DOWNLOAD_STATES,
     KILLED_REASON,
@@ -37,14 +39,50 @@ from cio_worker.queue.base import (
     NewTask,
     Queue,
     TaskRow,
+    WorkerRow,
+    WorkerStatus,
     coerce_job,
     job_from_stored,
     validate_new_tasks,
 )
 
 Row = Mapping[str, Any]
+
+# Tables both engines spell the same way: schema version 2 of each (workers, tokens, operations).
+WORKERS_TOKENS_OPERATIONS: tuple[str, ...] = (
+    """CREATE TABLE workers (
+        id TEXT PRIMARY KEY,
+        info TEXT NOT NULL,
+        state TEXT NOT NULL,
+        job_number BIGINT,
+        task_number BIGINT,
+        progress DOUBLE PRECISION,
+        detail TEXT NOT NULL DEFAULT '',
+        registered DOUBLE PRECISION NOT NULL,
+        last_contact DOUBLE PRECISION NOT NULL,
+        tasks_done INTEGER NOT NULL DEFAULT 0,
+        tasks_failed INTEGER NOT NULL DEFAULT 0)""",
+    """CREATE TABLE tokens (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        scopes TEXT NOT NULL,
+        digest TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        revoked DOUBLE PRECISION,
+        last_used DOUBLE PRECISION)""",
+    """CREATE TABLE operations (
+        id TEXT PRIMARY KEY,
+        worker TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        result TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX operations_by_age ON operations (created)",
+)
 # Job and task numbers are stored as 64-bit integers; longer digit strings name nothing.
 _MAX_NUMBER_DIGITS = 18
+# Applied operation ids are kept this long: far longer than any client retries a report.
+OPERATION_TTL = 7 * 24 * 3600.0
+_MAX_OP_ID = 100
 
 
 class Cursor(Protocol):
@@ -250,6 +288,11 @@ class SqlQueue(Queue):
                     (worker, token, expires, now, row["job_number"], row["number"]),
                 )
                 self._event(tx, row["job_number"], row["number"], now, "claimed", worker, f"attempt {attempt}")
+                tx.execute(
+                    "UPDATE workers SET state = 'syncing', job_number = ?, task_number = ?, progress = NULL, detail = '',"
+                    " last_contact = ? WHERE id = ?",
+                    (row["job_number"], row["number"], now, worker),
+                )
                 return Lease(
                     job_id=job.id,
                     task_id=task.id,
@@ -287,10 +330,14 @@ class SqlQueue(Queue):
                 self._set_final(tx, row, now, "failed", reason, kind="lease_expired", detail=lost)
             else:
                 self._set_final(tx, row, now, "pending", lost, kind="lease_expired", detail=lost)
+        if rows or secrets.randbelow(100) == 0:  # now and then is enough to keep the table small
+            tx.execute("DELETE FROM operations WHERE created < ?", (now - OPERATION_TTL,))
         return len(rows)
 
-    def heartbeat(self, lease: Lease, lease_seconds: float) -> HeartbeatReply:
+    def heartbeat(self, lease: Lease, lease_seconds: float, status: WorkerStatus | None = None) -> HeartbeatReply:
         _check_lease_seconds(lease_seconds)
+        if status is not None:
+            status.validate()
         with self._transaction() as tx:
             now = self._now(tx)
             row = self._held(tx, lease)
@@ -299,13 +346,24 @@ class SqlQueue(Queue):
                 "UPDATE tasks SET lease_expires = ? WHERE job_number = ? AND number = ?",
                 (expires, row["job_number"], row["number"]),
             )
+            if status is not None:
+                tx.execute(
+                    "UPDATE workers SET state = ?, job_number = ?, task_number = ?, progress = ?, detail = ?, last_contact = ?"
+                    " WHERE id = ?",
+                    (status.state, row["job_number"], row["number"], status.progress, status.detail, now, lease.worker),
+                )
+            else:
+                tx.execute("UPDATE workers SET last_contact = ? WHERE id = ?", (now, lease.worker))
             return HeartbeatReply(cancel=bool(row["cancel"]), expires_at=expires)
 
-    def complete(self, lease: Lease, download: NewDownload | None = None) -> None:
+    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None) -> None:
         if download is not None:
             download.validate()
+        _check_op_id(op_id)
         with self._transaction() as tx:
             now = self._now(tx)
+            if self._replayed(tx, op_id, lease) is not None:
+                return
             row = self._held(tx, lease)
             all_frames = FrameSet.parse(row["frames"]).canonical()
             tx.execute(
@@ -316,13 +374,19 @@ class SqlQueue(Queue):
                 self._add_download(tx, row, download, now)
             files = "" if download is None else f"; {len(download.files)} files for download"
             self._set_final(tx, row, now, "done", "", kind="done", detail=f"attempt {_attempts_so_far(row) + 1}{files}")
+            self._worker_finished(tx, lease.worker, now, "tasks_done")
+            self._remember(tx, op_id, lease, "complete", "done", now)
 
-    def fail(self, lease: Lease, reason: str) -> str:
+    def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
         if not isinstance(reason, str):
             raise DocumentError("reason", f"must be text, not {type(reason).__name__}")
+        _check_op_id(op_id)
         reason = reason.strip() or "failed without a reason given"
         with self._transaction() as tx:
             now = self._now(tx)
+            replayed = self._replayed(tx, op_id, lease)
+            if replayed is not None:
+                return replayed
             row = self._held(tx, lease)
             failed = row["attempts_failed"] + 1
             tx.execute(
@@ -331,12 +395,16 @@ class SqlQueue(Queue):
             )
             budget = row["retry_failed"]
             if row["cancel"]:
-                return self._set_final(tx, row, now, "failed", KILLED_REASON, kind="failed", detail=f"{reason} (job killed)")
-            if failed > budget:
+                state = self._set_final(tx, row, now, "failed", KILLED_REASON, kind="failed", detail=f"{reason} (job killed)")
+            elif failed > budget:
                 detail = f"{reason} (final: failed {_times(failed)}, the job allows {budget} retries)"
-                return self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
-            detail = f"{reason} (retry {failed} of {budget})"
-            return self._set_final(tx, row, now, "pending", reason, kind="failed", detail=detail)
+                state = self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
+            else:
+                detail = f"{reason} (retry {failed} of {budget})"
+                state = self._set_final(tx, row, now, "pending", reason, kind="failed", detail=detail)
+            self._worker_finished(tx, lease.worker, now, "tasks_failed")
+            self._remember(tx, op_id, lease, "fail", state, now)
+            return state
 
     def release(
         self,
@@ -345,6 +413,7 @@ class SqlQueue(Queue):
         frames_done: str = "",
         download: NewDownload | None = None,
         reason: str = "",
+        op_id: str | None = None,
     ) -> str:
         if cause not in RELEASE_CAUSES:
             raise DocumentError("cause", f"{cause!r} is not a release cause (use {' or '.join(RELEASE_CAUSES)}; fail() for failures)")
@@ -356,8 +425,12 @@ class SqlQueue(Queue):
             raise DocumentError("frames_done", str(exc)) from None
         if download is not None:
             download.validate()
+        _check_op_id(op_id)
         with self._transaction() as tx:
             now = self._now(tx)
+            replayed = self._replayed(tx, op_id, lease)
+            if replayed is not None:
+                return replayed
             row = self._held(tx, lease)
             task_frames = FrameSet.parse(row["frames"])
             extra = given - task_frames
@@ -373,13 +446,21 @@ class SqlQueue(Queue):
                 self._add_download(tx, row, download, now)
             detail = ", ".join(p for p in (reason.strip(), f"frames done {done}" if done else "") if p)
             if row["cancel"]:
-                return self._set_final(tx, row, now, "failed", KILLED_REASON, kind=cause, detail=detail)
-            if cause == "preempted" and count > row["retry_preempted"]:
+                state = self._set_final(tx, row, now, "failed", KILLED_REASON, kind=cause, detail=detail)
+            elif cause == "preempted" and count > row["retry_preempted"]:
                 final = f"preempted {_times(count)} (the job allows {row['retry_preempted']} preempted retries)"
                 if reason.strip():
                     final += f"; last: {reason.strip()}"
-                return self._set_final(tx, row, now, "failed", final, kind=cause, detail=detail)
-            return self._set_final(tx, row, now, "pending", reason.strip() or row["reason"], kind=cause, detail=detail)
+                state = self._set_final(tx, row, now, "failed", final, kind=cause, detail=detail)
+            else:
+                state = self._set_final(tx, row, now, "pending", reason.strip() or row["reason"], kind=cause, detail=detail)
+            tx.execute(
+                "UPDATE workers SET state = 'idle', job_number = NULL, task_number = NULL, progress = NULL, last_contact = ?"
+                " WHERE id = ?",
+                (now, lease.worker),
+            )
+            self._remember(tx, op_id, lease, "release", state, now)
+            return state
 
     def _held(self, tx: Tx, lease: Lease) -> Row:
         """The task row (with its job's budgets) if ``lease`` still holds it; LeaseLost otherwise."""
@@ -392,6 +473,8 @@ class SqlQueue(Queue):
         ).fetchone()
         assert row is not None
         if row["state"] == "leased" and row["lease_token"] == lease.token:
+            if row["worker"] != lease.worker:
+                raise LeaseLost(f"{lease.label}: the lease belongs to {row['worker']}, not to {lease.worker}")
             return row
         now_held = f"leased by {row['worker']}" if row["state"] == "leased" else row["state"]
         raise LeaseLost(
@@ -414,6 +497,134 @@ class SqlQueue(Queue):
             text = f"{text} -> {outcome}" if text else outcome
         self._event(tx, row["job_number"], row["number"], now, kind, row["worker"], text)
         return state
+
+    # -- operations -------------------------------------------------------------------------------
+
+    def _replayed(self, tx: Tx, op_id: str | None, lease: Lease) -> str | None:
+        """The answer already given to operation ``op_id``, or None if it was never applied."""
+        if op_id is None:
+            return None
+        row = tx.execute("SELECT worker, result FROM operations WHERE id = ?", (op_id,)).fetchone()
+        if row is None:
+            return None
+        if row["worker"] != lease.worker:
+            raise LeaseLost(f"{lease.label}: operation {op_id!r} was applied for another worker")
+        return row["result"]
+
+    @staticmethod
+    def _remember(tx: Tx, op_id: str | None, lease: Lease, kind: str, result: str, now: float) -> None:
+        if op_id is not None:
+            tx.execute(
+                "INSERT INTO operations (id, worker, kind, result, created) VALUES (?, ?, ?, ?, ?)",
+                (op_id, lease.worker, kind, result, now),
+            )
+
+    # -- workers ----------------------------------------------------------------------------------
+
+    def register_worker(self, worker: str, info: Mapping[str, Any]) -> None:
+        _check_worker(worker)
+        if not isinstance(info, Mapping):
+            raise DocumentError("info", f"must be an object, not {type(info).__name__}")
+        text = json.dumps(dict(info), sort_keys=True)
+        if len(text) > 10_000:
+            raise DocumentError("info", "is larger than 10,000 characters")
+        with self._transaction() as tx:
+            now = self._now(tx)
+            updated = tx.execute(
+                "UPDATE workers SET info = ?, state = 'idle', job_number = NULL, task_number = NULL, progress = NULL,"
+                " detail = '', last_contact = ? WHERE id = ?",
+                (text, now, worker),
+            ).rowcount
+            if not updated:
+                tx.execute(
+                    "INSERT INTO workers (id, info, state, detail, registered, last_contact) VALUES (?, ?, 'idle', '', ?, ?)",
+                    (worker, text, now, now),
+                )
+
+    def worker_report(self, worker: str, status: WorkerStatus) -> None:
+        _check_worker(worker)
+        status.validate()
+        with self._transaction() as tx:
+            now = self._now(tx)
+            updated = tx.execute(
+                "UPDATE workers SET state = ?, progress = ?, detail = ?, last_contact = ?,"
+                " job_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE job_number END,"
+                " task_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE task_number END"
+                " WHERE id = ?",
+                (status.state, status.progress, status.detail, now, status.state, status.state, worker),
+            ).rowcount
+            if not updated:
+                raise QueueError(f"worker {worker!r} is not registered; register it first", code="unknown_worker")
+
+    def workers(self, gone_after: float = 120.0) -> list[WorkerRow]:
+        with self._transaction(write=False) as tx:
+            now = self._now(tx)
+            rows = tx.execute("SELECT * FROM workers ORDER BY registered, id").fetchall()
+        result = []
+        for r in rows:
+            silent = now - r["last_contact"] > gone_after
+            result.append(WorkerRow(
+                id=r["id"],
+                info=json.loads(r["info"]),
+                state=GONE if silent and r["state"] != "stopped" else r["state"],
+                job_id=None if r["job_number"] is None else job_id_text(r["job_number"]),
+                task_id=None if r["task_number"] is None else task_id_text(r["task_number"]),
+                progress=r["progress"],
+                detail=r["detail"],
+                registered=r["registered"],
+                last_contact=r["last_contact"],
+                tasks_done=r["tasks_done"],
+                tasks_failed=r["tasks_failed"],
+            ))
+        return result
+
+    @staticmethod
+    def _worker_finished(tx: Tx, worker: str, now: float, counter: str) -> None:
+        tx.execute(
+            f"UPDATE workers SET {counter} = {counter} + 1, state = 'idle', job_number = NULL, task_number = NULL,"
+            " progress = NULL, last_contact = ? WHERE id = ?",
+            (now, worker),
+        )
+
+    # -- tokens -----------------------------------------------------------------------------------
+
+    def create_token(self, name: str, scopes: object) -> tuple[credentials.TokenRow, str]:
+        """A new token; its text is returned once and never stored."""
+        name = credentials.check_name(name)
+        checked = credentials.check_scopes(scopes)
+        token = credentials.new_token()
+        with self._transaction() as tx:
+            now = self._now(tx)
+            tx.execute(
+                "INSERT INTO tokens (id, name, scopes, digest, created) VALUES (?, ?, ?, ?, ?)",
+                (token.id, name, ",".join(sorted(checked)), token.digest, now),
+            )
+        return credentials.TokenRow(token.id, name, checked, now, None, None), token.text
+
+    def list_tokens(self) -> list[credentials.TokenRow]:
+        with self._transaction(write=False) as tx:
+            rows = tx.execute("SELECT * FROM tokens ORDER BY created, id").fetchall()
+        return [_token_row(r) for r in rows]
+
+    def revoke_token(self, name_or_id: str) -> int:
+        """Revoke the token with this id, or every active token with this name; return how many."""
+        with self._transaction() as tx:
+            now = self._now(tx)
+            return tx.execute(
+                "UPDATE tokens SET revoked = ? WHERE revoked IS NULL AND (id = ? OR name = ?)", (now, name_or_id, name_or_id)
+            ).rowcount
+
+    def authenticate(self, text: str) -> credentials.TokenRow | None:
+        """The active token ``text`` is, or None (malformed, unknown, revoked or wrong secret)."""
+        parts = credentials.split(text)
+        if parts is None:
+            return None
+        token_id, secret = parts
+        with self._transaction(write=False) as tx:
+            row = tx.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        if row is None or row["revoked"] is not None or not credentials.matches(secret, row["digest"]):
+            return None
+        return _token_row(row)
 
     # -- downloads --------------------------------------------------------------------------------
 
@@ -507,6 +718,18 @@ class SqlQueue(Queue):
             "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (job, task, now, kind, worker, detail),
         )
+
+
+def _token_row(r: Row) -> credentials.TokenRow:
+    return credentials.TokenRow(
+        id=r["id"], name=r["name"], scopes=frozenset(r["scopes"].split(",")), created=r["created"],
+        revoked=r["revoked"], last_used=r["last_used"],
+    )
+
+
+def _check_op_id(op_id: object) -> None:
+    if op_id is not None and (not isinstance(op_id, str) or not op_id.strip() or len(op_id) > _MAX_OP_ID):
+        raise DocumentError("op_id", f"must be text of 1 to {_MAX_OP_ID} characters (a fresh id per report, e.g. a UUID)")
 
 
 def _task_row(r: Row) -> TaskRow:

@@ -18,11 +18,9 @@ from typing import Any, Callable, Iterator
 
 from cio_worker.errors import QueueError
 from cio_worker.queue.base import STATES
-from cio_worker.queue.sql import SqlQueue
+from cio_worker.queue.sql import WORKERS_TOKENS_OPERATIONS, SqlQueue
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = (
+_VERSION_1 = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
     """CREATE TABLE jobs (
         number INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -76,6 +74,10 @@ _SCHEMA = (
         updated REAL NOT NULL)""",
     "CREATE INDEX downloads_by_state ON downloads (state, job_number, task_number)",
 )
+# Each migration takes the schema from the version before it to its own. The embedded file is
+# migrated when it is opened (one machine, one writer at a time); never edit a released one.
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _VERSION_1), (2, WORKERS_TOKENS_OPERATIONS))
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 class SqliteQueue(SqlQueue):
@@ -150,11 +152,12 @@ class SqliteQueue(SqlQueue):
                     raise
                 time.sleep(0.02)
 
-    def _check_schema(self, conn: sqlite3.Connection) -> bool:
+    def _check_schema(self, conn: sqlite3.Connection) -> int:
+        """The file's schema version (0: an empty file); QueueError if it is not ours or too new."""
         tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         tables.discard("sqlite_sequence")
         if not tables:
-            return False
+            return 0
         if "schema_version" not in tables:
             raise QueueError(
                 f"{self.path} is an SQLite database but not a cio_worker queue (it has tables "
@@ -162,21 +165,27 @@ class SqliteQueue(SqlQueue):
                 code="not_a_queue",
             )
         row = conn.execute("SELECT version FROM schema_version").fetchone()
-        if row is None or row[0] != SCHEMA_VERSION:
+        if row is None or not 1 <= row[0] <= SCHEMA_VERSION:
             found = "no version" if row is None else f"version {row[0]}"
             raise QueueError(
-                f"queue {self.path} has schema {found}; this cio_worker reads version {SCHEMA_VERSION}",
+                f"queue {self.path} has schema {found}; this cio_worker reads versions 1 to {SCHEMA_VERSION}"
+                " (a newer cio-worker wrote it: upgrade this one)",
                 code="queue_schema",
             )
-        return True
+        return int(row[0])
 
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if not self._check_schema(conn):
-                for statement in _SCHEMA:
-                    conn.execute(statement)
+            found = self._check_schema(conn)
+            for version, statements in MIGRATIONS:
+                if version > found:
+                    for statement in statements:
+                        conn.execute(statement)
+            if found == 0:
                 conn.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION,))
+            elif found < SCHEMA_VERSION:
+                conn.execute("UPDATE schema_version SET version = ?", (SCHEMA_VERSION,))
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
