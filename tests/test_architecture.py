@@ -17,8 +17,9 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"errors", "job"},
     "node": {"errors", "job", "queue", "storage"},
     "artist": {"errors", "job", "queue", "storage"},
+    "coordinator": {"errors", "job", "queue"},
     "sim": {"errors", "job", "queue", "storage", "node", "artist"},
-    "cli": {"errors", "job", "queue", "storage", "node", "artist", "sim"},
+    "cli": {"errors", "job", "queue", "storage", "node", "artist", "coordinator", "sim"},
 }
 # The package root (``__init__``/``__main__``) is outside the layers: it holds the version and the
 # ``python -m cio_worker`` entry point.

@@ -302,6 +302,13 @@ class SqlQueue(Queue):
                     document=TaskDocument(job=job, task=task),
                 )
 
+    def pending(self, limit: int = 1000) -> int:
+        """How many tasks are claimable now, counted up to ``limit`` (a cheap look for a dispatcher)."""
+        with self._transaction(write=False) as tx:
+            return tx.execute(
+                "SELECT COUNT(*) AS n FROM (SELECT 1 AS one FROM tasks WHERE state = 'pending' LIMIT ?) p", (int(limit),)
+            ).fetchone()["n"]
+
     def reap(self) -> int:
         with self._transaction() as tx:
             return self._reap(tx, self._now(tx))

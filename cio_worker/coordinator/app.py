@@ -1,0 +1,453 @@
+"""The coordinator's HTTP/JSON API (FastAPI), in front of any queue backend.
+
+Every route checks its bearer token's scope first (no token or a bad one: 401; the wrong scope:
+403), validates its body strictly (unknown fields, wrong types, oversized bodies: 4xx with the
+field named), then calls the queue in a worker thread bounded by the database pool. A report on a
+lease that is gone or belongs to another worker is 409; in every refused case nothing changes.
+
+Claims are long polls: a claim that finds nothing waits on the server (``WorkSignal``) until work
+arrives or the poll ends, instead of the agent asking again every few seconds. A watcher looks for
+pending work once a second while anyone waits (one cheap query, however many wait) and reaps
+expired leases, so work submitted through another coordinator also wakes this one's waiters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, TypeVar
+
+import anyio
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from cio_worker import __version__
+from cio_worker.coordinator.signal import WorkSignal
+from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
+from cio_worker.queue import wire
+from cio_worker.queue.credentials import TokenRow
+from cio_worker.queue.sql import SqlQueue
+
+T = TypeVar("T")
+log = logging.getLogger("cio_worker.coordinator")
+
+MAX_BODY = 64 * 1024 * 1024  # a job of 100,000 tasks fits; nothing else comes near
+MAX_SMALL_BODY = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class CoordinatorConfig:
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    long_poll_seconds: float = 20.0
+    watch_seconds: float = 1.0  # how often to look for work while agents wait, and to reap
+    token_cache_seconds: float = 5.0  # a revoked token is refused within this long
+    db_threads: int = 8  # queue calls at once; match the queue's connection pool
+    gone_after: float = 120.0
+
+
+# -- request bodies --------------------------------------------------------------------------------
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+Name = Field(min_length=1, max_length=200)
+OpId = Field(default=None, min_length=1, max_length=100)
+
+
+class LeaseRef(_Strict):
+    job_id: str = Field(min_length=1, max_length=32)
+    task_id: str = Field(min_length=1, max_length=32)
+    token: str = Field(min_length=1, max_length=128)
+    worker: str = Name
+    expires_at: float | None = None
+
+
+class RegisterBody(_Strict):
+    worker: str = Name
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class ClaimBody(_Strict):
+    worker: str = Name
+    lease_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    wait_seconds: float | None = Field(default=None, ge=0, le=300)
+
+
+class StatusBody(_Strict):
+    state: str = Field(min_length=1, max_length=32)
+    progress: float | None = Field(default=None, ge=0, le=100)
+    detail: str = Field(default="", max_length=500)
+
+
+class HeartbeatBody(_Strict):
+    lease: LeaseRef
+    lease_seconds: float | None = Field(default=None, gt=0, le=86_400)
+    status: StatusBody | None = None
+
+
+class DownloadFileBody(_Strict):
+    relative_path: str = Field(min_length=1, max_length=4096)
+    md5: str = Field(min_length=1, max_length=64)
+    size: int = Field(ge=0)
+    key: str = Field(min_length=1, max_length=1024)
+
+
+class DownloadBody(_Strict):
+    output_dir: str = Field(min_length=1, max_length=4096)
+    files: list[DownloadFileBody] = Field(default_factory=list, max_length=100_000)
+
+
+class CompleteBody(_Strict):
+    lease: LeaseRef
+    download: DownloadBody | None = None
+    op_id: str | None = OpId
+
+
+class FailBody(_Strict):
+    lease: LeaseRef
+    reason: str = Field(max_length=10_000)
+    op_id: str | None = OpId
+
+
+class ReleaseBody(_Strict):
+    lease: LeaseRef
+    cause: Literal["preempted", "released"] = "preempted"
+    frames_done: str = Field(default="", max_length=100_000)
+    download: DownloadBody | None = None
+    reason: str = Field(default="", max_length=10_000)
+    op_id: str | None = OpId
+
+
+class WorkerReportBody(_Strict):
+    worker: str = Name
+    status: StatusBody
+
+
+class NewTaskBody(_Strict):
+    frames: str = Field(min_length=1, max_length=100_000)
+    command: str = Field(min_length=1, max_length=100_000)
+    tile: int = 1
+    tiles: int = 1
+    scout: bool = False
+
+
+class CreateJobBody(_Strict):
+    job: dict[str, Any]
+    tasks: list[NewTaskBody] = Field(max_length=100_000)
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+_STATUS_BY_CODE = {
+    "unknown_job": 404, "unknown_task": 404, "unknown_download": 404, "unknown_worker": 404,
+    "queue_unavailable": 503, "queue_db": 503, "queue_closed": 503,
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def _error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
+
+
+def _status_of(exc: CioError) -> int:
+    if isinstance(exc, LeaseLost):
+        return 409
+    if isinstance(exc, DocumentError):
+        return 422
+    if isinstance(exc, QueueError):
+        return _STATUS_BY_CODE.get(exc.code, 400)
+    return 400
+
+
+def _field_path(loc: Any) -> str:
+    """pydantic's location as our documents name fields: ``download.files[0].size``."""
+    text = ""
+    for part in loc:
+        if part == "body" and not text:
+            continue
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "body"
+
+
+# -- the app ---------------------------------------------------------------------------------------
+
+class _BodyLimit:
+    """Refuse bodies over the limit before reading them whole (413), declared or streamed."""
+
+    def __init__(self, app: Any, limit: Callable[[str], int]) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.limit(scope.get("path", ""))
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = _error_response(413, "too_large", f"the request body is larger than {limit} bytes")
+        if declared is not None:
+            try:
+                if int(declared) > limit:
+                    return await too_big(scope, receive, send)
+            except ValueError:
+                return await _error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
+        seen = 0
+
+        async def counted() -> dict:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise ApiError(413, "too_large", f"the request body is larger than {limit} bytes")
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except ApiError as exc:
+            await _error_response(exc.status, exc.code, exc.message)(scope, receive, send)
+
+
+def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> FastAPI:
+    config = config or CoordinatorConfig()
+    signal = WorkSignal()
+    limiter = anyio.CapacityLimiter(config.db_threads)
+    token_cache: dict[str, tuple[float, TokenRow | None]] = {}
+    stop = asyncio.Event()
+
+    async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=limiter)
+
+    async def watch() -> None:
+        """Reap expired leases; while agents wait, look for work and wake one waiter per task."""
+        while not stop.is_set():
+            try:
+                reaped = await call(queue.reap)
+                if signal.waiting:
+                    found = await call(queue.pending, signal.waiting)
+                    signal.notify(max(found, reaped))
+            except CioError as exc:
+                log.warning("coordinator watch: %s", exc)
+            except Exception:  # noqa: BLE001  (the watch must outlive any one failure)
+                log.exception("coordinator watch failed")
+            try:
+                await asyncio.wait_for(stop.wait(), config.watch_seconds)
+            except asyncio.TimeoutError:
+                pass
+
+    from contextlib import asynccontextmanager
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        task = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            stop.set()
+            signal.notify(signal.waiting)
+            await task
+
+    app = FastAPI(
+        title="cio_worker coordinator",
+        version=__version__,
+        description="The farm's queue over HTTP: agents claim, heartbeat and report; owners submit, watch and download.",
+        lifespan=lifespan,
+    )
+    app.state.signal = signal
+
+    # -- auth ----------------------------------------------------------------------------------
+
+    async def token_of(request: Request) -> TokenRow:
+        header = request.headers.get("authorization", "")
+        scheme, _, text = header.partition(" ")
+        if scheme.lower() != "bearer" or not text.strip():
+            raise ApiError(401, "unauthorized", "no bearer token: send 'Authorization: Bearer <token>'",
+                           {"WWW-Authenticate": "Bearer"})
+        text = text.strip()
+        now = time.monotonic()
+        cached = token_cache.get(text)
+        if cached is None or now - cached[0] > config.token_cache_seconds:
+            row = await call(queue.authenticate, text)
+            if len(token_cache) > 10_000:
+                token_cache.clear()
+            token_cache[text] = cached = (now, row)
+        if cached[1] is None:
+            raise ApiError(401, "unauthorized", "the bearer token is unknown, revoked or malformed",
+                           {"WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return cached[1]
+
+    def scope(name: str) -> Callable:
+        async def check(request: Request) -> TokenRow:
+            token = await token_of(request)
+            if name not in token.scopes:
+                raise ApiError(403, "forbidden", f"token {token.name!r} has scope {', '.join(sorted(token.scopes))}, "
+                               f"and this call needs {name!r}")
+            return token
+        return check
+
+    agent = Depends(scope("agent"))
+    owner = Depends(scope("owner"))
+
+    # -- errors --------------------------------------------------------------------------------
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(CioError)
+    async def _cio_error(_: Request, exc: CioError) -> JSONResponse:
+        return _error_response(_status_of(exc), exc.code, str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for err in exc.errors()[:5]:
+            problems.append((_field_path(err.get("loc", ())), str(err.get("msg", "is invalid"))))
+        if not problems:
+            problems.append(("body", "is invalid"))
+        field, problem = problems[0]
+        if len(problems) > 1:
+            problem += "; also " + "; ".join(f"{w}: {m}" for w, m in problems[1:])
+        return JSONResponse({"error": "bad_document", "field": field, "message": f"{field}: {problem}"}, status_code=422)
+
+    @app.exception_handler(DocumentError)
+    async def _bad_document(_: Request, exc: DocumentError) -> JSONResponse:
+        return JSONResponse({"error": exc.code, "field": exc.field, "message": str(exc)}, status_code=422)
+
+    # -- agents --------------------------------------------------------------------------------
+
+    def settings() -> dict[str, float]:
+        return {"lease_seconds": config.lease_seconds, "heartbeat_seconds": config.heartbeat_seconds,
+                "long_poll_seconds": config.long_poll_seconds}
+
+    @app.post("/v1/workers/register", tags=["agents"])
+    async def register(body: RegisterBody, _: TokenRow = agent) -> dict:
+        """Record a worker and what it runs on; answers how often to heartbeat and how long to long-poll."""
+        await call(queue.register_worker, body.worker, body.info)
+        return {"worker": body.worker, "server_time": time.time(), **settings()}
+
+    @app.post("/v1/workers/report", tags=["agents"])
+    async def worker_report(body: WorkerReportBody, _: TokenRow = agent) -> dict:
+        await call(queue.worker_report, body.worker, wire.status_from_dict(body.status.model_dump()))
+        return {"ok": True}
+
+    @app.post("/v1/claim", tags=["agents"], responses={204: {"description": "no task before the poll ended"}})
+    async def claim(body: ClaimBody, _: TokenRow = agent) -> Any:
+        """Lease the next task; with ``wait_seconds``, wait on the server until one comes."""
+        lease_seconds = body.lease_seconds or config.lease_seconds
+        wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
+        deadline = time.monotonic() + wait
+        while True:
+            lease = await call(queue.claim, body.worker, lease_seconds)
+            if lease is not None:
+                return {"lease": wire.lease_to_dict(lease), **settings()}
+            left = deadline - time.monotonic()
+            if left <= 0 or stop.is_set() or not await signal.wait(left):
+                return Response(status_code=204)
+
+    @app.post("/v1/heartbeat", tags=["agents"])
+    async def heartbeat(body: HeartbeatBody, _: TokenRow = agent) -> dict:
+        lease = wire.lease_ref_from_dict(body.lease.model_dump())
+        status = None if body.status is None else wire.status_from_dict(body.status.model_dump())
+        reply = await call(queue.heartbeat, lease, body.lease_seconds or config.lease_seconds, status)
+        return {**wire.reply_to_dict(reply), **settings()}
+
+    @app.post("/v1/complete", tags=["agents"])
+    async def complete(body: CompleteBody, _: TokenRow = agent) -> dict:
+        lease = wire.lease_ref_from_dict(body.lease.model_dump())
+        download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
+        await call(queue.complete, lease, download, body.op_id)
+        return {"state": "done"}
+
+    @app.post("/v1/fail", tags=["agents"])
+    async def fail(body: FailBody, _: TokenRow = agent) -> dict:
+        lease = wire.lease_ref_from_dict(body.lease.model_dump())
+        state = await call(queue.fail, lease, body.reason, body.op_id)
+        if state == "pending":
+            signal.notify(1)
+        return {"state": state}
+
+    @app.post("/v1/release", tags=["agents"])
+    async def release(body: ReleaseBody, _: TokenRow = agent) -> dict:
+        lease = wire.lease_ref_from_dict(body.lease.model_dump())
+        download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
+        state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
+        if state == "pending":
+            signal.notify(1)
+        return {"state": state}
+
+    @app.post("/v1/reap", tags=["agents"])
+    async def reap(_: TokenRow = agent) -> dict:
+        count = await call(queue.reap)
+        signal.notify(count)
+        return {"reaped": count}
+
+    # -- owners --------------------------------------------------------------------------------
+
+    @app.post("/v1/jobs", tags=["owners"], status_code=201)
+    async def create_job(body: CreateJobBody, _: TokenRow = owner) -> dict:
+        tasks = [wire.new_task_from_dict(t.model_dump(), f"tasks[{i}]") for i, t in enumerate(body.tasks)]
+        job_id = await call(queue.create_job, body.job, tasks)
+        signal.notify(len(tasks))
+        return {"job_id": job_id}
+
+    @app.get("/v1/jobs", tags=["owners"])
+    async def jobs(_: TokenRow = owner) -> dict:
+        return {"jobs": [wire.summary_to_dict(s) for s in await call(queue.jobs)]}
+
+    @app.get("/v1/jobs/{job_id}", tags=["owners"])
+    async def job(job_id: str, _: TokenRow = owner) -> dict:
+        info = await call(queue.job, job_id)
+        return {"job": info.to_dict(), "finished": await call(queue.is_finished, job_id)}
+
+    @app.get("/v1/jobs/{job_id}/tasks", tags=["owners"])
+    async def tasks(job_id: str, _: TokenRow = owner) -> dict:
+        return {"tasks": [wire.task_row_to_dict(r) for r in await call(queue.tasks, job_id)]}
+
+    @app.get("/v1/jobs/{job_id}/events", tags=["owners"])
+    async def events(job_id: str, task: str | None = None, _: TokenRow = owner) -> dict:
+        return {"events": [wire.event_to_dict(e) for e in await call(queue.events, job_id, task)]}
+
+    @app.post("/v1/jobs/{job_id}/release", tags=["owners"])
+    async def release_job(job_id: str, _: TokenRow = owner) -> dict:
+        count = await call(queue.release_job, job_id)
+        signal.notify(count)
+        return {"released": count}
+
+    @app.post("/v1/jobs/{job_id}/kill", tags=["owners"])
+    async def kill_job(job_id: str, _: TokenRow = owner) -> dict:
+        return {"killed": await call(queue.kill_job, job_id)}
+
+    @app.get("/v1/downloads", tags=["owners"])
+    async def downloads(job: str | None = None, state: str | None = "pending", _: TokenRow = owner) -> dict:
+        wanted = None if state in (None, "", "all") else state
+        return {"downloads": [wire.record_to_dict(r) for r in await call(queue.downloads, job, wanted)]}
+
+    @app.post("/v1/downloads/{download_id}/downloaded", tags=["owners"])
+    async def mark_downloaded(download_id: str, _: TokenRow = owner) -> dict:
+        await call(queue.mark_downloaded, download_id)
+        return {"ok": True}
+
+    @app.get("/v1/workers", tags=["owners"])
+    async def workers(_: TokenRow = owner) -> dict:
+        return {"workers": [wire.worker_row_to_dict(w) for w in await call(queue.workers, config.gone_after)]}
+
+    @app.get("/healthz", tags=["service"])
+    async def healthz() -> dict:
+        """Unauthenticated liveness: the process answers (it says nothing of the queue)."""
+        return {"ok": True, "version": __version__}
+
+    def limit_for(path: str) -> int:
+        return MAX_BODY if path == "/v1/jobs" else MAX_SMALL_BODY
+
+    app.add_middleware(_BodyLimit, limit=limit_for)
+    return app
