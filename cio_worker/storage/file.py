@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import BinaryIO, Callable, Iterable, Sequence
 from urllib.parse import unquote, urlparse
 
 from cio_worker.errors import ChecksumError, StorageError
-from cio_worker.storage.base import DownloadItem, Progress, Storage, StorageOptions, UploadItem
-from cio_worker.storage.common import Activity, copy_stream, default_concurrency, fetch_verified, remove_quietly, run_batch, temp_sibling
+from cio_worker.storage.base import DownloadItem, NullProgress, Progress, Storage, StorageOptions, UploadItem
+from cio_worker.storage.common import (
+    Activity,
+    Item,
+    clean_key,
+    copy_stream,
+    default_concurrency,
+    fetch_verified,
+    remove_quietly,
+    temp_sibling,
+    transfer,
+)
 
 
 class FileStorage(Storage):
@@ -24,79 +34,62 @@ class FileStorage(Storage):
             raise StorageError(f"{url!r} must name an absolute directory", code="bad_storage_url")
 
     def _path(self, key: str) -> Path:
-        parts = key.split("/")
-        if key.startswith("/") or ".." in parts or "" in parts:
-            raise StorageError(f"object key {key!r} is not a clean relative key", code="bad_key")
-        return self.root.joinpath(*parts)
+        return self.root.joinpath(*clean_key(key))
 
     def exists(self, keys: Iterable[str]) -> set[str]:
         return {key for key in keys if self._path(key).is_file()}
 
-    def _concurrency(self, sizes: Iterable[int | None]) -> int:
+    def _transfer(self, action: str, items: Sequence[Item], progress: Progress | None,
+                  work: Callable[[Item, Activity], None]) -> None:  # fmt: skip
+        activity = Activity(progress or NullProgress())
         # Local disks: a few streams keep both cores busy hashing; more only adds seeks.
-        return self.options.concurrency or min(8, default_concurrency(sizes))
+        concurrency = self.options.concurrency or min(8, default_concurrency(item.size for item in items))
+        transfer(action, items, lambda item: work(item, activity), activity=activity, concurrency=concurrency,
+                 stall_seconds=self.options.stall_seconds)  # fmt: skip
 
     def download(self, items: Sequence[DownloadItem], progress: Progress | None = None) -> None:
-        activity = Activity(progress) if progress else Activity()
-        activity.progress.start(len(items), sum(i.size or 0 for i in items))
+        self._transfer("download", items, progress, self._download_one)
 
-        def one(item: DownloadItem) -> None:
-            source = self._path(item.key)
+    def _download_one(self, item: DownloadItem, activity: Activity) -> None:
+        source = self._path(item.key)
 
-            def fetch(dest: Path) -> str:
-                try:
-                    with open(source, "rb") as src, open(dest, "wb") as out:
-                        return copy_stream(src, out, activity)
-                except FileNotFoundError:
-                    if not source.exists():
-                        raise StorageError(
-                            f"{self.url}: object {item.key} does not exist (was the job's content uploaded?)",
-                            code="not_found",
-                        ) from None
-                    raise
+        def fetch(dest: Path) -> str:
+            try:
+                with open(source, "rb") as src, open(dest, "wb") as out:
+                    return copy_stream(src, out, activity)
+            except FileNotFoundError:
+                if not source.exists():
+                    raise StorageError(
+                        f"{self.url}: object {item.key} does not exist (was the job's content uploaded?)",
+                        code="not_found",
+                    ) from None
+                raise
 
-            fetch_verified(item.key, item.dest, item.md5, fetch)
-            activity.file_done(item.key)
-
-        run_batch(
-            "download",
-            items,
-            lambda i: i.key,
-            one,
-            concurrency=self._concurrency(i.size for i in items),
-            activity=activity,
-            stall_seconds=self.options.stall_seconds,
-        )
+        fetch_verified(item.key, item.dest, item.md5, fetch)
 
     def upload(self, items: Sequence[UploadItem], progress: Progress | None = None) -> None:
-        activity = Activity(progress) if progress else Activity()
-        activity.progress.start(len(items), sum(i.size or 0 for i in items))
+        self._transfer("upload", items, progress, self._upload_one)
 
-        def one(item: UploadItem) -> None:
-            target = self._path(item.key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temp = temp_sibling(target)
-            try:
-                with open(item.source, "rb") as src, open(temp, "wb") as out:
-                    got = copy_stream(src, out, activity)
-                if item.md5 is not None and got != item.md5:
-                    raise ChecksumError(
-                        f"{item.source}: read MD5 {got} but expected {item.md5}; the file changed while uploading"
-                    )
-                os.replace(temp, target)
-            finally:
-                remove_quietly(temp)
-            activity.file_done(item.key)
+    def _upload_one(self, item: UploadItem, activity: Activity) -> None:
+        def fill(out: BinaryIO) -> None:
+            with open(item.source, "rb") as src:
+                got = copy_stream(src, out, activity)
+            if item.md5 is not None and got != item.md5:
+                raise ChecksumError(f"{item.source}: read MD5 {got} but expected {item.md5}; the file changed while uploading")
 
-        run_batch(
-            "upload",
-            items,
-            lambda i: i.key,
-            one,
-            concurrency=self._concurrency(i.size for i in items),
-            activity=activity,
-            stall_seconds=self.options.stall_seconds,
-        )
+        self._place(item.key, fill)
+
+    def _place(self, key: str, fill: Callable[[BinaryIO], object]) -> None:
+        """Write the object under a temporary name, then rename it into place: whole or not at all."""
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        temp = temp_sibling(target)
+        try:
+            with open(temp, "wb") as out:
+                fill(out)
+            os.replace(temp, target)
+        finally:
+            remove_quietly(temp)
 
     def read_bytes(self, key: str) -> bytes:
         try:
@@ -105,11 +98,4 @@ class FileStorage(Storage):
             raise StorageError(f"{self.url}: object {key} does not exist", code="not_found") from None
 
     def write_bytes(self, key: str, data: bytes) -> None:
-        target = self._path(key)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_sibling(target)
-        try:
-            temp.write_bytes(data)
-            os.replace(temp, target)
-        finally:
-            remove_quietly(temp)
+        self._place(key, lambda out: out.write(data))

@@ -32,15 +32,12 @@ stores), ``connect_timeout``, ``read_timeout``, ``part_concurrency``, ``retry`` 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import threading
 import uuid
-from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from concurrent.futures import Future, wait
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
-from urllib.parse import quote, urlparse, urlsplit
+from urllib.parse import quote, urlsplit
 
 import boto3
 import botocore.exceptions as bx
@@ -48,28 +45,16 @@ from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.config import Config
 
-from cio_worker.errors import ChecksumError, CioError, StorageError
+from cio_worker.errors import ChecksumError, StorageError
 from cio_worker.job.hashing import b64_from_digest, md5_b64_of_file
-from cio_worker.storage.base import DownloadItem, Progress, Storage, StorageOptions, UploadItem
-from cio_worker.storage.common import (
-    COPY_BLOCK,
-    Activity,
-    ShortRead,
-    copy_stream,
-    default_concurrency,
-    fetch_parts,
-    fetch_verified,
-    part_size_for,
-    present_keys,
-    run_batch,
-)
+from cio_worker.storage.base import StorageOptions
+from cio_worker.storage.cloud import Batch, CloudStorage, CloudTuning, Diagnosis
+from cio_worker.storage.common import COPY_BLOCK, HashingSink, OffsetWriter, check_range_answer, content_length, drain
 from cio_worker.storage.retry import TRANSIENT_STATUS, Retrier, RetryPolicy, describe, is_network_error
 
 MiB = 1024 * 1024
-DEFAULT_PART_SIZE = 8 * MiB
 MIN_UPLOAD_PART = 5 * MiB  # S3 rejects smaller multipart parts (all but the last)
 MAX_PARTS = 10_000
-MAX_POOL = 64  # the most parallel objects default_concurrency ever picks
 
 THROTTLING = frozenset({"SlowDown", "Throttling", "ThrottlingException", "RequestLimitExceeded", "TooManyRequests"})
 TRANSIENT_CODES = THROTTLING | {"RequestTimeout", "InternalError", "ServiceUnavailable", "OperationAborted"}
@@ -107,47 +92,12 @@ def is_transient(exc: BaseException) -> bool:
     return is_network_error(exc)
 
 
-@dataclass(frozen=True)
-class S3Tuning:
-    """Sizes and limits resolved from StorageOptions."""
-
-    concurrency: int  # 0: per batch, from the object sizes
-    part_size: int  # the smallest ranged part; every part when ``fixed_parts``
-    fixed_parts: bool  # part_size was configured: use it as it is
-    upload_part_size: int
-    large_threshold: int
-    part_workers: int
-    connect_timeout: float
-    read_timeout: float
-
-    @classmethod
-    def from_options(cls, options: StorageOptions) -> "S3Tuning":
-        extra = options.extra
-        part_size = options.part_size or DEFAULT_PART_SIZE
-        cpus = os.cpu_count() or 2
-        return cls(
-            concurrency=options.concurrency,
-            part_size=part_size,
-            fixed_parts=bool(options.part_size),
-            upload_part_size=max(part_size, MIN_UPLOAD_PART),
-            large_threshold=options.large_threshold or 2 * part_size,
-            part_workers=int(extra.get("part_concurrency") or options.concurrency or max(4, min(16, 4 * cpus))),
-            # A read stuck longer than the stall window has failed the batch anyway: end the thread.
-            connect_timeout=float(extra.get("connect_timeout") or min(10.0, options.stall_seconds)),
-            read_timeout=float(extra.get("read_timeout") or options.stall_seconds),
-        )
-
-    @property
-    def pool_size(self) -> int:
-        return (self.concurrency or MAX_POOL) + self.part_workers
-
-
-def make_client(options: StorageOptions, tuning: S3Tuning):  # -> botocore S3 client
+def make_client(options: StorageOptions, tuning: CloudTuning):  # -> botocore S3 client
     """An S3 client with a pool sized to the concurrency, socket timeouts and no SDK retries."""
     return make_session_client(options, tuning)[0]
 
 
-def make_session_client(options: StorageOptions, tuning: S3Tuning):  # -> (client, boto3 Session)
+def make_session_client(options: StorageOptions, tuning: CloudTuning):  # -> (client, boto3 Session)
     """``make_client``, and the session whose credentials it signs with."""
     extra = options.extra
     config = Config(
@@ -266,13 +216,7 @@ class DirectGets:
         and then ``release_conn``; an error answer raises the ClientError the SDK would raise."""
         response = self.get(name, first, last)
         if response.status in (200, 206):
-            if first is not None and response.status != 206 and not (first == 0 and _length(response) == last + 1):
-                response.close()
-                raise StorageError(
-                    f"the store answered a GET of bytes {first}-{last} with the whole object (status "
-                    f"{response.status}): it does not support ranged GETs; set a large_threshold above the object sizes",
-                    code="no_ranges",
-                )
+            check_range_answer(response.status, first, last, content_length(response.headers), response.close)
             return response
         try:
             body = response.read(64 * 1024) or b""
@@ -290,33 +234,21 @@ class DirectGets:
         raise bx.ClientError({"Error": error, "ResponseMetadata": metadata}, "GetObject")
 
 
-def _length(response) -> int | None:
-    value = response.headers.get("Content-Length")
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _read_body(response, write, block: int = COPY_BLOCK) -> int:
+def _read_body(response, write) -> int:
     """Stream a direct response's body into ``write``; check it against Content-Length."""
-    expected = _length(response)
-    got = 0
-    try:
-        while chunk := response.read(block):
-            write(chunk)
-            got += len(chunk)
-    except BaseException:
-        response.close()  # never hand a half-read connection back to the pool
-        raise
-    if expected is not None and got != expected:
-        response.close()
-        raise ShortRead(f"the body ended after {got} of {expected} bytes")
-    response.release_conn()
-    return got
+    return drain(response.read, write, content_length(response.headers), close=response.close, release=response.release_conn)
 
 
-class S3Storage(Storage):
+class S3Storage(CloudStorage):
+    SCHEME = "s3"
+    NAME = "S3"
+    URL_FORM = "an s3://bucket/prefix URL"
+    DENIED_HINT = (
+        "check the credentials in use (AWS_PROFILE, AWS_ACCESS_KEY_ID, the instance role) and that the IAM and "
+        "bucket policies allow it; a read of a missing key is also denied when s3:ListBucket is not allowed"
+    )
+    BUCKET_HINT = ", the region"
+
     def __init__(
         self,
         url: str,
@@ -325,302 +257,121 @@ class S3Storage(Storage):
         client=None,
         retry: RetryPolicy | None = None,
     ) -> None:
-        parsed = urlparse(url)
-        if parsed.scheme != "s3" or not parsed.netloc:
-            raise StorageError(f"{url!r} is not an s3://bucket/prefix URL", code="bad_storage_url")
-        self.url = url
-        self.bucket = parsed.netloc
-        prefix = parsed.path.strip("/")
-        self.prefix = f"{prefix}/" if prefix else ""
-        self.options = options or StorageOptions()
-        self.tuning = S3Tuning.from_options(self.options)
+        super().__init__(url, options, retry=retry, is_transient=is_transient)
+        self.upload_part_size = max(self.tuning.part_size, MIN_UPLOAD_PART)
         session = None
         if client is None:
             client, session = make_session_client(self.options, self.tuning)
         self.client = client
-        self.retry = Retrier(retry or self.options.extra.get("retry") or RetryPolicy(), is_transient)
-        self._bucket_seen = False
         self._session = session if self.options.extra.get("direct_get", True) else None
         self._direct: DirectGets | None = None
         self._direct_ready = session is None or self._session is None  # nothing to build
         self._direct_lock = threading.Lock()
 
-    # --- names and errors
+    # --- errors
 
-    def _name(self, key: str) -> str:
-        parts = key.split("/")
-        if key.startswith("/") or ".." in parts or "" in parts:
-            raise StorageError(f"object key {key!r} is not a clean relative key", code="bad_key")
-        return self.prefix + key
+    def _endpoint(self) -> str:
+        return str(self.client.meta.endpoint_url)
 
-    def _where(self, name: str | None = None) -> str:
-        return f"s3://{self.bucket}/{name}" if name else f"s3://{self.bucket}"
-
-    def _error(self, exc: BaseException, action: str, name: str | None = None) -> BaseException:
-        """A StorageError a person can act on, for an SDK or network failure."""
-        if isinstance(exc, CioError):
-            return exc
-        where = self._where(name)
-        endpoint = self.client.meta.endpoint_url
+    def _diagnose(self, exc: BaseException) -> Diagnosis | None:
         if isinstance(exc, bx.ClientError):
             code, status = _code(exc), _status(exc)
             message = exc.response.get("Error", {}).get("Message") or ""
             if code == "NoSuchBucket":
-                return self._no_bucket(action, name)
+                return Diagnosis("no_bucket")
             if code in ("NoSuchKey", "NotFound") or status == 404:
-                return StorageError(
-                    f"{where} does not exist (while trying to {action}); was the job's content uploaded?",
-                    code="not_found",
-                )
+                return Diagnosis("not_found")
             if code in DENIED or status in (401, 403):
-                return StorageError(
-                    f"access denied to {where} (while trying to {action}: {code or status}); check the "
-                    "credentials in use (AWS_PROFILE, AWS_ACCESS_KEY_ID, the instance role) and that the "
-                    "IAM and bucket policies allow it; a read of a missing key is also denied when "
-                    "s3:ListBucket is not allowed",
-                    code="denied",
-                )
+                return Diagnosis("denied", code or str(status))
             if code in ("BadDigest", "InvalidDigest"):
-                return ChecksumError(f"{where}: S3 received bytes whose MD5 is not the one sent ({code})")
+                return Diagnosis("checksum", f"S3 received bytes whose MD5 is not the one sent ({code})")
             if is_transient(exc):
-                return StorageError(
-                    f"{action} {where} still failed after {self.retry.policy.attempts} attempts: {code} "
-                    f"{message}; the store is throttling or unwell",
-                    code="unavailable",
-                )
-            return StorageError(f"{action} {where} failed: {code or status} {message}".rstrip())
+                return Diagnosis("unavailable", f"{code} {message}; the store is throttling or unwell")
+            return Diagnosis("failed", f"{code or status} {message}")
         if isinstance(exc, NO_CREDENTIALS):
-            return StorageError(
-                f"no usable AWS credentials to {action} {where}: {exc}; set AWS_PROFILE or "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, or give the instance a role",
-                code="no_credentials",
+            return Diagnosis(
+                "no_credentials",
+                f"no usable AWS credentials ({exc}); set AWS_PROFILE or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "or give the instance a role",
             )
         if is_transient(exc):
-            return StorageError(
-                f"{action} {where} still failed after {self.retry.policy.attempts} attempts: {describe(exc)}; "
-                f"check the network and the endpoint ({endpoint})",
-                code="unavailable",
-            )
+            return Diagnosis("unavailable", f"{describe(exc)}; check the network and the endpoint ({self._endpoint()})")
         if isinstance(exc, bx.BotoCoreError):
-            return StorageError(f"{action} {where} failed: {exc}")
-        return exc
+            return Diagnosis("failed", str(exc))
+        return None
 
-    def _no_bucket(self, action: str, name: str | None) -> StorageError:
-        return StorageError(
-            f"S3 bucket {self.bucket!r} does not exist (while trying to {action} {self._where(name)}); check "
-            f"the bucket name in {self.url}, the region and the endpoint ({self.client.meta.endpoint_url})",
-            code="no_bucket",
-        )
-
-    def _call(self, action: str, name: str | None, fn):
-        """Run one request with retries; SDK errors come out as StorageError."""
-        try:
-            return self.retry(fn, what=f"{action} {self._where(name)}")
-        except Exception as exc:
-            raise self._error(exc, action, name) from exc
-
-    def _check_bucket(self) -> None:
-        """Once per instance: a clear error when the bucket itself is missing."""
-        if self._bucket_seen:
-            return
-        try:
-            self.retry(lambda: self.client.head_bucket(Bucket=self.bucket), what=f"check {self._where()}")
-        except bx.ClientError as exc:
-            if _status(exc) == 404:
-                raise self._no_bucket("check keys in", None) from exc
-            if _status(exc) in (401, 403):
-                return  # a denied HeadBucket says nothing about the bucket
-            raise self._error(exc, "check keys in", None) from exc
-        except Exception as exc:
-            raise self._error(exc, "check keys in", None) from exc
-        self._bucket_seen = True
-
-    # --- exists
-
-    def exists(self, keys: Iterable[str]) -> set[str]:
-        by_name = {self._name(key): key for key in keys}
-        present = present_keys(by_name, self._list_pages, self._probe)
-        return {by_name[name] for name in present}
-
-    def _list_pages(self, prefix: str, first: str) -> Iterator[list[str]]:
-        request = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": 1000}
-        if len(first) > len(prefix):
-            request["StartAfter"] = first[:-1]  # sorts just before ``first``
-        while True:
-            page = self._call("list", prefix, lambda: self.client.list_objects_v2(**request))
-            self._bucket_seen = True
-            yield [entry["Key"] for entry in page.get("Contents", ())]
-            if not page.get("IsTruncated"):
-                return
-            request.pop("StartAfter", None)
-            request["ContinuationToken"] = page["NextContinuationToken"]
-
-    def _probe(self, names: list[str]) -> set[str]:
-        def head(name: str) -> bool:
+    def _bucket_found(self) -> bool | None:
+        def head() -> bool | None:
             try:
-                self.retry(lambda: self.client.head_object(Bucket=self.bucket, Key=name), what=f"check {name}")
+                self.client.head_bucket(Bucket=self.bucket_name)
                 return True
             except bx.ClientError as exc:
                 if _status(exc) == 404:
                     return False
-                raise self._error(exc, "check", name) from exc
-            except Exception as exc:
-                raise self._error(exc, "check", name) from exc
+                if _status(exc) in (401, 403):
+                    return None  # a denied HeadBucket says nothing about the bucket
+                raise
 
-        workers = max(1, min(len(names), self.tuning.concurrency or MAX_POOL))
-        with ThreadPoolExecutor(workers, thread_name_prefix="s3-head") as pool:
-            found = dict(zip(names, pool.map(head, names)))
-        if not all(found.values()):
-            self._check_bucket()
-        else:
-            self._bucket_seen = True
-        return {name for name, here in found.items() if here}
+        return self._call("check keys in", None, head)
+
+    # --- exists
+
+    def _list_page(self, prefix: str, first: str, token: str | None) -> tuple[list[str], str | None]:
+        request = {"Bucket": self.bucket_name, "Prefix": prefix, "MaxKeys": 1000}
+        if token:
+            request["ContinuationToken"] = token
+        elif len(first) > len(prefix):
+            request["StartAfter"] = first[:-1]  # sorts just before ``first``
+        page = self.client.list_objects_v2(**request)
+        names = [entry["Key"] for entry in page.get("Contents", ())]
+        return names, page.get("NextContinuationToken") if page.get("IsTruncated") else None
+
+    def _head(self, name: str) -> bool:
+        try:
+            self.client.head_object(Bucket=self.bucket_name, Key=name)
+            return True
+        except bx.ClientError as exc:
+            if _status(exc) == 404:
+                return False
+            raise
 
     # --- download
-
-    def _concurrency(self, sizes: Iterable[int | None]) -> int:
-        return self.tuning.concurrency or default_concurrency(sizes)
 
     def _direct_gets(self) -> DirectGets | None:
         """The direct GET path, built on first use; None when it cannot be (or was switched off)."""
         if not self._direct_ready:
             with self._direct_lock:
                 if not self._direct_ready:
-                    self._direct = DirectGets.build(self.client, self._session, self.bucket)
+                    self._direct = DirectGets.build(self.client, self._session, self.bucket_name)
                     self._direct_ready = True
         return self._direct
 
-    def _open_body(self, name: str, first: int | None = None, last: int | None = None):
-        """(direct response, None) or (None, SDK StreamingBody) for a GET of ``name``."""
+    def _get(self, name: str, sink: HashingSink | OffsetWriter, first: int | None = None, last: int | None = None,
+             *, verified: bool = True) -> None:  # fmt: skip
         direct = self._direct_gets()
         if direct is not None:
             try:
-                return direct.open(name, first, last), None
+                _read_body(direct.open(name, first, last), sink.write)
+                return
             except _Redirected:
                 self._direct = None  # this endpoint or region needs the SDK's redirect handling
-        request = {"Bucket": self.bucket, "Key": name}
+        request = {"Bucket": self.bucket_name, "Key": name}
         if first is not None:
             request["Range"] = f"bytes={first}-{last}"
-        return None, self.client.get_object(**request)["Body"]
-
-    def download(self, items: Sequence[DownloadItem], progress: Progress | None = None) -> None:
-        activity = Activity(progress) if progress else Activity()
-        activity.progress.start(len(items), sum(i.size or 0 for i in items))
-        parts = ThreadPoolExecutor(self.tuning.part_workers, thread_name_prefix="s3-part")
-        over = threading.Event()
-        retry = self.retry.until(over)
-        large_count = sum(1 for i in items if i.size is not None and i.size >= self.tuning.large_threshold)
-
-        def one(item: DownloadItem) -> None:
-            name = self._name(item.key)
-            large = item.size is not None and item.size >= self.tuning.large_threshold
-
-            def fetch(dest: Path) -> str:
-                if large:
-                    part_size = part_size_for(item.size or 0, large_count, self.tuning.part_size,
-                                              self.tuning.part_workers, fixed=self.tuning.fixed_parts)  # fmt: skip
-                    return self._get_parts(name, dest, item.size or 0, part_size, parts, activity, retry)
-                return retry(lambda: self._get_whole(name, dest, activity), what=f"download {self._where(name)}")
-
-            try:
-                fetch_verified(item.key, item.dest, item.md5, fetch)
-            except ChecksumError as err:
-                raise ChecksumError(f"{self._where(name)}: {err}") from None
-            except Exception as exc:
-                raise self._error(exc, "download", name) from exc
-            activity.file_done(item.key)
-
+        body = self.client.get_object(**request)["Body"]
         try:
-            run_batch(
-                "download",
-                items,
-                lambda i: i.key,
-                one,
-                concurrency=self._concurrency(i.size for i in items),
-                activity=activity,
-                stall_seconds=self.options.stall_seconds,
-            )
+            for chunk in body.iter_chunks(COPY_BLOCK):
+                sink.write(chunk)
         finally:
-            over.set()
-            parts.shutdown(wait=False, cancel_futures=True)
-
-    def _get_whole(self, name: str, dest: Path, activity: Activity) -> str:
-        with open(dest, "wb") as out:
-            direct, body = self._open_body(name)
-            if direct is not None:
-                digest = hashlib.md5()
-
-                def write(chunk: bytes) -> None:
-                    digest.update(chunk)
-                    out.write(chunk)
-                    activity.bytes_moved(len(chunk))
-
-                _read_body(direct, write)
-                return b64_from_digest(digest.digest())
-            try:
-                return copy_stream(body, out, activity)
-            finally:
-                body.close()
-
-    def _get_parts(
-        self, name: str, dest: Path, size: int, part_size: int, parts: Executor, activity: Activity, retry: Retrier
-    ) -> str:
-        def fetch_part(first: int, last: int, writer) -> None:
-            direct, body = self._open_body(name, first, last)
-            if direct is not None:
-                _read_body(direct, writer.write)
-                return
-            try:
-                for chunk in body.iter_chunks(COPY_BLOCK):
-                    writer.write(chunk)
-            finally:
-                body.close()
-
-        return fetch_parts(dest, size, part_size, fetch_part, executor=parts, retry=retry, activity=activity)
+            body.close()
 
     # --- upload
 
-    def upload(self, items: Sequence[UploadItem], progress: Progress | None = None) -> None:
-        activity = Activity(progress) if progress else Activity()
-        activity.progress.start(len(items), sum(i.size or 0 for i in items))
-        parts = ThreadPoolExecutor(self.tuning.part_workers, thread_name_prefix="s3-part")
-        # Bounds the multipart chunks held in memory across the whole batch.
-        slots = threading.BoundedSemaphore(self.tuning.part_workers)
-        over = threading.Event()
-        retry = self.retry.until(over)
-
-        def one(item: UploadItem) -> None:
-            name = self._name(item.key)
-            try:
-                size = os.path.getsize(item.source)
-                md5 = item.md5 or md5_b64_of_file(item.source)
-                if size >= self.tuning.large_threshold and size > self.tuning.upload_part_size:
-                    self._put_multipart(name, item.source, size, md5, parts, slots, activity, retry)
-                else:
-                    self._put_small(name, item.source, size, md5, retry, check=item.md5 is not None)
-                    activity.bytes_moved(size)
-            except FileNotFoundError:
-                raise StorageError(f"{item.source}: no such file to upload to {self._where(name)}", code="missing_source") from None
-            except Exception as exc:
-                raise self._error(exc, "upload", name) from exc
-            activity.file_done(item.key)
-
-        try:
-            run_batch(
-                "upload",
-                items,
-                lambda i: i.key,
-                one,
-                concurrency=self._concurrency(i.size for i in items),
-                activity=activity,
-                stall_seconds=self.options.stall_seconds,
-            )
-        finally:
-            over.set()
-            parts.shutdown(wait=False, cancel_futures=True)
-
-    def _put_small(self, name: str, source: Path, size: int, md5: str, retry: Retrier, *, check: bool) -> None:
-        if check:
+    def _put(self, name: str, source: Path, size: int, md5: str, batch: Batch, *, checked: bool) -> None:
+        if size >= self.tuning.large_threshold and size > self.upload_part_size:
+            self._put_multipart(name, source, size, md5, batch)
+            return
+        if checked:
             # S3 checks Content-MD5 against what it receives; stores that do not are covered here.
             got = md5_b64_of_file(source)
             if got != md5:
@@ -629,26 +380,20 @@ class S3Storage(Storage):
         def put() -> None:
             with open(source, "rb") as body:
                 self.client.put_object(
-                    Bucket=self.bucket, Key=name, Body=body, ContentLength=size, ContentMD5=md5, Metadata={"md5": md5}
+                    Bucket=self.bucket_name, Key=name, Body=body, ContentLength=size, ContentMD5=md5, Metadata={"md5": md5}
                 )
 
-        retry(put, what=f"upload {self._where(name)}")
+        batch.retry(put, what=f"upload {self._where(name)}")
+        batch.activity.bytes_moved(size)
 
-    def _put_multipart(
-        self,
-        name: str,
-        source: Path,
-        size: int,
-        md5: str,
-        parts: Executor,
-        slots: threading.BoundedSemaphore,
-        activity: Activity,
-        retry: Retrier,
-    ) -> None:
-        part_size = max(self.tuning.upload_part_size, -(-size // MAX_PARTS))
+    def _put_multipart(self, name: str, source: Path, size: int, md5: str, batch: Batch) -> None:
+        """Our own multipart upload, parts on ``batch.parts`` (at most ``batch.slots`` in memory);
+        the whole file's MD5 is checked before it is completed."""
+        part_size = max(self.upload_part_size, -(-size // MAX_PARTS))
         what = f"upload {self._where(name)}"
+        retry: Retrier = batch.retry
         upload_id = retry(
-            lambda: self.client.create_multipart_upload(Bucket=self.bucket, Key=name, Metadata={"md5": md5})["UploadId"],
+            lambda: self.client.create_multipart_upload(Bucket=self.bucket_name, Key=name, Metadata={"md5": md5})["UploadId"],
             what=what,
         )
 
@@ -658,7 +403,7 @@ class S3Storage(Storage):
             part_md5 = b64_from_digest(hashlib.md5(chunk).digest())
             response = retry(
                 lambda: self.client.upload_part(
-                    Bucket=self.bucket,
+                    Bucket=self.bucket_name,
                     Key=name,
                     UploadId=upload_id,
                     PartNumber=number,
@@ -667,11 +412,11 @@ class S3Storage(Storage):
                 ),
                 what=f"{what} part {number}",
             )
-            activity.bytes_moved(len(chunk))
+            batch.activity.bytes_moved(len(chunk))
             return {"PartNumber": number, "ETag": response["ETag"]}
 
         def settled(future: Future[dict]) -> None:
-            slots.release()  # also runs for a part cancelled before it started
+            batch.slots.release()  # also runs for a part cancelled before it started
             if future.cancelled() or future.exception() is not None:
                 failed.set()
 
@@ -680,16 +425,16 @@ class S3Storage(Storage):
             digest = hashlib.md5()
             with open(source, "rb") as handle:
                 for number in range(1, MAX_PARTS + 1):
-                    slots.acquire()
+                    batch.slots.acquire()
                     chunk = handle.read(part_size) if not failed.is_set() else b""
                     if not chunk:
-                        slots.release()
+                        batch.slots.release()
                         break
                     digest.update(chunk)
                     try:
-                        future = parts.submit(send, number, chunk)
+                        future = batch.parts.submit(send, number, chunk)
                     except BaseException:
-                        slots.release()
+                        batch.slots.release()
                         raise
                     future.add_done_callback(settled)
                     futures.append(future)
@@ -699,7 +444,7 @@ class S3Storage(Storage):
                 raise ChecksumError(f"{source}: read MD5 {got} but expected {md5}; the file changed while uploading")
             retry(
                 lambda: self.client.complete_multipart_upload(
-                    Bucket=self.bucket, Key=name, UploadId=upload_id, MultipartUpload={"Parts": done}
+                    Bucket=self.bucket_name, Key=name, UploadId=upload_id, MultipartUpload={"Parts": done}
                 ),
                 what=what,
             )
@@ -708,33 +453,19 @@ class S3Storage(Storage):
                 future.cancel()
             wait(futures)
             try:
-                self.client.abort_multipart_upload(Bucket=self.bucket, Key=name, UploadId=upload_id)
+                self.client.abort_multipart_upload(Bucket=self.bucket_name, Key=name, UploadId=upload_id)
             except Exception:  # the upload's own error is what matters; S3 lifecycle rules clean up
                 pass
             raise
 
     # --- small whole objects
 
-    def read_bytes(self, key: str) -> bytes:
-        name = self._name(key)
+    def _read(self, name: str) -> bytes:
+        body = self.client.get_object(Bucket=self.bucket_name, Key=name)["Body"]
+        try:
+            return body.read()
+        finally:
+            body.close()
 
-        def get() -> bytes:
-            body = self.client.get_object(Bucket=self.bucket, Key=name)["Body"]
-            try:
-                return body.read()
-            finally:
-                body.close()
-
-        return self._call("read", name, get)
-
-    def write_bytes(self, key: str, data: bytes) -> None:
-        name = self._name(key)
-        md5 = b64_from_digest(hashlib.md5(data).digest())
-        self._call(
-            "write",
-            name,
-            lambda: self.client.put_object(Bucket=self.bucket, Key=name, Body=data, ContentMD5=md5, Metadata={"md5": md5}),
-        )
-
-    def close(self) -> None:
-        self.client.close()
+    def _write(self, name: str, data: bytes, md5: str) -> None:
+        self.client.put_object(Bucket=self.bucket_name, Key=name, Body=data, ContentMD5=md5, Metadata={"md5": md5})
