@@ -136,9 +136,15 @@ def test_frames_command() -> None:
         "    2  5-7x2    cnode 5:7%2",
         "    3  9-20x11  cnode 9:20%11",
     ]
-    negative = run("frames", "--", "-5--1")
-    assert negative.returncode == 0
-    assert "cnode:     -5:-1" in negative.stdout and "chunks:    1 of up to 5 frames" in negative.stdout
+    for args in (("-5--1",), ("--", "-5--1")):  # a spec that starts with '-' needs no '--'
+        negative = run("frames", *args)
+        assert negative.returncode == 0, negative.stderr
+        assert "cnode:     -5:-1" in negative.stdout and "chunks:    1 of up to 5 frames" in negative.stdout
+    chunked = run("frames", "-5--1", "--chunk-size", "2")
+    assert chunked.returncode == 0, chunked.stderr
+    assert "chunks:    3 of up to 2 frames" in chunked.stdout and "    3  -1     cnode -1" in chunked.stdout
+    helped = run("frames", "--help")
+    assert helped.returncode == 0 and helped.stdout.startswith("usage: cio-worker frames")
 
 
 def test_frames_bad_input() -> None:
@@ -160,3 +166,20 @@ def test_job_spec_show_tracebacks_turns_tracebacks_on(shot: Path) -> None:
     result = run("preflight", str(spec))  # no --root: the project is not found
     assert result.returncode == 2
     assert "Traceback (most recent call last)" in result.stderr
+
+
+def test_a_bug_in_a_command_is_one_line_unless_the_traceback_is_asked_for(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    import cio_worker.cli.main as cli_main
+
+    def broken(args, streams) -> int:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(cli_main, "run_frames", broken)
+    for argv, traceback_shown in ((["frames", "1"], False), (["--traceback", "frames", "1"], True)):
+        err = io.StringIO()
+        assert cli_main.main(argv, stdout=io.StringIO(), stderr=err) == 1
+        assert ("Traceback (most recent call last)" in err.getvalue()) is traceback_shown
+        last = err.getvalue().splitlines()[-1]
+        assert last.startswith("cio-worker: internal error: RuntimeError: boom")

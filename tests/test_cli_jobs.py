@@ -137,3 +137,121 @@ def test_download_refuses_a_record_that_climbs_out(farm):
     assert not list(tmp.rglob("escape.png"))
     with open_queue(queue) as q:
         assert [r.download_id for r in q.downloads(job)] == ["evil-1"]  # still pending, not marked done
+
+
+def assert_one_line_error(out: subprocess.CompletedProcess, *words: str) -> None:
+    assert out.returncode == 2, out
+    lines = out.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("cio-worker: error: "), out.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def task_rows(status_text: str) -> dict[str, list[str]]:
+    """TASK -> the cells of its row in `status JOB` (cells are two or more spaces apart)."""
+    import re
+
+    return {cells[0]: cells for cells in (re.split(r"\s{2,}", line) for line in status_text.splitlines())
+            if cells[0].isdigit() and len(cells[0]) == 3}  # fmt: skip
+
+
+def test_status_ends_with_a_newline_and_counts_a_first_time_success_as_one_attempt(farm):
+    tmp, shot, queue, storage, env = farm
+    job = submit(farm)
+    with open_queue(queue) as q:
+        q.release_job(job)
+        q.complete(q.claim("w-1", 60))  # task 000: done at its first attempt
+        q.fail(q.claim("w-2", 60), "cnode exited with status 3")  # task 001: failed once, pending again
+        q.claim("w-3", 60)  # task 001: its second attempt running
+    for args in (("status",), ("status", job)):
+        out = cli(*args, "--queue", queue)
+        assert out.returncode == 0 and out.stdout.endswith("\n") and not out.stdout.endswith("\n\n"), out
+    rows = task_rows(cli("status", job, "--queue", queue).stdout)
+    assert rows["000"][1].startswith("done") and rows["000"][4] == "1"
+    assert rows["001"][1].startswith("leased") and rows["001"][4] == "2 (failed 1 running 1)"
+
+
+def test_run_task_takes_the_list_preflight_prints(farm):
+    tmp, shot, queue, storage, env = farm
+    submit(farm)  # uploads the inputs into storage
+    listed = cli("preflight", str(shot.spec), "--root", str(shot.root), "--storage", storage, "--json")
+    assert listed.returncode == 0, listed.stderr
+    documents = json.loads(listed.stdout)
+    assert [d["task"]["id"] for d in documents] == ["000", "001"]
+    (tmp / "tasks.json").write_text(listed.stdout)
+    node = tmp / "vm"
+    common = ["--root", str(node), "--work-dir", str(tmp / "work"), "--cache-dir", str(tmp / "cache"), "--quiet"]
+
+    several = cli("run-task", str(tmp / "tasks.json"), *common, env=env)
+    assert_one_line_error(several, "tasks.json", "2 task documents", "--task", "000, 001")
+    unknown = cli("run-task", str(tmp / "tasks.json"), "--task", "9", *common, env=env)
+    assert_one_line_error(unknown, "no task with id 9", "000, 001")
+
+    chosen = cli("run-task", str(tmp / "tasks.json"), "--task", "1", *common, env=env)  # 1 is task 001
+    assert chosen.returncode == 0, chosen.stdout + chosen.stderr
+    assert "job 00000 task 001 done: frames 3-4" in chosen.stdout
+    last = chosen.stdout.splitlines()[-1]
+    assert last == f"cio-worker: outputs: 2 files in {node / 'proj/renders/main'} on this machine, uploaded to {storage}"
+    assert (node / "proj/renders/main/beauty.0003.png").is_file()
+
+    (tmp / "one.json").write_text(json.dumps(documents[:1]))
+    one = cli("run-task", str(tmp / "one.json"), *common, env=env)
+    assert one.returncode == 0, one.stdout + one.stderr
+    assert "job 00000 task 000 done: frames 1-2" in one.stdout
+
+
+def test_run_task_help_names_only_what_a_clone_has():
+    out = cli("run-task", "--help")
+    assert out.returncode == 0
+    assert "design.md" not in out.stdout and "preflight" in out.stdout and "--task" in out.stdout
+
+
+def test_a_mistyped_queue_creates_nothing(tmp_path):
+    for url in (f"sqlite:///{tmp_path / 'typo.db'}", f"sqlite:///{tmp_path / 'nodir' / 'q.db'}"):
+        commands = [
+            ("status",), ("status", "00001"), ("release", "00001"), ("kill", "00001"),
+            ("download", "--md5-cache", str(tmp_path / "md5" / "dl.db"), "--root", str(tmp_path / "artist")),
+            ("agent", "--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache"),
+             "--idle-exit", "0", "--preemption", "none"),
+        ]  # fmt: skip
+        for command in commands:
+            out = cli(*command, "--queue", url)
+            assert_one_line_error(out, url, "does not exist")
+            assert list(tmp_path.iterdir()) == [], (command, list(tmp_path.iterdir()))
+
+
+def test_a_mistyped_store_is_not_created_by_run_task(farm):
+    tmp, shot, queue, storage, env = farm
+    submit(farm)
+    with open_queue(queue) as q:
+        (tmp / "task.json").write_text(q.claim("by-hand", 60).document.to_json())
+    typo = f"file://{tmp / 'storage-typo'}"
+    out = cli("run-task", str(tmp / "task.json"), "--storage", typo, "--root", str(tmp / "vm"),
+              "--work-dir", str(tmp / "work"), "--no-cache", env=env)
+    assert_one_line_error(out, typo, "does not exist")
+    assert not (tmp / "storage-typo").exists() and not (tmp / "work").exists() and not (tmp / "vm").exists()
+    bad_scheme = cli("run-task", str(tmp / "task.json"), "--storage", "bucket/prefix", "--work-dir", str(tmp / "work"))
+    assert_one_line_error(bad_scheme, "bucket/prefix")
+
+
+def test_a_submit_that_fails_leaves_no_queue_and_no_store(tmp_path):
+    shot = make_shot(tmp_path / "shot")
+    queue_file, store = tmp_path / "queue.db", tmp_path / "store"
+    bad_spec = tmp_path / "bad.toml"
+    bad_spec.write_text(shot.spec.read_text().replace("chunk_size", "chunk_sise"))
+    shot.texture.unlink()  # a missing dependency of the good spec
+    cases = [
+        ((str(bad_spec), "--storage", f"file://{store}"), "chunk_sise"),
+        ((str(shot.spec), "--storage", f"file://{store}"), "wood.png"),
+        ((str(shot.spec), "--storage", "file://relative/store"), "file://relative/store"),
+        ((str(shot.spec), "--storage", "ftp://host/store"), "ftp://host/store"),
+    ]
+    for args, word in cases:
+        out = cli("submit", *args, "--queue", f"sqlite:///{queue_file}", "--root", str(shot.root),
+                  "--md5-cache", str(tmp_path / "md5.db"))
+        assert_one_line_error(out, word)
+        assert not queue_file.exists() and not store.exists(), args
+    no_dir = cli("submit", str(shot.spec), "--queue", f"sqlite:///{tmp_path / 'nodir' / 'q.db'}", "--storage",
+                 f"file://{store}", "--root", str(shot.root), "--allow-missing")
+    assert_one_line_error(no_dir, "nodir")
+    assert not (tmp_path / "nodir").exists() and not store.exists()

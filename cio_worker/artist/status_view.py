@@ -72,10 +72,16 @@ def _task_cells(task: TaskRow) -> list[str]:
 
 
 def _attempts(task: TaskRow) -> str:
-    if not task.attempt_count:
-        return "0"
-    parts = " ".join(f"{cause} {n}" for cause, n in task.attempts.items() if n)
-    return f"{task.attempt_count} ({parts})"
+    """Attempts made: those that ended without success (counted per cause by the queue), plus the
+    one running (leased) or the one that succeeded (done), which the queue counts under no cause."""
+    parts = [f"{cause} {n}" for cause, n in task.attempts.items() if n]
+    current = 1 if task.state in ("leased", "done") else 0
+    total = task.attempt_count + current
+    if not parts:
+        return str(total)
+    if current:
+        parts.append("running 1" if task.state == "leased" else "done 1")
+    return f"{total} ({' '.join(parts)})"
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:

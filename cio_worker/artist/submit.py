@@ -38,7 +38,7 @@ class SubmitResult:
 def submit_job(
     spec_path: str | Path,
     *,
-    queue: Queue,
+    queue: Queue | Callable[[], Queue],
     storage: Storage,
     storage_url: str,
     path_map: PathMap = PathMap(),
@@ -48,6 +48,8 @@ def submit_job(
     temp_dir: str = DEFAULT_TEMP_DIR,
     say: Callable[[str], None] = lambda line: None,
 ) -> SubmitResult:
+    """``queue``: the queue, or a function that opens it, called only once the job is valid and its
+    contents uploaded (so a submission that fails leaves no new queue behind)."""
     spec = load_job_spec(spec_path)
     expanded = expand_job(spec, path_map=path_map, temp_dir=temp_dir)
     missing = expanded.scan.missing
@@ -68,7 +70,7 @@ def submit_job(
     skipped = storage.upload_missing(list(contents.values()), progress)
     job = expanded.job_info(PLACEHOLDER_JOB_ID, storage_url, uploads)
     tasks = [NewTask(t.frames, t.command, t.tile, t.tiles, t.scout) for t in expanded.tasks]
-    job_id = queue.create_job(job, tasks)
+    job_id = (queue if hasattr(queue, "create_job") else queue()).create_job(job, tasks)
     return SubmitResult(
         job_id=job_id,
         task_count=len(tasks),

@@ -6,49 +6,59 @@ import argparse
 import logging
 import os
 import subprocess
+from typing import TYPE_CHECKING
 
-from cio_worker.node.agent import Agent, AgentConfig
-from cio_worker.cli.main import Streams, add_path_map_arguments, path_map_from_args
-from cio_worker.node.preemption import PreemptionConfig, start_watchers
-from cio_worker.errors import QueueError
-from cio_worker.queue import open_queue, sqlite_path
-from cio_worker.cli.common import add_node_arguments, default_worker_id, env_default, node_context, open_existing_queue, setup_logging
+from cio_worker.cli.common import (
+    add_node_arguments,
+    add_queue_argument,
+    default_worker_id,
+    env_default,
+    node_context,
+    open_existing_queue,
+    queue_token,
+    setup_logging,
+)
+from cio_worker.cli.main import Streams, add_command, add_path_map_arguments, path_map_from_args
+
+if TYPE_CHECKING:
+    from cio_worker.node.preemption import PreemptionConfig
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "agent",
-        help="run the render-node agent: claim tasks, sync, render, upload, report",
-        description="Claim tasks from the queue and run them until stopped (SIGTERM/SIGINT: the current "
-        "task's render is stopped, its finished frames uploaded and the task released) or idle.",
-    )
-    parser.add_argument("--queue", default=env_default("QUEUE"), required=env_default("QUEUE") is None,
-                        help="queue URL, e.g. sqlite:////var/lib/cio-worker/queue.db (env CIO_QUEUE)")
-    parser.add_argument("--worker-id", default=env_default("WORKER_ID") or default_worker_id())
+    parser = add_command(subparsers, "agent", run)
+    add_queue_argument(parser, example="sqlite:////var/lib/cio-worker/queue.db")
+    parser.add_argument("--worker-id", default=env_default("WORKER_ID") or default_worker_id(), metavar="ID",
+                        help="this agent's name in the queue (env CIO_WORKER_ID; default HOST-PID)")
     add_path_map_arguments(parser)
     add_node_arguments(parser)
-    parser.add_argument("--lease-seconds", type=float, default=60.0)
-    parser.add_argument("--heartbeat-seconds", type=float, default=10.0)
-    parser.add_argument("--poll-seconds", type=float, default=2.0, help="wait between empty claims")
+    parser.add_argument("--lease-seconds", type=float, default=60.0, metavar="SECONDS",
+                        help="a claimed task returns to the queue this long after the last heartbeat "
+                        "(default %(default)s)")
+    parser.add_argument("--heartbeat-seconds", type=float, default=10.0, metavar="SECONDS",
+                        help="interval of the heartbeats that keep the lease (default %(default)s)")
+    parser.add_argument("--poll-seconds", type=float, default=2.0, metavar="SECONDS",
+                        help="wait between empty claims (default %(default)s)")
     parser.add_argument("--idle-exit", type=float, default=None, metavar="SECONDS",
                         help="exit after this long without work (default: never)")
     parser.add_argument("--on-idle-exit", default=None, metavar="COMMAND",
                         help="run this shell command when exiting idle, e.g. 'sudo systemctl poweroff'")
-    parser.add_argument("--max-tasks", type=int, default=None, help="exit after this many tasks")
-    parser.add_argument("--stop-grace", type=float, default=20.0,
+    parser.add_argument("--max-tasks", type=int, default=None, metavar="N", help="exit after this many tasks")
+    parser.add_argument("--stop-grace", type=float, default=20.0, metavar="SECONDS",
                         help="kill-ladder grace when stopped by a signal (default %(default)s)")
     parser.add_argument("--preemption", default=env_default("PREEMPTION", "auto"),
                         choices=("auto", "gce", "ec2", "azure", "none"),
-                        help="which metadata server to watch for preemption notices (default: detect)")
-    parser.add_argument("--gce-metadata-url", default=None, help="default: GCE_METADATA_HOST or the real one")
-    parser.add_argument("--ec2-metadata-url", default=None,
-                        help="default: AWS_EC2_METADATA_SERVICE_ENDPOINT or the real one")
-    parser.add_argument("--azure-metadata-url", default=None)
-    parser.add_argument("--notice-seconds", type=float, default=None,
+                        help="which metadata server to watch for preemption notices (env CIO_PREEMPTION; default: detect)")
+    parser.add_argument("--gce-metadata-url", default=None, metavar="URL",
+                        help="the GCE metadata server (default: GCE_METADATA_HOST or the real one)")
+    parser.add_argument("--ec2-metadata-url", default=None, metavar="URL",
+                        help="the EC2 metadata server (default: AWS_EC2_METADATA_SERVICE_ENDPOINT or the real one)")
+    parser.add_argument("--azure-metadata-url", default=None, metavar="URL",
+                        help="the Azure metadata server (default: the real one)")
+    parser.add_argument("--notice-seconds", type=float, default=None, metavar="SECONDS",
                         help="how long the instance lives after a GCE notice or a SIGTERM/SIGINT, i.e. the "
                         "drain's deadline (default 30 for GCE, 25 for signals; EC2 and Azure notices carry "
                         "their own time)")
-    parser.add_argument("--metadata-poll-seconds", type=float, default=None,
+    parser.add_argument("--metadata-poll-seconds", type=float, default=None, metavar="SECONDS",
                         help="EC2 / Azure metadata polling interval (default 1)")
     parser.add_argument("--hard-stop-margin", type=float, default=1.5,
                         help="release the task this long before a notice's deadline if the drain has not "
@@ -56,15 +66,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--grace-share", type=float, default=0.3,
                         help="share of the time a notice leaves that goes to the render's kill ladder; the "
                         "rest is for uploading finished frames and reporting (default %(default)s)")
-    parser.add_argument("--log-level", default="INFO")
-    parser.set_defaults(handler=run)
+    parser.add_argument("--log-level", default="INFO", metavar="LEVEL",
+                        help="the agent's log level on stderr: DEBUG, INFO, WARNING or ERROR (default %(default)s)")
 
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
+    """run the render-node agent: claim tasks, sync, render, upload, report
+
+    Claim tasks from an existing queue and run them until stopped (SIGTERM/SIGINT: the current
+    task's render is stopped, its finished frames uploaded and the task released) or idle. Options
+    also come from the CIO_* environment variables named in their help.
+    """
+    from cio_worker.node.agent import Agent, AgentConfig
+    from cio_worker.node.preemption import start_watchers
+    from cio_worker.storage.progress import LoggingProgress
+
     log = setup_logging(args.log_level, streams.err)
-    queue = _open_queue(args.queue)
+    queue = open_existing_queue(args.queue, queue_token(args))  # a mistyped --queue must not idle on a new, empty one
     ctx = node_context(args, path_map_from_args(args), say=lambda line: log.info("%s", line),
-                       progress=_log_progress(log))
+                       progress=lambda phase: LoggingProgress(log, phase))
     agent = Agent(
         AgentConfig(
             worker_id=args.worker_id,
@@ -112,16 +132,9 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     return 0
 
 
-def _open_queue(url: str):
-    """The agent's queue must exist: a mistyped --queue must not idle on a new, empty one."""
-    try:
-        missing_dir = not sqlite_path(url).parent.is_dir()
-    except QueueError:
-        missing_dir = False  # not a sqlite URL: open_queue says what is wrong with it
-    return open_queue(url) if missing_dir else open_existing_queue(url)  # the former names the directory
+def _preemption_config(args: argparse.Namespace) -> "PreemptionConfig":
+    from cio_worker.node.preemption import PreemptionConfig
 
-
-def _preemption_config(args: argparse.Namespace) -> PreemptionConfig:
     overrides: dict = {"provider": args.preemption}
     for name in ("gce", "ec2", "azure"):
         url = getattr(args, f"{name}_metadata_url")
@@ -134,10 +147,3 @@ def _preemption_config(args: argparse.Namespace) -> PreemptionConfig:
         overrides["poll_interval"] = args.metadata_poll_seconds
     return PreemptionConfig.from_env(os.environ, **overrides)
 
-
-def _log_progress(log: logging.Logger):
-    try:
-        from cio_worker.storage.progress import LoggingProgress
-    except ImportError:  # pragma: no cover - progress arrives with the storage work
-        return lambda phase: None
-    return lambda phase: LoggingProgress(log, phase)

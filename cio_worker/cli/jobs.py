@@ -3,132 +3,154 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import contextlib
 from pathlib import Path
+from typing import NamedTuple
 
-from cio_worker.cli.main import Streams, add_path_map_arguments, path_map_from_args
-from cio_worker.artist.downloader import Downloader
-from cio_worker.storage.md5cache import Md5Cache
-from cio_worker.queue import open_queue
-from cio_worker.artist.status_view import format_status
-from cio_worker.storage import open_storage
-from cio_worker.cli.common import env_default, open_existing_queue
-
-
-def _queue_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--queue", default=env_default("QUEUE"), required=env_default("QUEUE") is None,
-                        help="queue URL, e.g. sqlite:///queue.db (env CIO_QUEUE)")
+from cio_worker.cli.common import add_queue_argument, check_new_queue, open_existing_queue, queue_token
+from cio_worker.cli.main import Streams, add_command, add_path_map_arguments, path_map_from_args
 
 
 def _md5cache_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--md5-cache", default=str(Path.home() / ".cache" / "cio-worker" / "artist-md5cache.db"),
-                        help="MD5 cache keyed on path, size and mtime (default %(default)s)")
-
-
-def _terminal_progress(stream):
-    try:
-        from cio_worker.storage.progress import TerminalProgress
-    except ImportError:  # pragma: no cover
-        return None
-    return TerminalProgress(stream)
+                        metavar="FILE", help="MD5 cache keyed on path, size and mtime (default %(default)s)")
 
 
 def register_submit(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("submit", help="scan, upload what storage lacks, and enqueue a job's tasks")
-    parser.add_argument("job_spec", metavar="JOB_SPEC")
-    _queue_argument(parser)
-    parser.add_argument("--storage", required=True, help="file:///dir, s3://bucket/prefix or gs://bucket/prefix")
+    parser = add_command(subparsers, "submit", run_submit)
+    parser.add_argument("job_spec", metavar="JOB_SPEC", help="the job spec file (TOML)")
+    add_queue_argument(parser)
+    parser.add_argument("--storage", required=True, metavar="URL",
+                        help="file:///dir, s3://bucket/prefix or gs://bucket/prefix")
     add_path_map_arguments(parser)
     _md5cache_argument(parser)
     parser.add_argument("--allow-missing", action="store_true", help="submit even if dependencies are missing")
-    parser.set_defaults(handler=run_submit)
 
 
 def run_submit(args: argparse.Namespace, streams: Streams) -> int:
-    from cio_worker.artist.submit import submit_job
+    """scan, upload what storage lacks, and enqueue a job's tasks
 
+    Expand a job spec, scan and hash its dependencies (MD5 cache keyed on path, size and mtime),
+    upload the contents storage lacks into hashstore/ and enqueue the tasks. The one command that
+    creates a sqlite queue file or a file:// store; a submission that fails creates neither.
+    """
+    from cio_worker.artist.submit import submit_job
+    from cio_worker.queue import open_queue
+    from cio_worker.storage import open_storage
+    from cio_worker.storage.md5cache import Md5Cache
+    from cio_worker.storage.progress import TerminalProgress
+
+    check_new_queue(args.queue, queue_token(args))  # creates nothing: the queue is opened once the job is valid
     cache_path = Path(args.md5_cache).expanduser()
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    queue = open_queue(args.queue)
-    with open_storage(args.storage) as storage:
+    with contextlib.ExitStack() as opened:
+        storage = opened.enter_context(open_storage(args.storage))
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
         result = submit_job(
             args.job_spec,
-            queue=queue,
+            queue=lambda: opened.enter_context(open_queue(args.queue, token=queue_token(args))),
             storage=storage,
             storage_url=args.storage,
             path_map=path_map_from_args(args),
             md5cache=Md5Cache(cache_path),
-            progress=_terminal_progress(streams.err),
+            progress=TerminalProgress(streams.err),
             allow_missing=args.allow_missing,
             say=lambda line: print(line, file=streams.err),
         )
     held = f", {result.holding} holding until `cio-worker release {result.job_id}`" if result.holding else ""
     print(f"job {result.job_id}: {result.task_count} tasks{held}; "
           f"uploaded {result.uploaded} contents, {result.skipped} already in storage", file=streams.out)
-    queue.close()
     return 0
 
 
 def register_status(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("status", help="show jobs, or one job's tasks")
-    parser.add_argument("job", nargs="?", metavar="JOB")
-    _queue_argument(parser)
-    parser.set_defaults(handler=run_status)
+    parser = add_command(subparsers, "status", run_status)
+    parser.add_argument("job", nargs="?", metavar="JOB", help="the job whose tasks to show (default: list the jobs)")
+    add_queue_argument(parser)
 
 
 def run_status(args: argparse.Namespace, streams: Streams) -> int:
-    with open_existing_queue(args.queue) as queue:
-        streams.out.write(format_status(queue, args.job))
+    """show jobs, or one job's tasks
+
+    Without JOB, list the queue's jobs with their task counts per state. With JOB, list its tasks:
+    state, frames, tile, attempts (per cause), frames done, worker and reason.
+    """
+    from cio_worker.artist.status_view import format_status
+
+    with open_existing_queue(args.queue, queue_token(args)) as queue:
+        streams.out.write(format_status(queue, args.job) + "\n")
     return 0
 
 
-def register_release(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("release", help="release a job's held tasks (after its scout frames)")
-    parser.add_argument("job", metavar="JOB")
-    _queue_argument(parser)
-    parser.set_defaults(handler=run_release)
+class JobAction(NamedTuple):
+    """A command that changes one job: the Queue method it calls and what it says after."""
+
+    help: str
+    description: str
+    method: str
+    report: str  # formatted with the method's count
 
 
-def run_release(args: argparse.Namespace, streams: Streams) -> int:
-    with open_existing_queue(args.queue) as queue:
-        queue.job(args.job)
-        moved = queue.release_job(args.job)
-    print(f"job {args.job}: released {moved} held tasks", file=streams.out)
-    return 0
+JOB_ACTIONS = {
+    "release": JobAction(
+        "release a job's held tasks (after its scout frames)",
+        "Make the tasks of JOB that are held behind its scout tasks claimable: run it once the scout "
+        "frames look right.",
+        "release_job",
+        "released {count} held tasks",
+    ),
+    "kill": JobAction(
+        "kill a job: waiting tasks fail, running ones are stopped",
+        "Kill JOB: its waiting tasks fail at once; agents running its tasks stop the render at their next "
+        "heartbeat and the tasks fail as killed by owner.",
+        "kill_job",
+        "killed ({count} tasks stopped or failed)",
+    ),
+}
 
 
-def register_kill(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("kill", help="kill a job: waiting tasks fail, running ones are stopped")
-    parser.add_argument("job", metavar="JOB")
-    _queue_argument(parser)
-    parser.set_defaults(handler=run_kill)
+def register_job_actions(subparsers: argparse._SubParsersAction) -> None:
+    for name, action in JOB_ACTIONS.items():
+        parser = add_command(subparsers, name, run_job_action, help=action.help, description=action.description)
+        parser.add_argument("job", metavar="JOB", help="the job id, as `cio-worker status` lists it")
+        add_queue_argument(parser)
 
 
-def run_kill(args: argparse.Namespace, streams: Streams) -> int:
-    with open_existing_queue(args.queue) as queue:
-        queue.job(args.job)
-        count = queue.kill_job(args.job)
-    print(f"job {args.job}: killed ({count} tasks stopped or failed)", file=streams.out)
+def run_job_action(args: argparse.Namespace, streams: Streams) -> int:
+    action = JOB_ACTIONS[args.command]
+    with open_existing_queue(args.queue, queue_token(args)) as queue:
+        queue.job(args.job)  # an unknown job fails here, naming it
+        count = getattr(queue, action.method)(args.job)
+    print(f"job {args.job}: {action.report.format(count=count)}", file=streams.out)
     return 0
 
 
 def register_download(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("download", help="place finished tasks' outputs where the artist expects them")
-    _queue_argument(parser)
-    parser.add_argument("--job", default=None)
+    parser = add_command(subparsers, "download", run_download)
+    add_queue_argument(parser)
+    parser.add_argument("--job", default=None, metavar="JOB", help="only this job's outputs (default: every job's)")
     parser.add_argument("--watch", action="store_true", help="keep going until the job (or every job) is finished")
-    parser.add_argument("--poll-seconds", type=float, default=2.0)
+    parser.add_argument("--poll-seconds", type=float, default=2.0, metavar="SECONDS",
+                        help="with --watch, the wait between looks at the queue (default %(default)s)")
     add_path_map_arguments(parser)
     _md5cache_argument(parser)
-    parser.set_defaults(handler=run_download)
 
 
 def run_download(args: argparse.Namespace, streams: Streams) -> int:
-    cache_path = Path(args.md5_cache).expanduser()
-    cache_path.parent.mkdir(parents=True, exist_ok=True)
-    with open_existing_queue(args.queue) as queue:
+    """place finished tasks' outputs where the artist expects them
+
+    Download the outputs of finished tasks to output_path/relative_path on this machine (located
+    with --root / --path-map), verified by MD5 and renamed into place; a record that would write
+    outside the output path is refused.
+    """
+    from cio_worker.artist.downloader import Downloader
+    from cio_worker.storage import open_storage
+    from cio_worker.storage.md5cache import Md5Cache
+
+    with open_existing_queue(args.queue, queue_token(args)) as queue:
         if args.job:
             queue.job(args.job)
+        cache_path = Path(args.md5_cache).expanduser()
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
         downloader = Downloader(queue, open_storage, path_map_from_args(args), Md5Cache(cache_path))
 
         def show(report) -> None:

@@ -1,11 +1,18 @@
 """The command line: ``cio-worker [--traceback] <command> ...``.
 
-Adding a command: write ``register(subparsers)`` in the command's own module; it adds a parser
-with ``subparsers.add_parser(...)`` and sets ``handler=<callable(args, streams) -> int>`` with
-``set_defaults``; then list ``"module:function"`` in COMMANDS. Handlers raise CioError for bad
-input: ``main`` turns it into one line on stderr (``cio-worker: error: ...``) and exit status 2,
-with the traceback only under ``--traceback``. Helpers for command modules: ``Streams``,
-``add_path_map_arguments`` and ``path_map_from_args``.
+Adding a command: write ``register(subparsers)`` in the command's own module; it calls
+``add_command(subparsers, name, handler)`` and adds its arguments, each with a ``help``; then list
+``"module:function"`` in COMMANDS. ``handler`` is ``callable(args, streams) -> int``; the first line
+of its docstring is the command's line in ``cio-worker --help``, the rest its description (or give
+``help=`` and ``description=``). tests/test_cli_help.py walks the parser for both. Handlers raise
+CioError for bad input: ``main`` turns it into one line on stderr (``cio-worker: error: ...``) and
+exit status 2, with the traceback only under ``--traceback``. Helpers for command modules:
+``Streams``, ``add_path_map_arguments`` and ``path_map_from_args``.
+
+Start-up: ``build_parser`` imports every command module, so a command module imports at its top only
+what registering needs (argparse, this module, ``cli.common``); what its handler needs (the queue,
+storage, the node, the cloud SDKs behind them) it imports inside the handler. ``cio-worker
+--version`` and ``cio-worker frames`` then start without loading them (tests/test_cli_help.py).
 """
 
 from __future__ import annotations
@@ -13,12 +20,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import inspect
 import json
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence, TextIO
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from cio_worker import __version__
 from cio_worker.errors import CioError
@@ -38,10 +47,13 @@ COMMANDS: tuple[str, ...] = (
     "cio_worker.cli.agent:register",
     "cio_worker.cli.run_task:register",
     "cio_worker.cli.jobs:register_status",
-    "cio_worker.cli.jobs:register_release",
-    "cio_worker.cli.jobs:register_kill",
+    "cio_worker.cli.jobs:register_job_actions",
     "cio_worker.cli.jobs:register_download",
     "cio_worker.cli.simulate:register",
+    "cio_worker.cli.farm:register_serve",
+    "cio_worker.cli.farm:register_workers",
+    "cio_worker.cli.farm:register_token",
+    "cio_worker.cli.farm:register_queue",
 )
 
 EXIT_OK = 0
@@ -61,23 +73,61 @@ class CliError(CioError, ValueError):
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (the convention of every other error)."""
+    """argparse, but a usage error is one line (the convention of every other error).
+
+    ``dash_values``: a pattern of words that start with '-' yet are values, not options (a frame
+    spec such as ``-5--1``), so that they need no ``--`` before them.
+    """
+
+    def __init__(self, *args: Any, dash_values: str | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if dash_values is not None:
+            # argparse reads this pattern to tell a negative number from an option; widened here.
+            self._negative_number_matcher = re.compile(dash_values)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_BAD_INPUT, f"{PROG}: error: {message} (see {self.prog} --help)\n")
 
 
 def build_parser(commands: Sequence[str] = COMMANDS) -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Render-node agent for a Conductor-style cloud farm for Clarisse.")
+    parser = _Parser(prog=PROG, description="Render-node agent for a Conductor-style cloud farm for Clarisse.",
+                     epilog=f"Run '{PROG} COMMAND --help' for a command's arguments.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     parser.add_argument("--traceback", action="store_true", help="show the full traceback of an error")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, help="the command to run")
     for entry in commands:
         module_name, _, function = entry.partition(":")
         getattr(importlib.import_module(module_name), function)(subparsers)
     for sub in subparsers.choices.values():
         # Also accepted after the command; SUPPRESS keeps the global value when not given here.
-        sub.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sub.add_argument("--traceback", action="store_true", default=argparse.SUPPRESS,
+                         help="show the full traceback of an error")
+    return parser
+
+
+Handler = Callable[[argparse.Namespace, "Streams"], int]
+
+
+def add_command(
+    subparsers: argparse._SubParsersAction,
+    name: str,
+    handler: Handler,
+    *,
+    help: str | None = None,
+    description: str | None = None,
+    **kwargs: Any,
+) -> argparse.ArgumentParser:
+    """A command's parser, running ``handler``.
+
+    ``help`` is the command's line in ``cio-worker --help`` and ``description`` heads its own help;
+    by default both come from the handler's docstring: its first line, then the paragraphs after it
+    (under ``python -OO``, which drops docstrings, the command's name stands in).
+    """
+    summary, _, rest = inspect.cleandoc(handler.__doc__ or name).partition("\n")
+    parser = subparsers.add_parser(
+        name, help=help or summary, description=description or " ".join(rest.split()) or summary, **kwargs
+    )
+    parser.set_defaults(handler=handler)
     return parser
 
 
@@ -103,7 +153,7 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
         _report(streams.err, "error", exc, _wants_traceback(args))
         return EXIT_BAD_INPUT
     except Exception as exc:  # a bug: say so, briefly, unless asked for the traceback
-        _report(streams.err, "internal error", exc, show_traceback(), bug=True)
+        _report(streams.err, "internal error", exc, _wants_traceback(args), bug=True)
         return EXIT_INTERNAL
 
 
@@ -151,26 +201,23 @@ PREFLIGHT_STORAGE = "file:///tmp/cio-worker/storage"
 
 
 def register_preflight(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "preflight",
-        help="show what a job spec expands to: frames, chunks, scouts, dependencies, commands",
-        description=(
-            "Expand a job spec as the submitter's Preflight did: the frames, chunks, scout tasks, "
-            "dependency scan (found and missing files), output path and each task's command. "
-            "With --json, print the task documents instead (upload MD5s computed from the local "
-            f"files; job id {PREFLIGHT_JOB_ID} and storage {PREFLIGHT_STORAGE} unless given)."
-        ),
-    )
+    parser = add_command(subparsers, "preflight", run_preflight)
     parser.add_argument("job_spec", metavar="JOB_SPEC", help="the job spec file (TOML)")
     add_path_map_arguments(parser)
     parser.add_argument("--temp-dir", default=None, metavar="DIR", help="the <temp_dir> token (default /tmp/conductor)")
     parser.add_argument("--json", action="store_true", help="print the task documents as a JSON list")
-    parser.add_argument("--job-id", default=PREFLIGHT_JOB_ID, help="the job id of the JSON documents")
-    parser.add_argument("--storage", default=PREFLIGHT_STORAGE, help="the storage URL of the JSON documents")
-    parser.set_defaults(handler=run_preflight)
+    parser.add_argument("--job-id", default=PREFLIGHT_JOB_ID, help="the job id of the JSON documents (default %(default)s)")
+    parser.add_argument("--storage", default=PREFLIGHT_STORAGE, metavar="URL",
+                        help="the storage URL of the JSON documents (default %(default)s)")
 
 
 def run_preflight(args: argparse.Namespace, streams: Streams) -> int:
+    """show what a job spec expands to: frames, chunks, scouts, dependencies, commands
+
+    Expand a job spec as the submitter's Preflight did: the frames, chunks, scout tasks, dependency
+    scan (found and missing files), output path and each task's command. With --json, print the task
+    documents instead (upload MD5s computed from the local files), which `run-task` reads.
+    """
     from cio_worker.job.depscan import upload_files
     from cio_worker.job.document import job_id_text
     from cio_worker.job.expand import DEFAULT_TEMP_DIR, expand_job
@@ -268,19 +315,20 @@ def _some(items: Sequence[str], limit: int = 5) -> str:
 
 
 def register_frames(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "frames",
-        help="print a frame spec's canonical form, count, chunks and cnode form",
-        description="Read a Conductor frame spec (e.g. 1-10x2,20). Write a spec that starts with '-' "
-        "after '--': cio-worker frames -- -5--1",
-    )
-    parser.add_argument("spec", nargs="+", metavar="SPEC", help="the frame spec (several words are joined)")
+    # dash_values: -5--1 is a frame spec, not an option.
+    parser = add_command(subparsers, "frames", run_frames, dash_values=r"^-\d")
+    parser.add_argument("spec", nargs="+", metavar="SPEC",
+                        help="the frame spec; several words are joined (1-10 20 is 1-10,20)")  # fmt: skip
     parser.add_argument("--chunk-size", type=_positive_int, default=None, metavar="N",
                         help="frames per chunk (default: all frames in one chunk)")  # fmt: skip
-    parser.set_defaults(handler=run_frames)
 
 
 def run_frames(args: argparse.Namespace, streams: Streams) -> int:
+    """print a frame spec's canonical form, count, chunks and cnode form
+
+    Read a Conductor frame spec (e.g. 1-10x2,20 or -5--1) and print its canonical form, frame
+    count, cnode form and chunks.
+    """
     from cio_worker.job.frames import FrameSet, clamp_chunk_size
 
     frames = FrameSet.parse(" ".join(args.spec))

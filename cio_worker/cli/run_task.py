@@ -4,41 +4,62 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from cio_worker.cli.main import CliError, Streams, add_path_map_arguments, path_map_from_args
-from cio_worker.job.document import TaskDocument
-from cio_worker.node.execution import TaskControl, execute
-from cio_worker.cli.common import add_node_arguments, node_context
+from cio_worker.cli.common import add_node_arguments, check_existing_storage, node_context
+from cio_worker.cli.main import CliError, Streams, add_command, add_path_map_arguments, path_map_from_args
+from cio_worker.errors import CioError
+
+if TYPE_CHECKING:
+    from cio_worker.job.document import TaskDocument
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("run-task", help="run one task document by hand (a test VM)")
-    parser.add_argument("document", metavar="TASK.json", help="a task document (design.md), or - for stdin")
-    parser.add_argument("--storage", default=None, help="use this storage URL instead of the document's")
+    parser = add_command(
+        subparsers, "run-task", run,
+        epilog="TASK.json is a task document (the JSON a queue hands an agent) or the list of them that "
+        "`cio-worker preflight JOB_SPEC --json` prints: pick one with --task (a list of one needs no "
+        "--task). A file:// store given with --storage must already exist (`cio-worker submit` creates it).",
+    )
+    parser.add_argument("document", metavar="TASK.json",
+                        help="a task document, or a JSON list of them (preflight --json); - for stdin")
+    parser.add_argument("--task", default=None, metavar="ID",
+                        help="the task to run from a list of documents, by task id (e.g. 007 or 7)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="use this storage URL instead of the document's (a file:// store must already exist)")
+    parser.add_argument("--quiet", action="store_true", help="do not echo the renderer's output")
     add_path_map_arguments(parser)
     add_node_arguments(parser)
-    parser.add_argument("--quiet", action="store_true", help="do not echo the renderer's output")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
-    import sys
+    """run one task document by hand (a test VM)
+
+    Run one task as an agent would, without a queue: sync its inputs from storage, run its command
+    with the renderer's output echoed, collect and upload its outputs, and print a summary that ends
+    with where the outputs are on this machine.
+    """
+    from cio_worker.node.execution import TaskControl, execute
 
     try:
         text = sys.stdin.read() if args.document == "-" else Path(args.document).read_text(encoding="utf-8")
     except OSError as exc:
         raise CliError(f"cannot read the task document {args.document}: {exc.strerror or exc}") from None
-    doc = TaskDocument.from_json(text)
+    doc = choose_document(text, args.task, "stdin" if args.document == "-" else args.document)
     if args.storage:
+        check_existing_storage(args.storage)  # a typed store must exist: `submit` alone creates one
         doc = dataclasses.replace(doc, job=dataclasses.replace(doc.job, storage=args.storage))
+    path_map = path_map_from_args(args)
     out = streams.out
 
     def say(line: str) -> None:
         print(f"cio-worker: {line}", file=out, flush=True)
 
-    ctx = node_context(args, path_map_from_args(args), say=say, progress=_progress(streams))
+    ctx = node_context(args, path_map, say=say, progress=_progress(streams))
     if not args.quiet:
         ctx.echo = lambda line: print(f"  | {line.rstrip()}", file=out, flush=True)
     control = TaskControl()
@@ -57,11 +78,11 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         s = outcome.sync
         say(f"inputs: {s.placed} placed, {s.already_present} already present, {s.from_cache} from cache, "
             f"{s.downloaded} downloaded ({s.bytes_downloaded} bytes)")
-    if outcome.outputs:
-        for f in outcome.outputs.files:
-            say(f"output {f.relative_path} ({f.size} bytes, md5 {f.md5})")
-        for skipped in outcome.outputs.skipped_symlinks:
-            say(f"not uploaded (symlink): {skipped}")
+    delivered = outcome.outputs.files if outcome.outputs else []
+    for f in delivered:
+        say(f"output {f.relative_path} ({f.size} bytes, md5 {f.md5})")
+    for skipped in outcome.outputs.skipped_symlinks if outcome.outputs else []:
+        say(f"not uploaded (symlink): {skipped}")
     if outcome.run:
         r = outcome.run
         say(f"render: exit {r.exit_code}{f' signal {r.signal}' if r.signal else ''}, {r.wall_seconds:.1f} s wall, "
@@ -69,17 +90,73 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     say(f"log: {outcome.log_path}")
     if outcome.status == "done":
         say(f"{doc.label} done: frames {outcome.frames_done}")
-        return 0
-    if outcome.status == "stopped":
+        code = 0
+    elif outcome.status == "stopped":
         say(f"{doc.label} stopped ({outcome.reason}); frames finished: {outcome.frames_done or 'none'}")
-        return 130
-    say(f"{doc.label} FAILED [{outcome.error.code if outcome.error else 'error'}]: {outcome.reason}")
-    return 1
+        code = 130
+    else:
+        say(f"{doc.label} FAILED [{outcome.error.code if outcome.error else 'error'}]: {outcome.reason}")
+        code = 1
+    uploaded = f", uploaded to {doc.job.storage}" if delivered else ""
+    say(f"outputs: {len(delivered)} files in {_output_dir(doc, path_map)} on this machine{uploaded}")
+    return code
+
+
+def _output_dir(doc: "TaskDocument", path_map) -> str:
+    """Where the task's outputs are on this machine: its output path, located by the path map."""
+    try:
+        return path_map.local(doc.job.output_path, what="job.output_path")
+    except CioError:  # the task failed on it already, and said why
+        return doc.job.output_path
+
+
+def choose_document(text: str, task_id: str | None, source: str) -> "TaskDocument":
+    """The task document in ``text``: one document, or one of a JSON list (``preflight --json``)."""
+    from cio_worker.errors import DocumentError
+    from cio_worker.job.document import TaskDocument
+
+    try:
+        data: Any = json.loads(text)
+    except (ValueError, RecursionError):
+        data = None  # from_json below says what is wrong with it
+    if not isinstance(data, list):
+        doc = TaskDocument.from_json(text)
+        if task_id is not None and not _same_id(doc.task.id, task_id):
+            raise CliError(f"{source} holds task {doc.task.id}, not {task_id}")
+        return doc
+    ids = ", ".join(_task_id(item) or "?" for item in data)
+    if not data:
+        raise DocumentError("document", f"{source} holds an empty list: give a task document, or the list "
+                            "`cio-worker preflight JOB_SPEC --json` prints")  # fmt: skip
+    if task_id is None:
+        if len(data) > 1:
+            raise DocumentError("document", f"{source} holds {len(data)} task documents (tasks {ids}); "
+                                "choose one with --task ID")  # fmt: skip
+        index = 0
+    else:
+        matches = [n for n, item in enumerate(data) if _same_id(_task_id(item) or "", task_id)]
+        if len(matches) != 1:
+            what = "no task" if not matches else f"{len(matches)} tasks"
+            raise CliError(f"{source} holds {what} with id {task_id} (tasks {ids})")
+        index = matches[0]
+    try:
+        return TaskDocument.from_dict(data[index])
+    except DocumentError as exc:
+        where = f" (in document {index + 1} of the {len(data)} in {source})" if len(data) > 1 else ""
+        raise DocumentError(exc.field, exc.problem + where) from None
+
+
+def _task_id(item: Any) -> str | None:
+    task = item.get("task") if isinstance(item, dict) else None
+    value = task.get("id") if isinstance(task, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def _same_id(have: str, want: str) -> bool:
+    return have == want or (have.isdigit() and want.isdigit() and int(have) == int(want))
 
 
 def _progress(streams: Streams):
-    try:
-        from cio_worker.storage.progress import TerminalProgress
-    except ImportError:  # pragma: no cover
-        return lambda phase: None
+    from cio_worker.storage.progress import TerminalProgress
+
     return lambda phase: TerminalProgress(streams.err, label=phase)

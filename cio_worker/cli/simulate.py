@@ -5,28 +5,26 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cio_worker.cli.main import CliError, Streams
-from cio_worker.sim.examples import example_job_path, example_root
-from cio_worker.sim.simulate import Simulation, SimulationConfig
+from cio_worker.cli.main import CliError, Streams, add_command
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser(
-        "simulate",
-        help="run a whole job locally: submit, N agents, scouts, download, summary",
-        description="Submit a job (default: the shipped example shot) to a temporary sqlite queue and "
-        "storage, run N agent processes with the cnode simulator, release the scouts once they are done, "
-        "download the frames and print a summary.",
-    )
-    parser.add_argument("job_spec", nargs="?", metavar="JOB_SPEC", help="default: the shipped example shot")
+    parser = add_command(subparsers, "simulate", run)
+    parser.add_argument("job_spec", nargs="?", metavar="JOB_SPEC",
+                        help="the job spec file (TOML; default: the shipped example shot)")
     parser.add_argument("--root", metavar="DIR",
                         help="the directory playing the artist's filesystem root (required with JOB_SPEC)")
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--storage", default=None, help="default: file://WORK_DIR/storage")
-    parser.add_argument("--work-dir", default=None, help="default: a new temporary directory (kept)")
-    parser.add_argument("--frame-seconds", type=float, default=0.2, help="simulated render time per frame")
+    parser.add_argument("--workers", type=int, default=2, metavar="N",
+                        help="agent processes to run (default %(default)s)")
+    parser.add_argument("--storage", default=None, metavar="URL",
+                        help="the job's storage (default: file://WORK_DIR/storage)")
+    parser.add_argument("--work-dir", default=None, metavar="DIR",
+                        help="queue, storage and the agents' directories (default: a new temporary directory, kept)")
+    parser.add_argument("--frame-seconds", type=float, default=0.2, metavar="SECONDS",
+                        help="simulated render time per frame (default %(default)s)")
     parser.add_argument("--no-release", action="store_true", help="leave held tasks held (scouts only)")
-    parser.add_argument("--timeout", type=float, default=900.0)
+    parser.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
+                        help="give up on the job after this long (default %(default)s)")
     chaos = parser.add_argument_group(
         "chaos",
         "Each agent plays a cloud instance with its own GCE metadata server. Rates are Poisson: mean "
@@ -51,10 +49,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "heartbeat (default 30, or 6 with --kill-rate)")
     chaos.add_argument("--heartbeat-seconds", type=float, default=None,
                        help="heartbeat interval (default 2, or 1 with --kill-rate)")
-    parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
+    """run a whole job locally: submit, N agents, scouts, download, summary
+
+    Submit a job (default: the shipped example shot) to a temporary sqlite queue and storage, run N
+    agent processes with the cnode simulator, release the scouts once they are done, download the
+    frames and print a summary.
+    """
+    from cio_worker.sim.examples import example_job_path, example_root
+    from cio_worker.sim.simulate import Simulation, SimulationConfig
+
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
     for name in ("preempt_rate", "kill_rate"):

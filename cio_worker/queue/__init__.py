@@ -5,6 +5,8 @@
 ``sqlite:///`` is the path as written). The file is created on first open; its directory must exist.
 ``postgresql://user:password@host:port/database`` is the queue a farm shares (``postgres.py``; its
 schema is created by ``cio-worker queue init URL``). ``sql.py`` holds the contract's SQL, once.
+``https://host:port`` (or ``http://``) is a coordinator (``cio-worker serve``), reached with a
+bearer token (``http.py``).
 
 Shared by every role (the node claims and reports, the artist submits and reads status).
 May import: ``errors``, ``job``.
@@ -81,7 +83,7 @@ def sqlite_path(url: str) -> Path:
     return Path(path)
 
 
-def open_queue(url: str, clock: Callable[[], float] = time.time) -> Queue:
+def open_queue(url: str, clock: Callable[[], float] = time.time, token: str | None = None) -> Queue:
     """Open the queue a URL names; QueueError says what is wrong with a URL that cannot be opened."""
     if not isinstance(url, str) or not url.strip():
         raise QueueError("the queue URL is empty (for example sqlite:////var/lib/cio/queue.db)", code="bad_queue_url")
@@ -90,12 +92,16 @@ def open_queue(url: str, clock: Callable[[], float] = time.time) -> Queue:
         raise QueueError(f"queue URL {url!r} has no scheme (for example sqlite:////var/lib/cio/queue.db)", code="bad_queue_url")
     if scheme.lower() == "sqlite":
         return SqliteQueue(sqlite_path(url), clock=clock)
+    if scheme.lower() in ("http", "https"):
+        from cio_worker.queue.http import HttpQueue
+
+        return HttpQueue(url, token)
     if scheme.lower() in ("postgresql", "postgres"):
         from cio_worker.queue.postgres import PostgresQueue
 
         # The database's clock, never this machine's: ``clock`` is not passed on.
         return PostgresQueue(url)
     raise QueueError(
-        f"queue URL {url.split('@')[-1]!r}: unknown scheme {scheme!r} (this cio_worker knows sqlite:/// and postgresql://)",
+        f"queue URL {url.split('@')[-1]!r}: unknown scheme {scheme!r} (this cio_worker knows sqlite:///, postgresql:// and http(s):// for a coordinator)",
         code="bad_queue_url",
     )

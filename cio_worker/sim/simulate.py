@@ -1,5 +1,10 @@
 """A whole job on one machine: submit, N agent processes, scouts released, download, summary.
 
+It takes the path a fleet takes: a coordinator process (``cio-worker serve``) in front of the queue
+(a sqlite file in the simulation directory, or ``queue_url``, e.g. PostgreSQL), agents that speak
+HTTP to it with an agent token, and the artist's side (submit, status, release, download) with an
+owner token. ``coordinator=False`` has everyone open the queue directly, as before the fleet.
+
 The artist's machine and each render node get their own filesystem root under the simulation
 directory, so the artist's absolute paths (``C:/proj/...``, ``/proj/...``) are re-rooted by path
 maps exactly as a test VM would do it: ``artist/`` holds the sources and receives the downloads,
@@ -44,7 +49,7 @@ from cio_worker.job.paths import PathMap
 from cio_worker.queue import Queue, open_queue
 from cio_worker.sim.cnode import install_cnode_shim
 from cio_worker.storage import open_storage
-from cio_worker.artist.submit import SubmitResult, submit_job
+from cio_worker.artist.submit import submit_job
 
 
 @dataclass
@@ -54,6 +59,9 @@ class SimulationConfig:
     workers: int = 2
     work_dir: Path | None = None  # default: a new temporary directory, kept afterwards
     storage_url: str | None = None  # default: file://<work_dir>/storage
+    queue_url: str | None = None  # the coordinator's database; default: sqlite:///<work_dir>/queue.db
+    coordinator: bool = True  # through a coordinator process (the fleet's path), or the queue directly
+    long_poll_seconds: float = 5.0
     frame_seconds: float = 0.0  # CNODE_SIM_FRAME_SECONDS for the simulator
     release_scouts: bool = True  # release the job once its scout tasks are done
     lease_seconds: float = 30.0
@@ -194,7 +202,11 @@ class Simulation:
         self.work = Path(config.work_dir or tempfile.mkdtemp(prefix="cio-sim-")).resolve()
         self.work.mkdir(parents=True, exist_ok=True)
         self.artist = self.work / "artist"
-        self.queue_url = f"sqlite:///{self.work / 'queue.db'}"
+        self.database_url = config.queue_url or f"sqlite:///{self.work / 'queue.db'}"
+        self.queue_url = self.database_url  # what agents and the artist use: the coordinator's, once it runs
+        self.coordinator: subprocess.Popen | None = None
+        self._owner_token = ""
+        self._agent_token = ""
         self.storage_url = config.storage_url or f"file://{self.work / 'storage'}"
         self.instances: list[Instance] = []
         self.chaos = ChaosCounts()
@@ -223,7 +235,9 @@ class Simulation:
         bin_dir.mkdir(exist_ok=True)
         install_cnode_shim(bin_dir)
         artist_map = PathMap.rooted(str(self.artist))
-        queue = open_queue(self.queue_url)
+        if self.config.coordinator:
+            self._start_coordinator()
+        queue = open_queue(self.queue_url, token=self._owner_token or None)
         md5cache = Md5Cache(self.work / "artist-md5cache.db")
         orphans: list[str] = []
         try:
@@ -243,12 +257,59 @@ class Simulation:
             downloader = Downloader(queue, open_storage, artist_map, md5cache)
             self._watch(queue, job_id, downloader, started)
             downloader.run_once(job_id)
+            self._read_drains()
+            summary = self._summary(queue, job_id, started)
         finally:
             orphans = self._stop_agents()
-        self._read_drains()
-        summary = self._summary(queue, job_id, started)
+            queue.close()
+            self._stop_coordinator()
         summary.orphans = orphans
         return summary
+
+    # -- the coordinator -----------------------------------------------------------------------
+
+    def _start_coordinator(self) -> None:
+        """Tokens in the database, then `cio-worker serve` on a free loopback port."""
+        if self.database_url.lower().startswith(("postgresql:", "postgres:")):
+            from cio_worker.queue.postgres import init_schema
+
+            init_schema(self.database_url)
+        with open_queue(self.database_url) as database:
+            _, agent_token = database.create_token("simulation agents", ["agent"])
+            _, self._owner_token = database.create_token("simulation artist", ["owner"])
+        self._agent_token = agent_token
+        log_path = self.work / "coordinator.log"
+        argv = [sys.executable, "-m", "cio_worker", "serve", "--queue", self.database_url, "--listen", "127.0.0.1:0",
+                "--lease-seconds", str(self.config.lease_seconds),
+                "--heartbeat-seconds", str(self.config.heartbeat_seconds),
+                "--long-poll-seconds", str(self.config.long_poll_seconds)]
+        with open(log_path, "ab") as log:
+            self.coordinator = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                                start_new_session=True)
+        deadline = time.monotonic() + 60
+        while True:
+            text = log_path.read_text(errors="replace")
+            found = [line for line in text.splitlines() if line.startswith("coordinator at ")]
+            if found:
+                self.queue_url = found[-1].split()[2]
+                break
+            if self.coordinator.poll() is not None or time.monotonic() > deadline:
+                self._stop_coordinator()
+                raise RuntimeError(f"the coordinator did not start; see {log_path}:\n{text[-2000:]}")
+            time.sleep(0.05)
+        self.say(f"coordinator at {self.queue_url} (queue {self.database_url.split('@')[-1]}; log {log_path})")
+
+    def _stop_coordinator(self) -> None:
+        process, self.coordinator = self.coordinator, None
+        if process is None:
+            return
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
 
     # -- instances -----------------------------------------------------------------------------
 
@@ -257,6 +318,8 @@ class Simulation:
         env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
         env["CNODE_SIM_FRAME_SECONDS"] = str(self.config.frame_seconds)
         env[SIM_RUN_ENV] = str(self.work)
+        if self.config.coordinator:
+            env["CIO_TOKEN"] = self._agent_token
         env.update(self.config.agent_env)
         self._env = env
         for _ in range(self.config.workers):

@@ -103,7 +103,66 @@ class _Tally:
         return Snapshot(self.files_done, self.files_total, self.bytes_done, self.bytes_total, self.clock() - self.started)
 
 
-class TerminalProgress:
+class _Display:
+    """The bookkeeping both displays share: counters under a lock, throttled redraws, one end.
+
+    A subclass writes one state in ``_draw(snapshot)`` and may end its output in ``_close()``;
+    ``_draw`` runs at ``start``, at most every ``interval`` seconds after, and once at the end.
+    """
+
+    def __init__(self, clock: Clock, interval: float) -> None:
+        self.interval = interval
+        self._tally = _Tally(clock)
+        self._last_draw: float | None = None
+
+    def start(self, files: int, total_bytes: int) -> None:
+        with self._tally.lock:
+            self._tally.reset(files, total_bytes)
+            self._last_draw = None
+            self._update(force=True)
+
+    def advance(self, nbytes: int) -> None:
+        with self._tally.lock:
+            self._tally.bytes_done += nbytes
+            self._update()
+
+    def file_done(self, key: str) -> None:
+        with self._tally.lock:
+            self._tally.files_done += 1
+            if self._tally.files_done >= self._tally.files_total:
+                self._end()
+            else:
+                self._update()
+
+    def finish(self) -> None:
+        """Draw the final state (e.g. after a failed batch) and end the output."""
+        with self._tally.lock:
+            self._end()
+
+    def _end(self) -> None:
+        if self._tally.finished:
+            return
+        self._update(force=True)
+        self._close()
+        self._tally.finished = True
+
+    def _update(self, force: bool = False) -> None:
+        if self._tally.finished:
+            return
+        now = self._tally.clock()
+        if not force and self._last_draw is not None and now - self._last_draw < self.interval:
+            return
+        self._last_draw = now
+        self._draw(self._tally.snapshot())
+
+    def _draw(self, snapshot: Snapshot) -> None:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        pass
+
+
+class TerminalProgress(_Display):
     def __init__(
         self,
         stream: TextIO | None = None,
@@ -116,36 +175,10 @@ class TerminalProgress:
     ) -> None:
         self.stream = stream if stream is not None else sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        super().__init__(clock, interval if self.tty else plain_interval)
         self.label = label
-        self.interval = interval if self.tty else plain_interval
         self.width = width
-        self._tally = _Tally(clock)
-        self._last_draw: float | None = None
         self._drawn = 0  # length of the line on screen, to blank leftovers
-
-    def start(self, files: int, total_bytes: int) -> None:
-        with self._tally.lock:
-            self._tally.reset(files, total_bytes)
-            self._last_draw = None
-            self._draw(force=True)
-
-    def advance(self, nbytes: int) -> None:
-        with self._tally.lock:
-            self._tally.bytes_done += nbytes
-            self._draw()
-
-    def file_done(self, key: str) -> None:
-        with self._tally.lock:
-            self._tally.files_done += 1
-            if self._tally.files_done >= self._tally.files_total:
-                self._end()
-            else:
-                self._draw()
-
-    def finish(self) -> None:
-        """Draw the final state (e.g. after a failed batch) and end the line."""
-        with self._tally.lock:
-            self._end()
 
     def line(self) -> str:
         with self._tally.lock:
@@ -159,23 +192,8 @@ class TerminalProgress:
             text = f"[{'#' * filled}{'.' * (self.width - filled)}] {fraction * 100:3.0f}%  {text}"
         return f"{self.label}: {text}" if self.label else text
 
-    def _end(self) -> None:
-        if self._tally.finished:
-            return
-        self._draw(force=True)
-        if self.tty:
-            self.stream.write("\n")
-            self.stream.flush()
-        self._tally.finished = True
-
-    def _draw(self, force: bool = False) -> None:
-        if self._tally.finished:
-            return
-        now = self._tally.clock()
-        if not force and self._last_draw is not None and now - self._last_draw < self.interval:
-            return
-        self._last_draw = now
-        text = self._line(self._tally.snapshot())
+    def _draw(self, snapshot: Snapshot) -> None:
+        text = self._line(snapshot)
         if self.tty:
             self.stream.write("\r" + text.ljust(self._drawn))
             self._drawn = len(text)
@@ -183,8 +201,13 @@ class TerminalProgress:
             self.stream.write(text + "\n")
         self.stream.flush()
 
+    def _close(self) -> None:
+        if self.tty:
+            self.stream.write("\n")
+            self.stream.flush()
 
-class LoggingProgress:
+
+class LoggingProgress(_Display):
     """Logs ``label: 12/500 files ...`` at the start, every ``every`` seconds, and at the end."""
 
     def __init__(
@@ -196,44 +219,11 @@ class LoggingProgress:
         level: int = logging.INFO,
         clock: Clock = time.monotonic,
     ) -> None:
+        super().__init__(clock, every)
         self.logger = logger or logging.getLogger("cio_worker.storage.progress")
         self.label = label
         self.every = every
         self.level = level
-        self._tally = _Tally(clock)
-        self._last_log = 0.0
 
-    def start(self, files: int, total_bytes: int) -> None:
-        with self._tally.lock:
-            self._tally.reset(files, total_bytes)
-            self._log()
-
-    def advance(self, nbytes: int) -> None:
-        with self._tally.lock:
-            self._tally.bytes_done += nbytes
-            self._maybe_log()
-
-    def file_done(self, key: str) -> None:
-        with self._tally.lock:
-            self._tally.files_done += 1
-            if self._tally.files_done >= self._tally.files_total:
-                self._end()
-            else:
-                self._maybe_log()
-
-    def finish(self) -> None:
-        with self._tally.lock:
-            self._end()
-
-    def _end(self) -> None:
-        if not self._tally.finished:
-            self._log()
-            self._tally.finished = True
-
-    def _maybe_log(self) -> None:
-        if not self._tally.finished and self._tally.clock() - self._last_log >= self.every:
-            self._log()
-
-    def _log(self) -> None:
-        self._last_log = self._tally.clock()
-        self.logger.log(self.level, "%s: %s", self.label, describe(self._tally.snapshot()))
+    def _draw(self, snapshot: Snapshot) -> None:
+        self.logger.log(self.level, "%s: %s", self.label, describe(snapshot))

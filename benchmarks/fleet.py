@@ -1,0 +1,345 @@
+"""Fleet benchmark: simulated agents (async HTTP clients) against one coordinator on PostgreSQL.
+
+All on this machine, side by side in the same run with the engine's limit: the same claim and
+complete SQL (``PostgresQueue``) sent straight to PostgreSQL from threads, no HTTP in between.
+
+    python benchmarks/fleet.py                      # the full sizes of the goals
+    python benchmarks/fleet.py --quick              # small sizes (the smoke test)
+
+Phases (each on a fresh job in one database):
+- ``raw``: ``--raw-threads`` threads claim+complete ``--tasks`` zero-length tasks straight on PostgreSQL.
+- ``throughput``: ``--agents`` async agents claim+complete ``--tasks`` tasks through the coordinator.
+- ``burst``: ``--burst`` agents start at once against a job of as many tasks; when does each hold one?
+- ``idle``: ``--idle`` agents long-poll with no work and report every ``--heartbeat`` seconds for
+  ``--idle-seconds``: the coordinator's CPU and RSS, the database connections, heartbeat latency.
+
+Needs aiohttp (the ``bench`` extra). Prints a markdown table; ``--json FILE`` writes the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from cio_worker.queue import NewTask  # noqa: E402
+from cio_worker.queue.postgres import PostgresQueue, init_schema  # noqa: E402
+from tests.pg_server import PostgresServer, find_bin_dir, postgres_available  # noqa: E402
+
+JOB = {"title": "fleet", "project": "default", "storage": "file:///tmp/fleet-storage", "output_path": "/renders",
+       "autoretry_policy": {"preempted": {"max_retries": 3}, "failed": {"max_retries": 1}}}
+
+
+def tasks(n: int) -> list[NewTask]:
+    return [NewTask(frames=str(i + 1), command="true") for i in range(n)]
+
+
+def pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+@dataclass
+class Phase:
+    name: str
+    count: int = 0
+    seconds: float = 0.0
+    rate: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p99_ms: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+# -- the coordinator ---------------------------------------------------------------------------------
+
+class Coordinator:
+    def __init__(self, db_url: str, work: Path, db_threads: int) -> None:
+        log = open(work / "coordinator.log", "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cio_worker", "serve", "--queue", db_url, "--listen", "127.0.0.1:0",
+             "--db-threads", str(db_threads), "--lease-seconds", "600", "--heartbeat-seconds", "10",
+             "--long-poll-seconds", "20"],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
+        deadline = time.monotonic() + 60
+        while True:
+            lines = (work / "coordinator.log").read_text(errors="replace").splitlines()
+            found = [line for line in lines if line.startswith("coordinator at ")]
+            if found:
+                self.url = found[-1].split()[2]
+                break
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("coordinator did not start:\n" + "\n".join(lines[-20:]))
+            time.sleep(0.05)
+        self.proc = psutil.Process(self.process.pid)
+
+    def cpu_seconds(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def rss(self) -> int:
+        return self.proc.memory_info().rss
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# -- phases ------------------------------------------------------------------------------------------
+
+def raw_phase(db_url: str, n_tasks: int, threads: int) -> Phase:
+    setup = PostgresQueue(db_url)
+    setup.create_job(JOB, tasks(n_tasks))
+    setup.close()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    done = [0]
+
+    def worker(i: int) -> None:
+        q = PostgresQueue(db_url, max_connections=1)
+        mine = []
+        while True:
+            t0 = time.perf_counter()
+            lease = q.claim(f"raw-{i}", 600)
+            mine.append(time.perf_counter() - t0)
+            if lease is None:
+                break
+            q.complete(lease)
+        q.close()
+        with lock:
+            latencies.extend(mine)
+            done[0] += len(mine) - 1
+
+    started = time.perf_counter()
+    pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    for t in pool:
+        t.start()
+    for t in pool:
+        t.join()
+    seconds = time.perf_counter() - started
+    return Phase("raw SQL (PostgresQueue, threads)", done[0], seconds, done[0] / seconds,
+                 1000 * pct(latencies, 50), 1000 * pct(latencies, 99), {"threads": threads})
+
+
+async def _post(session, url: str, body: dict) -> tuple[int, dict | None]:
+    async with session.post(url, json=body) as response:
+        data = await response.json() if response.status == 200 else None
+        return response.status, data
+
+
+async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tasks: int, agents: int) -> Phase:
+    import aiohttp
+
+    q = PostgresQueue(db_url)
+    q.create_job(JOB, tasks(n_tasks))
+    q.close()
+    latencies: list[float] = []
+    done = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
+        async def agent(i: int) -> None:
+            nonlocal done
+            name = f"tp-{i}"
+            while True:
+                t0 = time.perf_counter()
+                status, data = await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 0})
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    return
+                lease = data["lease"]
+                ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
+                status, _ = await _post(session, f"{base}/v1/complete", {"lease": ref, "op_id": f"{name}-{lease['task_id']}"})
+                if status == 200:
+                    done += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(agent(i) for i in range(agents)))
+        seconds = time.perf_counter() - started
+    return Phase("coordinator (HTTP, async agents)", done, seconds, done / seconds,
+                 1000 * pct(latencies, 50), 1000 * pct(latencies, 99), {"agents": agents})
+
+
+async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
+    import aiohttp
+
+    q = PostgresQueue(db_url)
+    q.create_job(JOB, tasks(agents))
+    q.close()
+    held: list[float] = []
+    failures = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        started = time.perf_counter()
+
+        async def agent(i: int) -> None:
+            nonlocal failures
+            name = f"burst-{i}"
+            status, _ = await _post(session, f"{base}/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
+            status, data = await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 30})
+            if status == 200:
+                held.append(time.perf_counter() - started)
+            else:
+                failures += 1
+
+        await asyncio.gather(*(agent(i) for i in range(agents)))
+    return Phase("boot burst (register + claim)", len(held), max(held) if held else 0.0, None,
+                 1000 * pct(held, 50), 1000 * pct(held, 99),
+                 {"agents": agents, "every_agent_held_a_task_s": max(held) if held else None, "failures": failures})
+
+
+async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: str, agents: int,
+                     heartbeat: float, seconds: float) -> Phase:
+    import aiohttp
+    import psycopg
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    stop = asyncio.Event()
+    headers = {"Authorization": f"Bearer {token}"}
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(headers=headers, connector=connector,
+                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
+        async def agent(i: int) -> None:
+            name = f"idle-{i}"
+            try:
+                await _post(session, f"{base}/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
+            except Exception as exc:  # noqa: BLE001
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                return
+
+            async def poll() -> None:
+                while not stop.is_set():
+                    try:
+                        await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 20})
+                    except Exception as exc:  # noqa: BLE001
+                        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                        await asyncio.sleep(1)
+
+            async def beat() -> None:
+                await asyncio.sleep(heartbeat * (i % 1000) / 1000)  # spread, as real boots are
+                while not stop.is_set():
+                    t0 = time.perf_counter()
+                    try:
+                        status, _ = await _post(session, f"{base}/v1/workers/report",
+                                                {"worker": name, "status": {"state": "idle"}})
+                        if stop.is_set():
+                            return
+                        if status == 200:
+                            latencies.append(time.perf_counter() - t0)
+                        else:
+                            errors[str(status)] = errors.get(str(status), 0) + 1
+                    except Exception as exc:  # noqa: BLE001
+                        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                    await asyncio.sleep(heartbeat)
+
+            await asyncio.gather(poll(), beat())
+
+        runners = [asyncio.create_task(agent(i)) for i in range(agents)]
+        await asyncio.sleep(max(heartbeat, 5.0))  # every agent registered and polling
+        latencies.clear()
+        cpu0, t0 = coordinator.cpu_seconds(), time.perf_counter()
+        rss_max, connections_max = 0, 0
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            while time.perf_counter() - t0 < seconds:
+                rss_max = max(rss_max, coordinator.rss())
+                n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                                 " AND pid <> pg_backend_pid()").fetchone()[0]
+                connections_max = max(connections_max, n)
+                await asyncio.sleep(0.5)
+        wall = time.perf_counter() - t0
+        cpu = coordinator.cpu_seconds() - cpu0
+        stop.set()
+        for r in runners:
+            r.cancel()
+        await asyncio.gather(*runners, return_exceptions=True)
+    return Phase("idle agents (long-poll + heartbeat)", len(latencies), wall, len(latencies) / wall,
+                 1000 * pct(latencies, 50), 1000 * pct(latencies, 99),
+                 {"agents": agents, "coordinator_cpu_share": cpu / wall, "coordinator_rss_mb": rss_max / 2**20,
+                  "db_connections_max": connections_max, "errors": errors})
+
+
+# -- main --------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=20_000)
+    parser.add_argument("--agents", type=int, default=64)
+    parser.add_argument("--raw-threads", type=int, default=8)
+    parser.add_argument("--burst", type=int, default=1000)
+    parser.add_argument("--idle", type=int, default=10_000)
+    parser.add_argument("--idle-seconds", type=float, default=30.0)
+    parser.add_argument("--heartbeat", type=float, default=10.0)
+    parser.add_argument("--db-threads", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tasks, args.agents, args.burst, args.idle, args.idle_seconds, args.heartbeat = 300, 8, 50, 100, 3.0, 1.0
+    reason = postgres_available()
+    if reason:
+        print(f"fleet benchmark skipped: {reason}", file=sys.stderr)
+        return 0
+    server = PostgresServer(find_bin_dir()).start()  # type: ignore[arg-type]
+    work = server.root
+    coordinator = None
+    try:
+        db_url = server.create_database(initialised=False)
+        init_schema(db_url)
+        admin = PostgresQueue(db_url)
+        _, agent_token = admin.create_token("bench agents", ["agent"])
+        _, owner_token = admin.create_token("bench owner", ["owner"])
+        admin.close()
+        coordinator = Coordinator(db_url, Path(work), args.db_threads)
+        load0 = os.getloadavg()
+        phases = [raw_phase(db_url, args.tasks, args.raw_threads)]
+        phases.append(asyncio.run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
+        phases.append(asyncio.run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
+        phases.append(asyncio.run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
+                                             args.heartbeat, args.idle_seconds)))
+        load1 = os.getloadavg()
+    finally:
+        if coordinator is not None:
+            coordinator.stop()
+        server.stop()
+    raw, http = phases[0], phases[1]
+    ratio = http.rate / raw.rate if raw.rate else None
+    print(f"# Fleet benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, load {load0[0]:.1f} -> {load1[0]:.1f})\n")
+    print("| phase | count | seconds | per second | p50 ms | p99 ms | notes |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for p in phases:
+        notes = ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in p.extra.items())
+        rate = f"{p.rate:.0f}" if p.rate else ""
+        p50 = f"{p.latency_p50_ms:.1f}" if p.latency_p50_ms is not None else ""
+        p99 = f"{p.latency_p99_ms:.1f}" if p.latency_p99_ms is not None else ""
+        print(f"| {p.name} | {p.count} | {p.seconds:.2f} | {rate} | {p50} | {p99} | {notes} |")
+    print(f"\ncoordinator / raw SQL throughput: {ratio:.2f}" if ratio else "")
+    if args.json:
+        args.json.write_text(json.dumps({"phases": [asdict(p) for p in phases], "ratio": ratio,
+                                         "load": [load0, load1]}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

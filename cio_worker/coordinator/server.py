@@ -1,0 +1,99 @@
+"""Run the coordinator: uvicorn (uvloop and httptools where installed) on HOST:PORT, TLS optional.
+
+Behind a TLS-terminating proxy (nginx, a cloud load balancer) run it without ``--tls-*`` on a
+private address; uvicorn honours ``X-Forwarded-*`` only from ``forwarded_allow_ips``.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from cio_worker.coordinator.app import CoordinatorConfig, create_app
+from cio_worker.errors import CioError, QueueError
+from cio_worker.queue.sql import SqlQueue
+
+
+class ServeError(CioError, ValueError):
+    code = "bad_serve"
+
+
+@dataclass(frozen=True)
+class Listen:
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Listen":
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ServeError(f"--listen {text!r} is not HOST:PORT (e.g. 127.0.0.1:8700, or 0.0.0.0:8700 for every interface)")
+        return cls(host.strip("[]") or "127.0.0.1", int(port))
+
+
+def bind(listen: Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((listen.host, listen.port))
+    except OSError as exc:
+        sock.close()
+        raise ServeError(f"cannot listen on {listen.host}:{listen.port}: {exc.strerror or exc}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(
+    queue: SqlQueue,
+    listen: Listen,
+    config: CoordinatorConfig | None = None,
+    *,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
+    forwarded_allow_ips: str | None = None,
+    on_ready=None,
+) -> None:
+    """Serve until SIGTERM/SIGINT (uvicorn's handlers: finish open requests, then exit).
+    ``on_ready(url)`` is called once the app has started."""
+    import uvicorn
+
+    if not hasattr(queue, "authenticate"):
+        raise QueueError("the coordinator serves a database queue (sqlite:/// or postgresql://), not another coordinator",
+                         code="bad_queue_url")
+    if (tls_cert is None) != (tls_key is None):
+        raise ServeError("--tls-cert and --tls-key go together")
+    for path in (tls_cert, tls_key):
+        if path is not None and not Path(path).is_file():
+            raise ServeError(f"TLS file {path} does not exist")
+    sock = bind(listen)
+    port = sock.getsockname()[1]
+    options = dict(
+        log_level="info",
+        access_log=False,  # one line per claim and heartbeat drowns the log; errors are logged
+        lifespan="on",
+        loop="auto",  # uvloop where installed
+        http="auto",  # httptools where installed
+        timeout_keep_alive=75,  # longer than a long poll's gap between requests
+        forwarded_allow_ips=forwarded_allow_ips,
+    )
+    if tls_cert is not None:
+        options.update(ssl_certfile=str(tls_cert), ssl_keyfile=str(tls_key))
+    server = uvicorn.Server(uvicorn.Config(create_app(queue, config), **options))
+    scheme = "https" if tls_cert else "http"
+    url = f"{scheme}://{listen.host}:{port}"
+
+    class _Ready(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if on_ready is not None and "startup complete" in record.getMessage():
+                on_ready(url)
+
+    ready = _Ready()
+    logging.getLogger("uvicorn.error").addHandler(ready)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(ready)
+        sock.close()
