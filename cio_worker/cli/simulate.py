@@ -18,6 +18,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="agent processes to run (default %(default)s)")
     parser.add_argument("--storage", default=None, metavar="URL",
                         help="the job's storage (default: file://WORK_DIR/storage)")
+    parser.add_argument("--queue", default=None, metavar="DB_URL",
+                        help="the database behind the coordinator, e.g. postgresql://user@host:5432/db "
+                        "(default: a sqlite file in the work directory)")
+    parser.add_argument("--no-coordinator", action="store_true",
+                        help="have the agents and the artist open the queue directly instead of through a "
+                        "coordinator process (the one-machine path, without HTTP)")
     parser.add_argument("--work-dir", default=None, metavar="DIR",
                         help="queue, storage and the agents' directories (default: a new temporary directory, kept)")
     parser.add_argument("--frame-seconds", type=float, default=0.2, metavar="SECONDS",
@@ -54,9 +60,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace, streams: Streams) -> int:
     """run a whole job locally: submit, N agents, scouts, download, summary
 
-    Submit a job (default: the shipped example shot) to a temporary sqlite queue and storage, run N
-    agent processes with the cnode simulator, release the scouts once they are done, download the
-    frames and print a summary.
+    Start a coordinator on a queue (default: a sqlite file in a temporary directory), submit a job
+    (default: the shipped example shot) through it, run N agent processes that speak HTTP to it with
+    the cnode simulator, release the scouts once they are done, download the frames and print a
+    summary.
     """
     from cio_worker.sim.examples import example_job_path, example_root
     from cio_worker.sim.simulate import Simulation, SimulationConfig
@@ -84,6 +91,8 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         workers=args.workers,
         work_dir=Path(args.work_dir) if args.work_dir else None,
         storage_url=args.storage,
+        queue_url=args.queue,
+        coordinator=not args.no_coordinator,
         frame_seconds=args.frame_seconds,
         release_scouts=not args.no_release,
         timeout_seconds=args.timeout,

@@ -235,6 +235,10 @@ class Simulation:
         bin_dir.mkdir(exist_ok=True)
         install_cnode_shim(bin_dir)
         artist_map = PathMap.rooted(str(self.artist))
+        if self.database_url.lower().startswith(("postgresql:", "postgres:")):
+            from cio_worker.queue.postgres import init_schema
+
+            init_schema(self.database_url)  # a new database gets its schema; a current one is left as it is
         if self.config.coordinator:
             self._start_coordinator()
         queue = open_queue(self.queue_url, token=self._owner_token or None)
@@ -270,10 +274,6 @@ class Simulation:
 
     def _start_coordinator(self) -> None:
         """Tokens in the database, then `cio-worker serve` on a free loopback port."""
-        if self.database_url.lower().startswith(("postgresql:", "postgres:")):
-            from cio_worker.queue.postgres import init_schema
-
-            init_schema(self.database_url)
         with open_queue(self.database_url) as database:
             _, agent_token = database.create_token("simulation agents", ["agent"])
             _, self._owner_token = database.create_token("simulation artist", ["owner"])
