@@ -471,14 +471,17 @@ class SqlQueue(Queue):
 
     def _held(self, tx: Tx, lease: Lease) -> Row:
         """The task row (with its job's budgets) if ``lease`` still holds it; LeaseLost otherwise."""
-        number = self._job_number(tx, lease.job_id)
-        task = self._task_number(tx, number, lease.task_id)
-        row = tx.execute(
-            "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
-            " WHERE t.job_number = ? AND t.number = ?" + self.ROW_LOCK,
-            (number, task),
-        ).fetchone()
-        assert row is not None
+        job, task = _number(lease.job_id), _number(lease.task_id)
+        row = None
+        if job is not None and task is not None:
+            row = tx.execute(
+                "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
+                " WHERE t.job_number = ? AND t.number = ?" + self.ROW_LOCK,
+                (job, task),
+            ).fetchone()
+        if row is None:  # say which of the two does not exist
+            self._task_number(tx, self._job_number(tx, lease.job_id), lease.task_id)
+            raise AssertionError("unreachable")  # pragma: no cover
         if row["state"] == "leased" and row["lease_token"] == lease.token:
             if row["worker"] != lease.worker:
                 raise LeaseLost(f"{lease.label}: the lease belongs to {row['worker']}, not to {lease.worker}")
@@ -695,17 +698,17 @@ class SqlQueue(Queue):
     # -- helpers ----------------------------------------------------------------------------------
 
     def _job_number(self, tx: Tx, job_id: str) -> int:
-        text = str(job_id).strip()
-        if (text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS
-                and tx.execute("SELECT 1 AS one FROM jobs WHERE number = ?", (int(text),)).fetchone()):
-            return int(text)
+        number = _number(job_id)
+        if number is not None and tx.execute("SELECT 1 AS one FROM jobs WHERE number = ?", (number,)).fetchone():
+            return number
         raise QueueError(f"there is no job {job_id!r} in queue {self._where()}; `status` lists the jobs", code="unknown_job")
 
     def _task_number(self, tx: Tx, job: int, task_id: str) -> int:
-        text = str(task_id).strip()
-        if (text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS
-                and tx.execute("SELECT 1 AS one FROM tasks WHERE job_number = ? AND number = ?", (job, int(text))).fetchone()):
-            return int(text)
+        number = _number(task_id)
+        if number is not None and tx.execute(
+            "SELECT 1 AS one FROM tasks WHERE job_number = ? AND number = ?", (job, number)
+        ).fetchone():
+            return number
         raise QueueError(f"job {job_id_text(job)} has no task {task_id!r}", code="unknown_task")
 
     def _job_info(self, tx: Tx, number: int) -> JobInfo:
@@ -732,6 +735,14 @@ def _token_row(r: Row) -> credentials.TokenRow:
         id=r["id"], name=r["name"], scopes=frozenset(r["scopes"].split(",")), created=r["created"],
         revoked=r["revoked"], last_used=r["last_used"],
     )
+
+
+def _number(text: object) -> int | None:
+    """A job or task id as its stored number; None for text that names no number we store."""
+    text = str(text).strip()
+    if text.isascii() and text.isdigit() and len(text) <= _MAX_NUMBER_DIGITS:
+        return int(text)
+    return None
 
 
 def _check_op_id(op_id: object) -> None:
