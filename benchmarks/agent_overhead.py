@@ -217,9 +217,9 @@ class TimedQueue:
             self.claims.append((lease.task_id, t0, t1, cpu))
         return lease
 
-    def complete(self, lease, download=None) -> None:
+    def complete(self, lease, download=None, op_id=None) -> None:
         t0 = now()
-        self.inner.complete(lease, download)
+        self.inner.complete(lease, download, op_id=op_id)
         self.completes.append((lease.task_id, t0, now(), time.process_time()))
         self.after_complete()
 

@@ -175,9 +175,9 @@ class HeartbeatGate:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
-    def heartbeat(self, lease, lease_seconds):
+    def heartbeat(self, lease, lease_seconds, status=None):
         self.open.wait()
-        return self.inner.heartbeat(lease, lease_seconds)
+        return self.inner.heartbeat(lease, lease_seconds, status)
 
 
 class ClaimHook:

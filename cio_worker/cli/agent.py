@@ -78,6 +78,7 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     also come from the CIO_* environment variables named in their help.
     """
     from cio_worker.node.agent import Agent, AgentConfig
+    from cio_worker.node.identity import read_identity
     from cio_worker.node.preemption import start_watchers
     from cio_worker.storage.progress import LoggingProgress
 
@@ -109,9 +110,12 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         notices.append(notice)
         agent.on_notice(notice)
 
-    watchers = start_watchers(_preemption_config(args), on_notice)
+    config = _preemption_config(args)
+    watchers = start_watchers(config, on_notice)
     if watchers.provider:
         log.info("watching %s metadata for preemption notices", watchers.provider)
+    # What the agent registers as: read from the provider's metadata server when it starts.
+    agent.identity = lambda: read_identity(config, provider=watchers.provider or "none")
     try:
         summary = agent.run()
         # Drained: an Azure event may go ahead now instead of at its NotBefore time.

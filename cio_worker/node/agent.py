@@ -1,7 +1,22 @@
 """The agent loop: claim -> execute -> report, with heartbeats, cancellation, notices and an idle exit.
 
+At start the agent registers with the queue (``register_worker``, with its instance identity);
+its heartbeats carry what it is doing (syncing, rendering with the render's percent, uploading,
+draining) and it reports itself stopped when it exits. None of that ever stops the agent: a queue
+error there is logged and the work goes on.
+
+A queue that long-polls (the coordinator's ``HttpQueue``, whose ``claim`` takes ``wait``) is asked
+to hold an idle agent's claim until work comes, for the ``long_poll_seconds`` the coordinator
+gave; other queues are polled every ``poll_seconds``. The heartbeat interval and the lease length
+follow what the coordinator said (``queue.settings``) over the agent's own configuration.
+
+Every report goes through the durable outbox (``outbox.py``): written to disk before it is sent,
+removed once answered, kept and sent again later (in the background, before each claim, at
+start) while the queue is unavailable, always with the same operation id.
+
 A task whose lease was lost is never reported by this agent: a heartbeat that says so, or no
-successful heartbeat for a whole lease, stops the render and drops the result. A killed job
+successful heartbeat for a whole lease, stops the render and drops the result. Heartbeats that
+fail for less than a lease (a coordinator restarting) leave the render alone. A killed job
 (a heartbeat that says cancel) stops the render and fails the task. A stop (signal, preemption
 notice) stops claiming, stops the render with a kill ladder fitted to the deadline, uploads the
 frames already finished and releases the task with them; a hard stop releases it shortly before
@@ -11,17 +26,26 @@ its wall times (notice, process tree gone, released), which benchmarks and tests
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import queue as queue_module
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable, Mapping, Union
 
 from cio_worker.job.document import TaskDocument
-from cio_worker.errors import CioError, LeaseLost, QueueError
+from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.node.execution import ExecutionContext, TaskControl, TaskOutcome, execute, stop_stale_renders
-from cio_worker.queue import DownloadFile, NewDownload, Queue
+from cio_worker.node.identity import InstanceIdentity, local_identity
+from cio_worker.node.outbox import Outbox, Report, is_final
+from cio_worker.queue import DownloadFile, Lease, NewDownload, Queue
+from cio_worker.queue.base import WORKER_STATES, WorkerStatus
+
+# What the agent registers with: an identity, its dict, or something that reads one when the agent starts.
+IdentitySource = Union[InstanceIdentity, Mapping[str, Any], Callable[[], Any], None]
+MAX_LONG_POLL = 300.0  # the coordinator's limit on a claim's wait
 
 
 @dataclass
@@ -39,6 +63,14 @@ class AgentConfig:
     grace_share: float = 0.3
     hard_stop_margin: float = 1.5
     reap_stale_renders: bool = True  # at start, kill renders a killed predecessor left behind
+    # How long an idle claim waits on a queue that long-polls when it has not said (its
+    # ``long_poll_seconds``); 0: poll every ``poll_seconds`` instead.
+    long_poll_seconds: float = 20.0
+    outbox_retry_seconds: float = 5.0  # how often waiting reports are sent again in the background
+    # How long a report is retried in line before it is left to the outbox; None: while the lease
+    # surely holds (lease minus one heartbeat).
+    report_retry_seconds: float | None = None
+    exit_report_seconds: float = 5.0  # the "stopped" report may hold the exit up this long at most
 
 
 @dataclass
@@ -48,6 +80,9 @@ class AgentSummary:
     failed: int = 0
     released: int = 0
     lost: int = 0
+    deferred: int = 0  # reports left in the outbox because the queue was unavailable
+    redelivered: int = 0  # reports delivered from the outbox (this agent's or an earlier one's)
+    dropped_reports: int = 0  # reports from the outbox the queue refused for good (lease lost)
     outcomes: list[tuple[str, str, str]] = field(default_factory=list)  # (job, task, status)
     drains: list["DrainRecord"] = field(default_factory=list)
     stale_killed: list[int] = field(default_factory=list)  # pids of renders a killed agent left
@@ -66,7 +101,7 @@ class DrainRecord:
     deadline_at: float | None  # when the instance is gone
     tree_gone_at: float | None = None  # the render's process tree verified gone (None: none ran)
     released_at: float | None = None  # the queue has the task back (or failed, for a killed job)
-    by: str = "drain"  # drain | hard stop | not reported (lease lost)
+    by: str = "drain"  # drain | hard stop | completed | not reported (lease lost) | deferred (queue unavailable)
     state: str = ""  # the task's state after the report
     frames_done: str = ""
     files: int = 0
@@ -83,6 +118,15 @@ class DrainRecord:
         return self.released_at < self.deadline_at
 
 
+class ReportDeferred(Exception):
+    """A report the queue could not take now: it waits in the outbox (``report``), see ``error``."""
+
+    def __init__(self, report: Report, error: CioError) -> None:
+        super().__init__(f"{report.describe()} deferred: {error}")
+        self.report = report
+        self.error = error
+
+
 class Agent:
     def __init__(
         self,
@@ -93,6 +137,8 @@ class Agent:
         log: logging.Logger | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] | None = None,
+        identity: IdentitySource = None,
+        outbox: Outbox | None = None,
     ) -> None:
         self.config = config
         self.queue = queue
@@ -111,6 +157,15 @@ class Agent:
         self._current: _Current | None = None
         self._hard_stop: threading.Timer | None = None
         self.summary = AgentSummary()
+        self.identity = identity  # resolved (read) when the agent starts
+        self._info: dict[str, Any] | None = None
+        self.outbox = outbox or Outbox(ctx.work_root / "outbox", log=self.log)
+        self._registered = False
+        self._next_register = 0.0
+        self._send_status = True
+        self._long_polls = _accepts_wait(queue)
+        self._claimer: _ClaimThread | None = None
+        self._abandoned: list[_Pending] = []  # long-poll claims left behind by a stop
 
     # -- control from other threads (signals, notice watchers) ---------------------------------
 
@@ -165,6 +220,21 @@ class Agent:
     def _report_by(self, deadline: float | None) -> float | None:
         return None if deadline is None else deadline - self.config.hard_stop_margin
 
+    # -- what the coordinator said -------------------------------------------------------------
+
+    def _setting(self, name: str, default: float) -> float:
+        settings = getattr(self.queue, "settings", None)
+        value = settings.get(name) if isinstance(settings, Mapping) else None
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            return float(value)
+        return default
+
+    def _lease_seconds(self) -> float:
+        return self._setting("lease_seconds", self.config.lease_seconds)
+
+    def _heartbeat_seconds(self) -> float:
+        return self._setting("heartbeat_seconds", self.config.heartbeat_seconds)
+
     # -- the loop ------------------------------------------------------------------------------
 
     def run(self) -> AgentSummary:
@@ -178,6 +248,37 @@ class Agent:
                 self.summary.stale_killed = killed
                 self.log.warning("killed %d render processes an earlier agent on %s left behind: %s",
                                  len(killed), self.ctx.work_root, killed)
+        try:
+            self.outbox.recover()
+        except OSError as exc:
+            self.log.warning("outbox %s: %s", self.outbox.directory, exc)
+        self._register()
+        self._flush_outbox("at start")
+        sender_stop = threading.Event()
+        sender = threading.Thread(target=self._send_outbox_in_background, args=(sender_stop,), name="outbox",
+                                  daemon=True)
+        sender.start()
+        try:
+            self._loop()
+        finally:
+            sender_stop.set()
+            with self._lock:
+                if self._hard_stop is not None:
+                    self._hard_stop.cancel()
+            sender.join(timeout=1.0)  # a delivery hung on the network is left behind
+            for pending in self._abandoned:
+                pending.done.wait(1.0)
+            if self._claimer is not None:
+                self._claimer.close()
+            left = _count(self.outbox)
+            if left:
+                self.log.warning("%d reports wait in the outbox %s; they go when the queue answers "
+                                 "(the next agent on this work dir sends them)", left, self.outbox.directory)
+            self._report_stopped()
+        self.log.info("agent %s exiting: %s", self.config.worker_id, self.summary.exit_reason)
+        return self.summary
+
+    def _loop(self) -> None:
         idle_since = self.clock()
         while True:
             if self._stop_reason:
@@ -189,8 +290,13 @@ class Agent:
             if self.config.max_tasks is not None and self.summary.tasks >= self.config.max_tasks:
                 self.summary.exit_reason = f"ran {self.summary.tasks} tasks"
                 break
+            if not self._flush_outbox("before a claim"):
+                self._sleep(self.config.poll_seconds * 5)
+                continue
+            if not self._registered and self.clock() >= self._next_register:
+                self._register()
             try:
-                lease = self.queue.claim(self.config.worker_id, self.config.lease_seconds)
+                lease, waited = self._claim(idle_since)
             except QueueError as exc:
                 self.log.error("queue unavailable: %s; retrying in %.0f s", exc, self.config.poll_seconds * 5)
                 self._sleep(self.config.poll_seconds * 5)
@@ -200,15 +306,174 @@ class Agent:
                 if self.config.idle_exit_seconds is not None and idle >= self.config.idle_exit_seconds:
                     self.summary.exit_reason = f"idle for {idle:.0f} s"
                     break
-                self._sleep(self.config.poll_seconds)
+                if not waited:
+                    self._sleep(self.config.poll_seconds)
                 continue
             self._handle(lease)
             idle_since = self.clock()
+
+    # -- registration and status ---------------------------------------------------------------
+
+    def _identity_info(self) -> dict[str, Any]:
+        if self._info is None:
+            value: Any = self.identity
+            try:
+                if callable(value) and not isinstance(value, (InstanceIdentity, Mapping)):
+                    value = value()
+                if value is None:
+                    value = local_identity()
+                self._info = value.to_dict() if hasattr(value, "to_dict") else dict(value)
+            except Exception:  # noqa: BLE001 - an identity is never worth a failed start
+                self.log.exception("reading this instance's identity failed; registering with the machine's own")
+                self._info = local_identity().to_dict()
+        return self._info
+
+    def _register(self) -> None:
+        """Tell the queue who this worker is; a failure is logged and tried again before a later claim."""
+        info = self._identity_info()
+        try:
+            self.queue.register_worker(self.config.worker_id, info)
+        except Exception as exc:  # noqa: BLE001 - registering never stops the agent
+            self._next_register = self.clock() + max(5.0, self.config.poll_seconds * 5)
+            self.log.warning("registering worker %s failed: %s; working on, trying again later",
+                             self.config.worker_id, _short(exc))
+            return
+        self._registered = True
+        self.log.info("registered worker %s (%s %s %s)", self.config.worker_id, info.get("provider", "?"),
+                      info.get("machine_type") or "", info.get("instance_id") or "")
+
+    def _report_stopped(self) -> None:
+        """The worker's last word; never holds the exit up for long."""
+        timeout = self.config.exit_report_seconds
         with self._lock:
-            if self._hard_stop is not None:
-                self._hard_stop.cancel()
-        self.log.info("agent %s exiting: %s", self.config.worker_id, self.summary.exit_reason)
-        return self.summary
+            deadline = self._deadline
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - self.clock() - 0.2))
+        status = WorkerStatus("stopped", None, (self.summary.exit_reason or "stopped")[:500])
+        _bounded(lambda: self.queue.worker_report(self.config.worker_id, status), timeout,
+                 f"reporting worker {self.config.worker_id} stopped", self.log)
+
+    def _status(self, doc: TaskDocument, control: TaskControl) -> WorkerStatus:
+        phase, progress = control.phase()
+        if progress is not None:
+            progress = round(progress, 1)
+        if control.stopping:
+            return WorkerStatus("draining", progress, (control.reason or "stopping")[:500])
+        if phase not in WORKER_STATES:
+            phase = "rendering"
+        return WorkerStatus(phase, progress, f"{doc.label} frames {doc.task.frames}"[:500])
+
+    # -- claims --------------------------------------------------------------------------------
+
+    def _claim_wait(self, idle_since: float) -> float:
+        """Seconds the queue may hold this claim (0: a plain claim)."""
+        if not self._long_polls:
+            return 0.0
+        wait = min(self._setting("long_poll_seconds", self.config.long_poll_seconds), MAX_LONG_POLL)
+        if self.config.idle_exit_seconds is not None:  # the idle exit comes on time
+            wait = min(wait, self.config.idle_exit_seconds - (self.clock() - idle_since))
+        return max(0.0, wait)
+
+    def _claim(self, idle_since: float) -> tuple[Lease | None, bool]:
+        """(the lease or None, whether the claim waited on the queue)."""
+        lease_seconds = self._lease_seconds()
+        wait = self._claim_wait(idle_since)
+        if wait <= 0:
+            if self._long_polls:
+                return self.queue.claim(self.config.worker_id, lease_seconds, wait=0.0), False  # type: ignore[call-arg]
+            return self.queue.claim(self.config.worker_id, lease_seconds), False
+        return self._long_poll(lease_seconds, wait), True
+
+    def _long_poll(self, lease_seconds: float, wait: float) -> Lease | None:
+        """A claim the queue holds until work comes, made on the claim thread (which keeps its
+        connection between polls); a stop meanwhile leaves it behind, and a lease it brings after
+        that is given back untouched."""
+        if self._claimer is None:
+            self._claimer = _ClaimThread()
+        pending = self._claimer.submit(
+            lambda: self.queue.claim(self.config.worker_id, lease_seconds, wait=wait))  # type: ignore[call-arg]
+        while not pending.done.wait(0.1):
+            if self._stop_reason or self._no_new_work:
+                why = self._stop_reason or "no new work"
+                if pending.abandon(lambda lease: self._release_untouched(
+                        lease, f"claimed as the agent was stopping ({why})")):
+                    self._abandoned.append(pending)
+                    return None
+                break
+        if pending.error is not None:
+            raise pending.error
+        return pending.result
+
+    def _release_untouched(self, lease: Lease, reason: str) -> None:
+        """Give a task back that never ran, at no cost to it (cause ``released``)."""
+        doc: TaskDocument | None = getattr(lease, "document", None)
+        label = doc.label if doc is not None else lease.label
+        frames_done = doc.task.frames_done if doc is not None else ""
+        report = Report.of("release", lease, cause="released", frames_done=frames_done, reason=reason)
+        try:
+            state = self._deliver(report)
+            self.summary.released += 1
+            self.log.info("%s claimed while stopping: released untouched, now %s", label, state)
+            self.summary.outcomes.append((lease.job_id, lease.task_id, "released"))
+        except ReportDeferred as deferred:
+            self.summary.deferred += 1
+            self.log.warning("%s claimed while stopping: its release waits in the outbox (%s)", label, deferred.error)
+        except CioError as exc:
+            self.log.warning("%s claimed while stopping and could not be released: %s", label, exc)
+
+    # -- the outbox ----------------------------------------------------------------------------
+
+    def _flush_outbox(self, when: str) -> bool:
+        """Send the reports waiting in the outbox; False when the queue proved unavailable."""
+        try:
+            if not _count(self.outbox):
+                return True
+            result = self.outbox.flush(self.queue)
+        except Exception:  # noqa: BLE001 - a bug here must not stop the agent's work
+            self.log.exception("delivering the outbox %s failed", when)
+            return True
+        for report, _state in result.delivered:
+            self.summary.redelivered += 1
+            if report.kind == "complete":
+                self.summary.done += 1
+            elif report.kind == "fail":
+                self.summary.failed += 1
+            else:
+                self.summary.released += 1
+        self.summary.dropped_reports += len(result.dropped)
+        if result.error is not None:
+            self.log.warning("%d reports wait in the outbox (%s): %s", result.kept, when, _short(result.error))
+            return False
+        return True
+
+    def _send_outbox_in_background(self, stop: threading.Event) -> None:
+        while not stop.wait(max(0.05, self.config.outbox_retry_seconds)):
+            self._flush_outbox("in the background")
+
+    def _deliver(self, report: Report, control: TaskControl | None = None) -> str:
+        """Write ``report`` to the outbox, then send it, retrying in line while the queue is briefly
+        unusable. Returns the task's state after it. LeaseLost (logged here with the op id) and
+        refusals for good reach the caller with the report dropped; a queue that stays unavailable
+        raises ReportDeferred with the report kept for later."""
+        stored = True
+        try:
+            self.outbox.put(report)
+        except OSError as exc:
+            stored = False
+            self.log.error("%s: cannot write the report to the outbox %s (%s); sending it without a copy",
+                           report.label, self.outbox.directory, exc)
+        with self.outbox.sending(report.op_id):
+            try:
+                return self._reporting(lambda: self.outbox.send(self.queue, report), report.label, control)
+            except LeaseLost as exc:
+                self.log.warning("%s dropped: the lease is gone (%s); the task runs elsewhere", report.describe(), exc)
+                raise
+            except CioError as exc:
+                if stored and not is_final(exc):
+                    raise ReportDeferred(report, exc) from exc
+                raise
+
+    # -- one task ------------------------------------------------------------------------------
 
     def _handle(self, lease) -> None:
         doc: TaskDocument = lease.document
@@ -223,20 +488,12 @@ class Agent:
             with self._lock:
                 self._control = self._current = None
             self.summary.tasks += 1
-            try:
-                state = self._reporting(lambda: self.queue.release(
-                    lease, cause="released", frames_done=doc.task.frames_done,
-                    reason=f"claimed as the agent was stopping ({pending_stop})"), doc.label)
-                self.summary.released += 1
-                self.log.info("%s claimed while stopping: released untouched, now %s", doc.label, state)
-                self.summary.outcomes.append((doc.job.id, doc.task.id, "released"))
-            except CioError as exc:
-                self.log.warning("%s claimed while stopping and could not be released: %s", doc.label, exc)
+            self._release_untouched(lease, f"claimed as the agent was stopping ({pending_stop})")
             return
         lost = threading.Event()
         beat_stop = threading.Event()
         beater = threading.Thread(
-            target=self._heartbeat, args=(lease, control, lost, beat_stop), name="heartbeat", daemon=True
+            target=self._heartbeat, args=(lease, doc, control, lost, beat_stop), name="heartbeat", daemon=True
         )
         beater.start()
         self.summary.tasks += 1
@@ -261,7 +518,7 @@ class Agent:
             else:
                 current.reported = True
                 self._report(lease, doc, outcome, lost.is_set(), control)
-        beater.join(timeout=max(5.0, self.config.heartbeat_seconds))  # a hung heartbeat call is left behind
+        beater.join(timeout=max(5.0, self._heartbeat_seconds()))  # a hung heartbeat call is left behind
         with self._lock:
             self._current = None
 
@@ -289,25 +546,33 @@ class Agent:
             current.reported = True
             doc = current.doc
             drain = self._drain_record(doc, control, by="hard stop")
+            report = Report.of("release", current.lease,
+                               cause="released" if self._stop_cause == "released" else "preempted",
+                               frames_done=doc.task.frames_done,
+                               reason="hard stop: the drain did not finish before the deadline")
             try:
-                drain.state = self._reporting(lambda: self.queue.release(
-                    current.lease, cause="released" if self._stop_cause == "released" else "preempted",
-                    frames_done=doc.task.frames_done,
-                    reason="hard stop: the drain did not finish before the deadline"), doc.label)
+                drain.state = self._deliver(report)
                 drain.released_at = time.time()
                 drain.frames_done = doc.task.frames_done
                 self.summary.released += 1
                 self.log.error("%s: hard stop before the deadline; released without this attempt's frames",
                                doc.label)
+            except ReportDeferred as deferred:
+                self.summary.deferred += 1
+                drain.by = "hard stop, deferred (queue unavailable)"
+                self.log.error("%s: hard stop could not release the task now (%s); the release waits in the outbox",
+                               doc.label, deferred.error)
             except CioError as exc:
                 self.log.error("%s: hard stop could not release the task: %s", doc.label, exc)
             current.drain = drain
             self.summary.drains.append(drain)
 
-    def _heartbeat(self, lease, control: TaskControl, lost: threading.Event, stop: threading.Event) -> None:
-        """Extend the lease every heartbeat. A separate watch declares the lease lost when no
-        heartbeat has succeeded for a whole lease: the queue may have given the task away."""
-        expires = [self.clock() + self.config.lease_seconds]
+    def _heartbeat(self, lease, doc: TaskDocument, control: TaskControl, lost: threading.Event,
+                   stop: threading.Event) -> None:
+        """Extend the lease every heartbeat, with what the task is doing. A separate watch declares
+        the lease lost when no heartbeat has succeeded for a whole lease (the queue may have given
+        the task away); until then failing heartbeats (a coordinator restarting) change nothing."""
+        expires = [self.clock() + self._lease_seconds()]
         guard = threading.Lock()
 
         def watch() -> None:
@@ -321,26 +586,37 @@ class Agent:
             if not stop.is_set():
                 lost.set()
                 self.log.warning("%s: no heartbeat got through for %.0f s; the lease is presumed lost",
-                                 lease.label, self.config.lease_seconds)
+                                 lease.label, self._lease_seconds())
                 control.request_stop("lease lost: no heartbeat got through for a whole lease", cause="lease_lost",
                                      grace=self.config.stop_grace)
 
         watcher = threading.Thread(target=watch, name="lease-watch", daemon=True)
         watcher.start()
+        failing = 0
         try:
-            while not stop.wait(self.config.heartbeat_seconds):
+            while not stop.wait(self._heartbeat_seconds()):
+                if lost.is_set():
+                    return  # presumed lost: a late renewal would only keep the task from running elsewhere
                 asked = self.clock()
+                lease_seconds = self._lease_seconds()
                 try:
-                    reply = self.queue.heartbeat(lease, self.config.lease_seconds)
+                    reply = self._beat(lease, lease_seconds, doc, control)
                 except LeaseLost as exc:
                     lost.set()
                     control.request_stop(f"lease lost: {exc}", cause="lease_lost", grace=self.config.stop_grace)
                     return
                 except CioError as exc:  # the queue is briefly unreachable: the lease may still hold
-                    self.log.warning("heartbeat failed: %s", exc)
+                    failing += 1
+                    with guard:
+                        left = expires[0] - self.clock()
+                    self.log.warning("heartbeat failed (%d in a row; the lease holds %.1f s more): %s", failing,
+                                     max(0.0, left), _short(exc))
                     continue
+                if failing:
+                    self.log.info("%s: heartbeats get through again after %d failures", lease.label, failing)
+                    failing = 0
                 with guard:
-                    expires[0] = asked + self.config.lease_seconds
+                    expires[0] = asked + lease_seconds
                 if reply.cancel:
                     control.request_stop("the job was killed by its owner", cause="cancelled",
                                          grace=min(self.config.stop_grace, self.ctx.kill_grace))
@@ -348,12 +624,31 @@ class Agent:
             stop.set()
             watcher.join()
 
+    def _beat(self, lease, lease_seconds: float, doc: TaskDocument, control: TaskControl):
+        """One heartbeat, with the worker's status while the queue takes it; a status the queue
+        refuses is left out from then on (it must never cost the lease)."""
+        if not self._send_status:
+            return self.queue.heartbeat(lease, lease_seconds)
+        status = self._status(doc, control)
+        try:
+            return self.queue.heartbeat(lease, lease_seconds, status=status)
+        except DocumentError as exc:
+            if not exc.field.startswith("status"):
+                raise
+            self._send_status = False
+            self.log.warning("the queue refused the worker status (%s); heartbeats go on without it", exc)
+            return self.queue.heartbeat(lease, lease_seconds)
+
     def _reporting(self, action: Callable[[], object], label: str, control: TaskControl | None = None):
         """Run a report (complete, fail, release), retrying while the queue is briefly unusable
-        (e.g. locked past its busy timeout) for as long as the lease surely holds, or until the
-        report is due before a deadline. LeaseLost, and the last error, go to the caller."""
-        lease_left = max(1.0, self.config.lease_seconds - self.config.heartbeat_seconds)
-        limit = self.clock() + lease_left
+        (e.g. locked past its busy timeout) for as long as the lease surely holds (or
+        ``report_retry_seconds``), or until the report is due before a deadline. LeaseLost, and
+        the last error, go to the caller."""
+        if self.config.report_retry_seconds is not None:
+            window = max(0.0, self.config.report_retry_seconds)
+        else:
+            window = max(1.0, self._lease_seconds() - self._heartbeat_seconds())
+        limit = self.clock() + window
         with self._lock:
             deadline = self._deadline
         if deadline is not None:
@@ -367,7 +662,7 @@ class Agent:
             except LeaseLost:
                 raise
             except QueueError as exc:
-                if self.clock() + pause >= limit:
+                if is_final(exc) or self.clock() + pause >= limit:
                     raise
                 self.log.warning("%s: the queue refused the report (%s); retrying", label, exc)
                 time.sleep(pause)
@@ -412,7 +707,7 @@ class Agent:
                     drain.by = "not reported (lease lost)"
                 self.log.warning("%s: lease lost; not reporting it", label)
             elif status == "done":
-                self._reporting(lambda: self.queue.complete(lease, _download(doc, outcome)), label, control)
+                self._deliver(Report.of("complete", lease, download=_download(doc, outcome)), control)
                 self.summary.done += 1
                 if drain is not None:  # finished (and uploaded) inside the notice
                     drain.by, drain.state, drain.released_at = "completed", "done", time.time()
@@ -421,7 +716,7 @@ class Agent:
                 self.log.info("%s done: %d outputs, log %s", label, len(outcome.outputs.files) if outcome.outputs else 0,
                               outcome.log_path)
             elif status == "stopped" and outcome.error is not None and outcome.error.code == "cancelled":
-                state = self._reporting(lambda: self.queue.fail(lease, outcome.reason), label, control)
+                state = self._deliver(Report.of("fail", lease, reason=outcome.reason), control)
                 self.summary.failed += 1
                 if drain is not None:
                     drain.released_at, drain.state = time.time(), state
@@ -431,13 +726,13 @@ class Agent:
                 code = outcome.error.code if outcome.error else "preempted"
                 frames = str(outcome.frames_done | doc.task.frames_done_set)
                 download = _download(doc, outcome)
-                state = self._reporting(lambda: self.queue.release(
-                    lease,
+                state = self._deliver(Report.of(
+                    "release", lease,
                     cause="released" if code == "released" else "preempted",
                     frames_done=frames,
                     download=download,
                     reason=outcome.reason,
-                ), label, control)
+                ), control)
                 self.summary.released += 1
                 if drain is not None:
                     drain.released_at, drain.state = time.time(), state
@@ -445,20 +740,27 @@ class Agent:
                 self.log.info("%s released (%s), frames delivered %s, now %s", label, outcome.reason,
                               outcome.frames_done or "none", state)
             else:
-                state = self._reporting(lambda: self.queue.fail(lease, outcome.reason), label, control)
+                state = self._deliver(Report.of("fail", lease, reason=outcome.reason), control)
                 self.summary.failed += 1
                 self.log.error("%s failed: %s (log %s); now %s", label, outcome.reason, outcome.log_path, state)
-        except LeaseLost:
+        except LeaseLost:  # logged by _deliver, with the op id
             self.summary.lost += 1
             status = "lost"
             if drain is not None:
                 drain.by = "not reported (lease lost)"
-            self.log.warning("%s: lease lost before the report; the queue has given it to another agent", label)
-        except CioError as exc:  # the queue stayed unusable for as long as the lease could hold
+        except ReportDeferred as deferred:
+            self.summary.deferred += 1
+            status = "deferred"
+            if drain is not None:
+                drain.by = "deferred (queue unavailable)"
+            self.log.error("%s: could not report %s now: %s; the report waits in the outbox (op id %s) and goes "
+                           "when the queue answers", label, outcome.status, _short(deferred.error),
+                           deferred.report.op_id)
+        except CioError as exc:  # refused for good, or unavailable with no outbox copy
             self.summary.lost += 1
             status = "unreported"
             if drain is not None:
-                drain.by = "not reported (queue unavailable)"
+                drain.by = "not reported"
             self.log.error("%s: could not report %s: %s; its lease will expire and it will run again",
                            label, outcome.status, exc)
         self.summary.outcomes.append((doc.job.id, doc.task.id, status))
@@ -486,3 +788,100 @@ def _download(doc: TaskDocument, outcome: TaskOutcome) -> NewDownload | None:
         output_dir=doc.job.output_path,
         files=tuple(DownloadFile(f.relative_path, f.md5, f.size, f.key) for f in outcome.outputs.files),
     )
+
+
+def _accepts_wait(queue: Queue) -> bool:
+    """Whether ``queue.claim`` long-polls (takes ``wait``)."""
+    try:
+        return "wait" in inspect.signature(queue.claim).parameters
+    except (TypeError, ValueError, AttributeError):
+        return False
+
+
+def _count(outbox: Outbox) -> int:
+    try:
+        return len(outbox)
+    except OSError:
+        return 0
+
+
+def _short(exc: BaseException, limit: int = 300) -> str:
+    text = str(exc) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _bounded(action: Callable[[], object], timeout: float, what: str, log: logging.Logger) -> None:
+    """Run ``action`` on a thread, waiting ``timeout`` seconds at most; failures are logged."""
+    done = threading.Event()
+
+    def call() -> None:
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - a status report never stops the agent
+            log.warning("%s failed: %s", what, _short(exc))
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=call, name="report", daemon=True)
+    thread.start()
+    if not done.wait(max(0.0, timeout)):
+        log.warning("%s: no answer within %.1f s; going on", what, timeout)
+
+
+class _Pending:
+    """One call on the claim thread: its result or error, once ``done``."""
+
+    def __init__(self, action: Callable[[], Any]) -> None:
+        self.action = action
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self._guard = threading.Lock()
+        self._on_late: Callable[[Any], None] | None = None
+
+    def run(self) -> None:
+        result = error = None
+        try:
+            result = self.action()
+        except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+            error = exc
+        with self._guard:
+            self.result, self.error = result, error
+            self.done.set()
+            late = self._on_late
+        if late is not None and result is not None:
+            try:
+                late(result)
+            except Exception:  # noqa: BLE001 - on the claim thread: nobody else would see it
+                logging.getLogger("cio_worker.node.agent").exception("giving back a late claim failed")
+
+    def abandon(self, on_late: Callable[[Any], None]) -> bool:
+        """Nobody waits any more: a result that comes later goes to ``on_late``. False when the
+        result is already there (the caller takes it)."""
+        with self._guard:
+            if self.done.is_set():
+                return False
+            self._on_late = on_late
+            return True
+
+
+class _ClaimThread:
+    """One daemon thread for long-poll claims, so a stop never waits for a poll to end and the
+    queue's connection (per thread) is kept between polls."""
+
+    def __init__(self) -> None:
+        self._jobs: "queue_module.SimpleQueue[_Pending | None]" = queue_module.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="claim", daemon=True)
+        self._thread.start()
+
+    def submit(self, action: Callable[[], Any]) -> _Pending:
+        pending = _Pending(action)
+        self._jobs.put(pending)
+        return pending
+
+    def _run(self) -> None:
+        while (pending := self._jobs.get()) is not None:
+            pending.run()
+
+    def close(self) -> None:
+        self._jobs.put(None)

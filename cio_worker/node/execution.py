@@ -89,6 +89,28 @@ class TaskControl:
         self.report_by: float | None = None  # when the outcome must be reported (the hard stop)
         self.requested_at: float | None = None  # wall time of the first request
         self._process = None
+        # What the task is doing, for the agent's heartbeats: syncing, rendering, uploading; and
+        # how far the render is (read when asked, from the render's own progress lines).
+        self._phase = "syncing"
+        self._progress: Callable[[], float] | None = None
+
+    def set_phase(self, phase: str, progress: Callable[[], float] | None = None) -> None:
+        """The task moved on (``syncing``, ``rendering``, ``uploading``); ``progress`` gives the
+        percent done of this phase whenever it is asked (the render's monitor)."""
+        with self._lock:
+            self._phase, self._progress = phase, progress
+
+    def phase(self) -> tuple[str, float | None]:
+        """(phase, percent or None) as of now; never raises."""
+        with self._lock:
+            phase, progress = self._phase, self._progress
+        if progress is None:
+            return phase, None
+        try:
+            percent = float(progress())
+        except Exception:  # noqa: BLE001 - a status line is never worth a failure
+            return phase, None
+        return phase, min(100.0, max(0.0, percent))
 
     def request_stop(self, reason: str, cause: str = "preempted", grace: float | None = None,
                      deadline: float | None = None, report_by: float | None = None) -> None:
@@ -172,8 +194,9 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
         ctx.say(f"syncing {len(job.upload_files)} inputs")
-        syncer = InputSync(storage, ctx.cache, ctx.md5cache, ctx.path_map,
-                           progress=_StopOnRequest(ctx.progress("sync"), control))
+        sync_progress = _StopOnRequest(ctx.progress("sync"), control)
+        control.set_phase("syncing", sync_progress.percent)
+        syncer = InputSync(storage, ctx.cache, ctx.md5cache, ctx.path_map, progress=sync_progress)
         outcome.sync = syncer.sync(job.upload_files)
         outcome.timings["sync"] = ctx.clock() - started
         if control.stopping:
@@ -196,6 +219,7 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
         outcome.exec_started = ctx.clock()
+        control.set_phase("rendering", monitor.percent)
         outcome.timings["claim_to_exec"] = outcome.exec_started - started - outcome.timings["sync"]
         ctx.say(f"running {'cnode' if prepared.is_cnode else 'command'} for frames "
                 f"{prepared.frames if prepared.is_cnode else task.frames} tile {task.tile}/{task.tiles}")
@@ -276,6 +300,7 @@ def _upload_guarded(storage: Storage, scan: OutputScan, ctx: ExecutionContext, c
         outcome.salvage_cut = True
         return set()
     progress = _UploadGuard(ctx.progress("upload"), control, ctx.clock)
+    control.set_phase("uploading", progress.percent)
     try:
         upload_outputs(storage, scan, progress)
     except CioError as exc:
@@ -319,6 +344,13 @@ class _StopOnRequest:
     def __init__(self, inner: Progress | None, control: TaskControl) -> None:
         self._inner = inner
         self._control = control
+        self._lock = threading.Lock()
+        self._total = 0
+        self._moved = 0
+
+    def percent(self) -> float:
+        with self._lock:
+            return 100.0 * self._moved / self._total if self._total > 0 else 0.0
 
     def _check(self) -> None:
         if self._control.stopping:
@@ -326,11 +358,15 @@ class _StopOnRequest:
 
     def start(self, files: int, total_bytes: int) -> None:
         self._check()
+        with self._lock:
+            self._total, self._moved = max(0, int(total_bytes)), 0
         if self._inner is not None:
             self._inner.start(files, total_bytes)
 
     def advance(self, nbytes: int) -> None:
         self._check()
+        with self._lock:
+            self._moved = min(self._total, self._moved + max(0, int(nbytes)))
         if self._inner is not None:
             self._inner.advance(nbytes)
 
@@ -349,6 +385,13 @@ class _UploadGuard:
         self._clock = clock
         self._lock = threading.Lock()
         self.done_keys: set[str] = set()
+        self._total = 0
+        self._moved = 0
+
+    def percent(self) -> float:
+        """Bytes moved of the bytes to move, in percent (0 until the transfer says its size)."""
+        with self._lock:
+            return 100.0 * self._moved / self._total if self._total > 0 else 0.0
 
     def _check(self) -> None:
         control = self._control
@@ -360,11 +403,15 @@ class _UploadGuard:
             raise StopRequested("the report is due: upload cut short")
 
     def start(self, files: int, total_bytes: int) -> None:
+        with self._lock:
+            self._total, self._moved = max(0, int(total_bytes)), 0
         if self._inner is not None:
             self._inner.start(files, total_bytes)
 
     def advance(self, nbytes: int) -> None:
         self._check()
+        with self._lock:
+            self._moved = min(self._total, self._moved + max(0, int(nbytes)))
         if self._inner is not None:
             self._inner.advance(nbytes)
 

@@ -52,6 +52,7 @@ EC2_NOTICE_SECONDS = 120.0
 AZURE_EVENTS_PATH = "/metadata/scheduledevents"
 AZURE_INSTANCE_PATH = "/metadata/instance"
 AZURE_API_VERSION = "2020-07-01"
+AZURE_INSTANCE_API_VERSION = "2021-02-01"  # the instance document (identity, detection)
 
 
 class PreemptionConfigError(CioError, ValueError):
@@ -383,17 +384,23 @@ class Ec2Watcher(_Watcher):
     def _current_token(self, session: requests.Session) -> str:
         if self._token is None or self._clock() >= self._token_expires - self._refresh_margin:
             asked_at = self._clock()
-            response = session.put(self._base + EC2_TOKEN_PATH,
-                                   headers={EC2_TTL_HEADER: str(self._ttl)}, timeout=self._timeout)
-            if response.status_code != 200 or not response.text:
-                raise _BadStatus(EC2_TOKEN_PATH, response.status_code)
-            try:
-                ttl = int(response.headers.get(EC2_TTL_HEADER, self._ttl))
-            except ValueError:
-                ttl = self._ttl
-            self._token = response.text
+            self._token, ttl = ec2_token(session, self._base, self._ttl, self._timeout)
             self._token_expires = asked_at + ttl
         return self._token
+
+
+def ec2_token(session: requests.Session, base_url: str, ttl: int = 21600,
+              timeout: float | tuple[float, float] = 2.0) -> tuple[str, int]:
+    """An IMDSv2 session token and the seconds it lives (``PUT /latest/api/token``)."""
+    response = session.put(base_url.rstrip("/") + EC2_TOKEN_PATH, headers={EC2_TTL_HEADER: str(ttl)},
+                           timeout=timeout)
+    if response.status_code != 200 or not response.text:
+        raise _BadStatus(EC2_TOKEN_PATH, response.status_code)
+    try:
+        granted = int(response.headers.get(EC2_TTL_HEADER, ttl))
+    except ValueError:
+        granted = ttl
+    return response.text, granted
 
 
 class AzureWatcher(_Watcher):
@@ -569,7 +576,7 @@ def _probe(provider: str, url: str, session: requests.Session, timeout: float) -
             return response.status_code == 200 and bool(response.text)
         if provider == "azure":
             response = session.get(url + AZURE_INSTANCE_PATH, timeout=timeout,
-                                   params={"api-version": "2021-02-01"},
+                                   params={"api-version": AZURE_INSTANCE_API_VERSION},
                                    headers={"Metadata": "true"})
             return response.status_code == 200 and "compute" in response.json()
     except (requests.RequestException, ValueError):

@@ -3,7 +3,8 @@
 It serves the GCE, EC2 IMDSv2 and Azure shapes of spec/cloud.md on one port (each provider can
 be switched off), and control endpoints under ``/_control/<method>`` (JSON in, JSON out) that
 mirror the Python methods of ``MetadataState``: raise or clear notices, set attributes and
-user-data, make the next requests fail, expire tokens, read the request log.
+user-data, change what the instance says it is (``set_identity``: id, zone, machine type, spot or
+not), make the next requests fail, expire tokens, read the request log.
 
 Run it as a process with ``python -m cio_worker.sim.metadata_server --port N``; it prints its URL.
 """
@@ -55,8 +56,11 @@ class InstanceIdentity:
     preemptible: bool = True
     ec2_instance_id: str = "i-0123456789abcdef0"
     ec2_instance_type: str = "c5.2xlarge"
+    ec2_availability_zone: str = "us-east-1a"
     azure_vm_id: str = "02aab8a4-74ef-476e-8182-f6d2ba4166a6"
     azure_vm_size: str = "Standard_D8s_v3"
+    azure_location: str = "westeurope"
+    azure_zone: str = "1"  # "" for a VM in no availability zone
 
 
 @dataclass(frozen=True)
@@ -238,6 +242,16 @@ class MetadataState:
         with self._cond:
             self._faults.append(_Fault(int(count), int(status), provider))
 
+    def set_identity(self, **changes: Any) -> dict[str, Any]:
+        """Change what the instance says it is (fields of ``InstanceIdentity``); returns it all."""
+        unknown = set(changes) - set(InstanceIdentity.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown identity fields {sorted(unknown)}")
+        with self._cond:
+            self.identity = replace(self.identity, **changes)
+            self._cond.notify_all()
+            return asdict(self.identity)
+
     def expire_tokens(self) -> int:
         with self._cond:
             count = len(self._tokens)
@@ -258,8 +272,8 @@ class MetadataState:
 
     CONTROLS = ("raise_gce_preempt", "raise_gce_maintenance", "raise_ec2_spot",
                 "raise_ec2_rebalance", "raise_azure_preempt", "clear", "set_gce_attributes",
-                "set_ec2_user_data", "fail_next", "expire_tokens", "request_log", "clear_log",
-                "azure_acks")
+                "set_ec2_user_data", "set_identity", "fail_next", "expire_tokens", "request_log",
+                "clear_log", "azure_acks")
 
     def control(self, name: str, arguments: Mapping[str, Any]) -> Any:
         if name not in self.CONTROLS:
@@ -402,6 +416,12 @@ class MetadataState:
                 return _text(200, ident.ec2_instance_id, ttl_left)
             if path == "/latest/meta-data/instance-type":
                 return _text(200, ident.ec2_instance_type, ttl_left)
+            if path == "/latest/meta-data/placement/availability-zone":
+                return _text(200, ident.ec2_availability_zone, ttl_left)
+            if path == "/latest/meta-data/placement/region":
+                return _text(200, ident.ec2_availability_zone.rstrip("abcdefghijklmnopqrstuvwxyz"), ttl_left)
+            if path == "/latest/meta-data/instance-life-cycle":
+                return _text(200, "spot" if ident.preemptible else "on-demand", ttl_left)
             if path == "/latest/meta-data/spot/instance-action" and self._spot_action:
                 return _json(200, self._spot_action, ttl_left)
             if path == "/latest/meta-data/spot/termination-time" and self._spot_action:
@@ -422,7 +442,8 @@ class MetadataState:
         if request.path == AZURE_INSTANCE_PATH and request.method == "GET":
             ident = self.identity
             return _json(200, {"compute": {"name": ident.name, "vmId": ident.azure_vm_id,
-                                           "vmSize": ident.azure_vm_size,
+                                           "vmSize": ident.azure_vm_size, "location": ident.azure_location,
+                                           "zone": ident.azure_zone,
                                            "priority": "Spot" if ident.preemptible else "Regular"}})
         if request.path != AZURE_EVENTS_PATH:
             return _json(404, {"error": "Not found"})
