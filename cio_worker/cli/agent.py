@@ -83,7 +83,7 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     from cio_worker.storage.progress import LoggingProgress
 
     log = setup_logging(args.log_level, streams.err)
-    queue = open_existing_queue(args.queue, queue_token(args))  # a mistyped --queue must not idle on a new, empty one
+    queue = open_existing_queue(args.queue, queue_token(args), patient=True)  # a mistyped --queue must not idle on a new, empty one
     ctx = node_context(args, path_map_from_args(args), say=lambda line: log.info("%s", line),
                        progress=lambda phase: LoggingProgress(log, phase))
     agent = Agent(

@@ -107,12 +107,13 @@ def node_context(args: argparse.Namespace, path_map, *, say=lambda line: None, p
     )
 
 
-def open_existing_queue(url: str, token: str | None = None) -> "Queue":
+def open_existing_queue(url: str, token: str | None = None, *, patient: bool = False) -> "Queue":
     """Open a queue that must already exist (status, release, kill, download, agent).
 
     ``open_queue`` creates a missing sqlite file, which is right for ``submit`` only; for any other
     command a missing file is a wrong --queue, and a new empty queue would hide that ("no jobs in
-    the queue", an agent idling on nothing).
+    the queue", an agent idling on nothing). A coordinator that does not answer is retried for a
+    few seconds before a person is told, or for half a minute when ``patient`` (an agent).
     """
     from cio_worker.queue import open_queue, sqlite_path
 
@@ -125,7 +126,10 @@ def open_existing_queue(url: str, token: str | None = None) -> "Queue":
                 "`cio-worker submit` creates the queue with the first job",
                 code="no_queue",
             )
-    return open_queue(url, token=token)
+    queue = open_queue(url, token=token)
+    if hasattr(queue, "retry_seconds"):
+        queue.retry_seconds = 30.0 if patient else 5.0
+    return queue
 
 
 def check_new_queue(url: str, token: str | None = None) -> None:
