@@ -104,7 +104,9 @@ class HttpQueue(Queue):
             except requests.exceptions.SSLError as exc:
                 raise QueueError(f"coordinator {self.url}: TLS failed ({_short(exc)}); check its certificate "
                                  "(or point REQUESTS_CA_BUNDLE at the CA that signed it)", code="queue_unavailable") from None
-            except (requests.ConnectionError, requests.Timeout) as exc:
+            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as exc:
+                # ChunkedEncodingError: the answer was cut after its headers (a reset mid-body), so
+                # the coordinator may have acted; the retry carries the same op id.
                 raise _Retryable(f"coordinator {self.url} did not answer {method} {path} ({_short(exc)})") from None
             if response.status_code in _RETRY_STATUS:
                 raise _Retryable(f"coordinator {self.url} answered {response.status_code} to {method} {path}"

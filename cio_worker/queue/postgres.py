@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -27,6 +28,7 @@ from cio_worker.queue.base import STATES
 from cio_worker.queue.sql import WORKERS_TOKENS_OPERATIONS, Cursor, SqlQueue
 
 SCHEMES = ("postgresql", "postgres")
+CLOCK_RESYNC_SECONDS = 10.0
 
 # Each migration takes the schema from the version before it to its own; never edit a released one.
 MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
@@ -137,13 +139,37 @@ def _driver():
     return psycopg, psycopg_pool
 
 
+class _PgCursor:
+    """A cursor of a pipelined transaction: reading its rows or its row count waits for the server."""
+
+    def __init__(self, cursor: Any, pipeline: Any) -> None:
+        self._cursor, self._pipeline = cursor, pipeline
+
+    @property
+    def rowcount(self) -> int:
+        if self._pipeline is not None:
+            self._pipeline.sync()
+        return self._cursor.rowcount
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+
 class _PgTx:
-    """A psycopg connection inside a transaction, spoken to with ``?`` placeholders."""
+    """A psycopg connection inside a transaction, spoken to with ``?`` placeholders.
+
+    In pipeline mode a statement is sent at once and only reading a result waits for the server,
+    so the writes that end a claim or a report (update, event, worker, commit) cost one round trip.
+    """
 
     _converted: dict[str, str] = {}
 
-    def __init__(self, conn: Any) -> None:
+    def __init__(self, conn: Any, pipeline: Any = None) -> None:
         self.conn = conn
+        self.pipeline = pipeline
 
     @classmethod
     def _sql(cls, sql: str) -> str:
@@ -153,7 +179,7 @@ class _PgTx:
         return converted
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Cursor:
-        return self.conn.execute(self._sql(sql), tuple(params))
+        return _PgCursor(self.conn.execute(self._sql(sql), tuple(params)), self.pipeline)
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> None:
         with self.conn.cursor() as cur:
@@ -161,6 +187,7 @@ class _PgTx:
 
 
 class PostgresQueue(SqlQueue):
+    REAP_INTERVAL = 0.5
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
     REAP_LOCK = " FOR UPDATE OF t SKIP LOCKED"
     ROW_LOCK = " FOR UPDATE OF t"
@@ -182,6 +209,7 @@ class PostgresQueue(SqlQueue):
         self._guard = threading.Lock()
         self._pool: Any = None
         self._pool_pid = 0
+        self._clock_sync: tuple[float, float] | None = None  # (database epoch seconds, monotonic) read together
         self._closed = False
         with self._transaction(write=False) as tx:  # fail now on a wrong URL, a missing schema
             check_schema(tx, self._where())
@@ -229,8 +257,8 @@ class PostgresQueue(SqlQueue):
         pool = self._get_pool()
         try:
             with pool.connection() as conn:
-                with conn.transaction():
-                    yield _PgTx(conn)
+                with conn.pipeline() as pipeline, conn.transaction():
+                    yield _PgTx(conn, pipeline)
         except psycopg_pool.PoolTimeout:
             raise QueueError(
                 f"no connection to the queue database {self._where()} within {self._connect_timeout:g} s",
@@ -242,9 +270,21 @@ class PostgresQueue(SqlQueue):
             raise QueueError(f"queue database {self._where()}: {_first_line(exc)}", code="queue_db") from exc
 
     def _now(self, tx: Any) -> float:
+        """The database's clock: read from the server now and then, carried forward by this
+        process's monotonic clock in between (one round trip saved per change; the machine's
+        wall clock, which may be wrong or step, is never used)."""
         if self._clock is not None:
             return self._clock()
-        return tx.execute("SELECT extract(epoch FROM clock_timestamp())::float8 AS now").fetchone()["now"]
+        mono = time.monotonic()
+        with self._guard:
+            synced = self._clock_sync
+        if synced is None or mono - synced[1] > CLOCK_RESYNC_SECONDS:
+            db_now = tx.execute("SELECT extract(epoch FROM clock_timestamp())::float8 AS now").fetchone()["now"]
+            mono = time.monotonic()
+            with self._guard:
+                self._clock_sync = synced = (db_now, mono)
+            return db_now
+        return synced[0] + (mono - synced[1])
 
     def close(self) -> None:
         with self._guard:

@@ -107,12 +107,16 @@ class SqlQueue(Queue):
     # Appended to the claim's SELECT of the next pending task / the reap's SELECT of expired leases.
     CLAIM_LOCK = ""
     REAP_LOCK = ""
+    # A claim reaps expired leases first, at most this often (by the queue's clock): many claimers
+    # need not all look for the same expired leases.
+    REAP_INTERVAL = 0.0
     # Appended to SELECTs of the rows a change is about to update (a report, a kill); the table
     # whose rows it locks is always aliased ``t``.
     ROW_LOCK = ""
 
     def __init__(self) -> None:
         self._jobs_cache: dict[int, JobInfo] = {}
+        self._next_reap = float("-inf")
 
     # -- what a backend provides ------------------------------------------------------------------
 
@@ -260,7 +264,9 @@ class SqlQueue(Queue):
         _check_lease_seconds(lease_seconds)
         with self._transaction() as tx:
             now = self._now(tx)
-            self._reap(tx, now)
+            if now >= self._next_reap:
+                self._reap(tx, now)
+                self._next_reap = now + self.REAP_INTERVAL
             while True:
                 row = tx.execute(
                     "SELECT * FROM tasks WHERE state = 'pending' ORDER BY job_number, number LIMIT 1" + self.CLAIM_LOCK
