@@ -24,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cio_worker import __version__
 from cio_worker.coordinator.signal import WorkSignal
@@ -200,6 +201,31 @@ class _BodyLimit:
                     return await too_big(scope, receive, send)
             except ValueError:
                 return await _error_response(400, "bad_request", "Content-Length is not a number")(scope, receive, send)
+        if declared is None and scope.get("method") not in ("GET", "HEAD"):
+            # A streamed (chunked) body: read it here up to the limit and hand it on whole, since
+            # FastAPI answers 400 to any error raised while it reads a body.
+            chunks: list[bytes] = []
+            size = 0
+            while True:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return  # the client went away
+                chunks.append(message.get("body", b""))
+                size += len(chunks[-1])
+                if size > limit:
+                    return await too_big(scope, receive, send)
+                if not message.get("more_body", False):
+                    break
+            whole: dict | None = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+
+            async def replay() -> dict:
+                nonlocal whole
+                if whole is not None:
+                    message, whole = whole, None
+                    return message
+                return await receive()
+
+            return await self.app(scope, replay, send)
         seen = 0
 
         async def counted() -> dict:
@@ -226,6 +252,18 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=limiter)
+
+    async def report(fn: Callable[..., T], lease: Any, *args: Any) -> T:
+        """A report (its op id last): a copy of it sent while it was in flight (a client's retry
+        after a timeout) may have been applied while this one waited on the task's row lock, and
+        this one then finds the lease gone. Asked once more, the queue answers with the copy's
+        recorded result; a lease really lost is LeaseLost again."""
+        try:
+            return await call(fn, lease, *args)
+        except LeaseLost:
+            if args[-1] is None:
+                raise
+            return await call(fn, lease, *args)
 
     async def watch() -> None:
         """Reap expired leases; while agents wait, look for work and wake one waiter per task."""
@@ -261,6 +299,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         version=__version__,
         description="The farm's queue over HTTP: agents claim, heartbeat and report; owners submit, watch and download.",
         lifespan=lifespan,
+        redirect_slashes=False,  # exact paths: "/v1/claim/" is a 404, not a 307 that re-sends the body
     )
     app.state.signal = signal
 
@@ -302,6 +341,23 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
         return _error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """FastAPI's own refusals (no such route, wrong method, an unreadable body) in our shape."""
+        path = request.url.path if len(request.url.path) <= 200 else request.url.path[:200] + "..."
+        if exc.status_code == 404:
+            code, message = "not_found", f"there is no {path} here; /openapi.json lists the API"
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow") or (exc.headers or {}).get("allow") or ""
+            code, message = "method_not_allowed", f"{request.method} is not allowed on {path}" + (
+                f" (use {allowed})" if allowed else "")
+        else:
+            code = "bad_request" if exc.status_code == 400 else f"http_{exc.status_code}"
+            message = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code < 400:
+            return Response(status_code=exc.status_code, headers=exc.headers)
+        return _error_response(exc.status_code, code, message, dict(exc.headers or {}))
 
     @app.exception_handler(CioError)
     async def _cio_error(_: Request, exc: CioError) -> JSONResponse:
@@ -365,13 +421,13 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def complete(body: CompleteBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        await call(queue.complete, lease, download, body.op_id)
+        await report(queue.complete, lease, download, body.op_id)
         return {"state": "done"}
 
     @app.post("/v1/fail", tags=["agents"])
     async def fail(body: FailBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
-        state = await call(queue.fail, lease, body.reason, body.op_id)
+        state = await report(queue.fail, lease, body.reason, body.op_id)
         if state == "pending":
             signal.notify(1)
         return {"state": state}
@@ -380,7 +436,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def release(body: ReleaseBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
+        state = await report(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
         if state == "pending":
             signal.notify(1)
         return {"state": state}
