@@ -339,3 +339,27 @@ class CountingHttpQueue(HttpQueue):
 
 def figures_line(name: str, figures: dict[str, Any]) -> str:
     return f"[figures] {name}: " + json.dumps(figures, sort_keys=True, default=str)
+
+
+# Every route of the API: (method, path template, scope). test_openapi_lists_every_v1_route keeps
+# this table equal to the app's routes, so the auth and hostile-request tests cover each one.
+ROUTES = [
+    ("POST", "/v1/workers/register", "agent"),
+    ("POST", "/v1/workers/report", "agent"),
+    ("POST", "/v1/claim", "agent"),
+    ("POST", "/v1/heartbeat", "agent"),
+    ("POST", "/v1/complete", "agent"),
+    ("POST", "/v1/fail", "agent"),
+    ("POST", "/v1/release", "agent"),
+    ("POST", "/v1/reap", "agent"),
+    ("POST", "/v1/jobs", "owner"),
+    ("GET", "/v1/jobs", "owner"),
+    ("GET", "/v1/jobs/{job_id}", "owner"),
+    ("GET", "/v1/jobs/{job_id}/tasks", "owner"),
+    ("GET", "/v1/jobs/{job_id}/events", "owner"),
+    ("POST", "/v1/jobs/{job_id}/release", "owner"),
+    ("POST", "/v1/jobs/{job_id}/kill", "owner"),
+    ("GET", "/v1/downloads", "owner"),
+    ("POST", "/v1/downloads/{download_id}/downloaded", "owner"),
+    ("GET", "/v1/workers", "owner"),
+]

@@ -23,30 +23,8 @@ from cio_worker.coordinator.app import MAX_BODY, MAX_SMALL_BODY, CoordinatorConf
 from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.queue import DownloadFile, NewDownload, NewTask, SqliteQueue
 from cio_worker.queue.base import Lease
-from tests.fleet import JOB, queue_state, serving_app
+from tests.fleet import JOB, ROUTES, queue_state, serving_app
 
-# Every route of the API: (method, path template, scope). test_openapi_lists_every_v1_route keeps
-# this table equal to the app's routes, so the auth tests below cover each one.
-ROUTES = [
-    ("POST", "/v1/workers/register", "agent"),
-    ("POST", "/v1/workers/report", "agent"),
-    ("POST", "/v1/claim", "agent"),
-    ("POST", "/v1/heartbeat", "agent"),
-    ("POST", "/v1/complete", "agent"),
-    ("POST", "/v1/fail", "agent"),
-    ("POST", "/v1/release", "agent"),
-    ("POST", "/v1/reap", "agent"),
-    ("POST", "/v1/jobs", "owner"),
-    ("GET", "/v1/jobs", "owner"),
-    ("GET", "/v1/jobs/{job_id}", "owner"),
-    ("GET", "/v1/jobs/{job_id}/tasks", "owner"),
-    ("GET", "/v1/jobs/{job_id}/events", "owner"),
-    ("POST", "/v1/jobs/{job_id}/release", "owner"),
-    ("POST", "/v1/jobs/{job_id}/kill", "owner"),
-    ("GET", "/v1/downloads", "owner"),
-    ("POST", "/v1/downloads/{download_id}/downloaded", "owner"),
-    ("GET", "/v1/workers", "owner"),
-]
 
 
 def lease_ref(lease: Lease, **changes: Any) -> dict[str, Any]:

@@ -38,7 +38,7 @@ from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.queue import DownloadFile, NewDownload, NewTask, SqliteQueue
 from cio_worker.queue.base import WORKER_STATES, Lease, WorkerStatus
 from tests.coordinators import serving
-from tests.fleet import JOB, CoordinatorProcess, CoordinatorProxy, CountingHttpQueue, figures_line, queue_state
+from tests.fleet import JOB, ROUTES, CoordinatorProcess, CoordinatorProxy, CountingHttpQueue, figures_line, queue_state
 
 
 def report(record_property: Callable[[str, Any], None], name: str, figures: dict[str, Any]) -> None:
@@ -60,26 +60,6 @@ def download_dict(name: str = "img.0001.exr") -> dict[str, Any]:
 # 10,000 hostile requests
 # ==================================================================================================
 
-ROUTES = [
-    ("POST", "/v1/workers/register", "agent"),
-    ("POST", "/v1/workers/report", "agent"),
-    ("POST", "/v1/claim", "agent"),
-    ("POST", "/v1/heartbeat", "agent"),
-    ("POST", "/v1/complete", "agent"),
-    ("POST", "/v1/fail", "agent"),
-    ("POST", "/v1/release", "agent"),
-    ("POST", "/v1/reap", "agent"),
-    ("POST", "/v1/jobs", "owner"),
-    ("GET", "/v1/jobs", "owner"),
-    ("GET", "/v1/jobs/{job_id}", "owner"),
-    ("GET", "/v1/jobs/{job_id}/tasks", "owner"),
-    ("GET", "/v1/jobs/{job_id}/events", "owner"),
-    ("POST", "/v1/jobs/{job_id}/release", "owner"),
-    ("POST", "/v1/jobs/{job_id}/kill", "owner"),
-    ("GET", "/v1/downloads", "owner"),
-    ("POST", "/v1/downloads/{download_id}/downloaded", "owner"),
-    ("GET", "/v1/workers", "owner"),
-]
 ROUTE_PATTERNS = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$") for _, path, _ in ROUTES]
 # Answered without a token (and rightly so): never a target of the random paths.
 OPEN_PATHS = re.compile(r"^/(healthz|openapi\.json|docs|docs/oauth2-redirect|redoc)$")

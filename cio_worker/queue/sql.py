@@ -48,6 +48,62 @@ from cio_worker.queue.base import (
 
 Row = Mapping[str, Any]
 
+def queue_tables(serial_key: str) -> tuple[str, ...]:
+    """Jobs, tasks, events and downloads (schema version 1) in SQL both engines read alike (SQLite
+    takes BIGINT and DOUBLE PRECISION as its integer and real); ``serial_key`` is the engine's
+    auto-numbered primary key. Each engine adds the indexes its claims need."""
+    return (
+        f"""CREATE TABLE jobs (
+            number {serial_key},
+            title TEXT NOT NULL,
+            document TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            scout INTEGER NOT NULL,
+            killed INTEGER NOT NULL DEFAULT 0,
+            retry_preempted INTEGER NOT NULL,
+            retry_failed INTEGER NOT NULL)""",
+        f"""CREATE TABLE tasks (
+            job_number BIGINT NOT NULL REFERENCES jobs(number),
+            number BIGINT NOT NULL,
+            frames TEXT NOT NULL,
+            command TEXT NOT NULL,
+            tile INTEGER NOT NULL,
+            tiles INTEGER NOT NULL,
+            scout INTEGER NOT NULL,
+            state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
+            attempts_preempted INTEGER NOT NULL DEFAULT 0,
+            attempts_failed INTEGER NOT NULL DEFAULT 0,
+            attempts_released INTEGER NOT NULL DEFAULT 0,
+            lease_expiries INTEGER NOT NULL DEFAULT 0,
+            frames_done TEXT NOT NULL DEFAULT '',
+            worker TEXT NOT NULL DEFAULT '',
+            lease_token TEXT,
+            lease_expires DOUBLE PRECISION,
+            reason TEXT NOT NULL DEFAULT '',
+            cancel INTEGER NOT NULL DEFAULT 0,
+            updated DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (job_number, number))""",
+        f"""CREATE TABLE events (
+            seq {serial_key},
+            job_number BIGINT NOT NULL,
+            task_number BIGINT,
+            time DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL,
+            worker TEXT NOT NULL DEFAULT '',
+            detail TEXT NOT NULL DEFAULT '')""",
+        """CREATE TABLE downloads (
+            id TEXT PRIMARY KEY,
+            job_number BIGINT NOT NULL,
+            task_number BIGINT NOT NULL,
+            output_dir TEXT NOT NULL,
+            size BIGINT NOT NULL,
+            files TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            updated DOUBLE PRECISION NOT NULL)""",
+    )
+
+
 # Tables both engines spell the same way: schema version 2 of each (workers, tokens, operations).
 WORKERS_TOKENS_OPERATIONS: tuple[str, ...] = (
     """CREATE TABLE workers (

@@ -17,61 +17,13 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cio_worker.errors import QueueError
-from cio_worker.queue.base import STATES
-from cio_worker.queue.sql import WORKERS_TOKENS_OPERATIONS, SqlQueue
+from cio_worker.queue.sql import WORKERS_TOKENS_OPERATIONS, SqlQueue, queue_tables
 
 _VERSION_1 = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
-    """CREATE TABLE jobs (
-        number INTEGER PRIMARY KEY AUTOINCREMENT,
-        title TEXT NOT NULL,
-        document TEXT NOT NULL,
-        created REAL NOT NULL,
-        scout INTEGER NOT NULL,
-        killed INTEGER NOT NULL DEFAULT 0,
-        retry_preempted INTEGER NOT NULL,
-        retry_failed INTEGER NOT NULL)""",
-    f"""CREATE TABLE tasks (
-        job_number INTEGER NOT NULL REFERENCES jobs(number),
-        number INTEGER NOT NULL,
-        frames TEXT NOT NULL,
-        command TEXT NOT NULL,
-        tile INTEGER NOT NULL,
-        tiles INTEGER NOT NULL,
-        scout INTEGER NOT NULL,
-        state TEXT NOT NULL CHECK (state IN ({", ".join(repr(s) for s in STATES)})),
-        attempts_preempted INTEGER NOT NULL DEFAULT 0,
-        attempts_failed INTEGER NOT NULL DEFAULT 0,
-        attempts_released INTEGER NOT NULL DEFAULT 0,
-        lease_expiries INTEGER NOT NULL DEFAULT 0,
-        frames_done TEXT NOT NULL DEFAULT '',
-        worker TEXT NOT NULL DEFAULT '',
-        lease_token TEXT,
-        lease_expires REAL,
-        reason TEXT NOT NULL DEFAULT '',
-        cancel INTEGER NOT NULL DEFAULT 0,
-        updated REAL NOT NULL,
-        PRIMARY KEY (job_number, number))""",
+    *queue_tables("INTEGER PRIMARY KEY AUTOINCREMENT"),
     "CREATE INDEX tasks_by_state ON tasks (state, job_number, number)",
-    """CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_number INTEGER NOT NULL,
-        task_number INTEGER,
-        time REAL NOT NULL,
-        kind TEXT NOT NULL,
-        worker TEXT NOT NULL DEFAULT '',
-        detail TEXT NOT NULL DEFAULT '')""",
     "CREATE INDEX events_by_task ON events (job_number, task_number)",
-    """CREATE TABLE downloads (
-        id TEXT PRIMARY KEY,
-        job_number INTEGER NOT NULL,
-        task_number INTEGER NOT NULL,
-        output_dir TEXT NOT NULL,
-        size INTEGER NOT NULL,
-        files TEXT NOT NULL,
-        state TEXT NOT NULL,
-        created REAL NOT NULL,
-        updated REAL NOT NULL)""",
     "CREATE INDEX downloads_by_state ON downloads (state, job_number, task_number)",
 )
 # Each migration takes the schema from the version before it to its own. The embedded file is
