@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import statistics
 import subprocess
 import sys
 import threading
@@ -47,11 +46,12 @@ def tasks(n: int) -> list[NewTask]:
     return [NewTask(frames=str(i + 1), command="true") for i in range(n)]
 
 
-def pct(values: list[float], q: float) -> float | None:
+def pct_ms(values: list[float], q: float) -> float | None:
+    """The q-th percentile of ``values`` (seconds) in milliseconds; None for no values."""
     if not values:
         return None
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+    return 1000 * ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
 @dataclass
@@ -137,7 +137,7 @@ def raw_phase(db_url: str, n_tasks: int, threads: int) -> Phase:
         t.join()
     seconds = time.perf_counter() - started
     return Phase("raw SQL (PostgresQueue, threads)", done[0], seconds, done[0] / seconds,
-                 1000 * pct(latencies, 50), 1000 * pct(latencies, 99), {"threads": threads})
+                 pct_ms(latencies, 50), pct_ms(latencies, 99), {"threads": threads})
 
 
 async def _post(session, url: str, body: dict) -> tuple[int, dict | None]:
@@ -176,7 +176,7 @@ async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tas
         await asyncio.gather(*(agent(i) for i in range(agents)))
         seconds = time.perf_counter() - started
     return Phase("coordinator (HTTP, async agents)", done, seconds, done / seconds,
-                 1000 * pct(latencies, 50), 1000 * pct(latencies, 99), {"agents": agents})
+                 pct_ms(latencies, 50), pct_ms(latencies, 99), {"agents": agents})
 
 
 async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
@@ -205,7 +205,7 @@ async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
 
         await asyncio.gather(*(agent(i) for i in range(agents)))
     return Phase("boot burst (register + claim)", len(held), max(held) if held else 0.0, None,
-                 1000 * pct(held, 50), 1000 * pct(held, 99),
+                 pct_ms(held, 50), pct_ms(held, 99),
                  {"agents": agents, "every_agent_held_a_task_s": max(held) if held else None, "failures": failures})
 
 
@@ -216,6 +216,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    ready = [0]  # agents registered
     stop = asyncio.Event()
     headers = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=0)
@@ -228,6 +229,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
             except Exception as exc:  # noqa: BLE001
                 errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
                 return
+            ready[0] += 1
 
             async def poll() -> None:
                 while not stop.is_set():
@@ -257,7 +259,11 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
             await asyncio.gather(poll(), beat())
 
         runners = [asyncio.create_task(agent(i)) for i in range(agents)]
-        await asyncio.sleep(max(heartbeat, 5.0))  # every agent registered and polling
+        # Measure once every agent has registered and begun to poll and beat.
+        deadline = time.perf_counter() + 600
+        while ready[0] < agents and time.perf_counter() < deadline:
+            await asyncio.sleep(0.5)
+        await asyncio.sleep(heartbeat)
         latencies.clear()
         cpu0, t0 = coordinator.cpu_seconds(), time.perf_counter()
         rss_max, connections_max = 0, 0
@@ -275,8 +281,8 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
             r.cancel()
         await asyncio.gather(*runners, return_exceptions=True)
     return Phase("idle agents (long-poll + heartbeat)", len(latencies), wall, len(latencies) / wall,
-                 1000 * pct(latencies, 50), 1000 * pct(latencies, 99),
-                 {"agents": agents, "coordinator_cpu_share": cpu / wall, "coordinator_rss_mb": rss_max / 2**20,
+                 pct_ms(latencies, 50), pct_ms(latencies, 99),
+                 {"agents": agents, "registered": ready[0], "coordinator_cpu_share": cpu / wall, "coordinator_rss_mb": rss_max / 2**20,
                   "db_connections_max": connections_max, "errors": errors})
 
 
@@ -313,11 +319,17 @@ def main(argv: list[str] | None = None) -> int:
         admin.close()
         coordinator = Coordinator(db_url, Path(work), args.db_threads)
         load0 = os.getloadavg()
-        phases = [raw_phase(db_url, args.tasks, args.raw_threads)]
-        phases.append(asyncio.run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
-        phases.append(asyncio.run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
-        phases.append(asyncio.run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
-                                             args.heartbeat, args.idle_seconds)))
+        phases = []
+
+        def ran(phase: Phase) -> None:
+            phases.append(phase)
+            print(f"{phase.name}: {phase.count} in {phase.seconds:.1f} s", file=sys.stderr, flush=True)
+
+        ran(raw_phase(db_url, args.tasks, args.raw_threads))
+        ran(asyncio.run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
+        ran(asyncio.run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
+        ran(asyncio.run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
+                                   args.heartbeat, args.idle_seconds)))
         load1 = os.getloadavg()
     finally:
         if coordinator is not None:

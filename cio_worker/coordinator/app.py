@@ -9,6 +9,9 @@ Claims are long polls: a claim that finds nothing waits on the server (``WorkSig
 arrives or the poll ends, instead of the agent asking again every few seconds. A watcher looks for
 pending work once a second while anyone waits (one cheap query, however many wait) and reaps
 expired leases, so work submitted through another coordinator also wakes this one's waiters.
+While the queue is known to be empty, a new long poll waits without asking the database, and idle
+agents' contact and status reports are gathered in memory and written together by the watcher:
+thousands of idle agents cost a few queries a second, not one per request.
 """
 
 from __future__ import annotations
@@ -265,14 +268,35 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
                 raise
             return await call(fn, lease, *args)
 
+    # What the watcher writes next: workers heard from (a claim), and their latest reported status.
+    seen: set[str] = set()
+    statuses: dict[str, Any] = {}
+    known_workers: set[str] = set()  # registered, so a status may wait for the watcher's write
+    empty = {"now": False}  # a claim found nothing and no work has been announced since
+
+    def work_arrived(count: int) -> None:
+        if count > 0:
+            empty["now"] = False
+            signal.notify(count)
+
+    async def flush_contacts() -> None:
+        if not seen and not statuses:
+            return
+        batch_seen, batch_statuses = list(seen), dict(statuses)
+        seen.clear()
+        statuses.clear()
+        await call(queue.touch_workers, batch_seen, batch_statuses)
+
     async def watch() -> None:
-        """Reap expired leases; while agents wait, look for work and wake one waiter per task."""
+        """Reap expired leases; while agents wait, look for work and wake one waiter per task;
+        write the workers' gathered contact."""
         while not stop.is_set():
             try:
                 reaped = await call(queue.reap)
                 if signal.waiting:
                     found = await call(queue.pending, signal.waiting)
-                    signal.notify(max(found, reaped))
+                    work_arrived(max(found, reaped))
+                await flush_contacts()
             except CioError as exc:
                 log.warning("coordinator watch: %s", exc)
             except Exception:  # noqa: BLE001  (the watch must outlive any one failure)
@@ -293,6 +317,10 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
             stop.set()
             signal.notify(signal.waiting)
             await task
+            try:
+                await flush_contacts()
+            except CioError as exc:
+                log.warning("coordinator: last contact of %d workers not written: %s", len(seen) + len(statuses), exc)
 
     app = FastAPI(
         title="cio_worker coordinator",
@@ -389,11 +417,21 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def register(body: RegisterBody, _: TokenRow = agent) -> dict:
         """Record a worker and what it runs on; answers how often to heartbeat and how long to long-poll."""
         await call(queue.register_worker, body.worker, body.info)
+        known_workers.add(body.worker)
         return {"worker": body.worker, "server_time": time.time(), **settings()}
 
     @app.post("/v1/workers/report", tags=["agents"])
     async def worker_report(body: WorkerReportBody, _: TokenRow = agent) -> dict:
-        await call(queue.worker_report, body.worker, wire.status_from_dict(body.status.model_dump()))
+        """A worker's state between tasks. An idle worker's "still here" (the bulk of a large idle
+        fleet's traffic) is written with others by the watcher within a second or so; a change of
+        state (stopped, draining, ...) and a worker not yet known here are written at once."""
+        status = wire.status_from_dict(body.status.model_dump())
+        if body.worker in known_workers and status.state == "idle":
+            statuses[body.worker] = status
+        else:
+            statuses.pop(body.worker, None)
+            await call(queue.worker_report, body.worker, status)  # an unknown worker is a 404 here
+            known_workers.add(body.worker)
         return {"ok": True}
 
     @app.post("/v1/claim", tags=["agents"], responses={204: {"description": "no task before the poll ended"}})
@@ -402,10 +440,13 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         lease_seconds = body.lease_seconds or config.lease_seconds
         wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
         deadline = time.monotonic() + wait
+        seen.add(body.worker)  # its contact, written by the watcher (a no-op for an unregistered name)
         while True:
-            lease = await call(queue.claim, body.worker, lease_seconds)
-            if lease is not None:
-                return {"lease": wire.lease_to_dict(lease), **settings()}
+            if not (empty["now"] and wait > 0):
+                lease = await call(queue.claim, body.worker, lease_seconds)
+                if lease is not None:
+                    return {"lease": wire.lease_to_dict(lease), **settings()}
+                empty["now"] = True
             left = deadline - time.monotonic()
             if left <= 0 or stop.is_set() or not await signal.wait(left):
                 return Response(status_code=204)
@@ -429,7 +470,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         state = await report(queue.fail, lease, body.reason, body.op_id)
         if state == "pending":
-            signal.notify(1)
+            work_arrived(1)
         return {"state": state}
 
     @app.post("/v1/release", tags=["agents"])
@@ -438,13 +479,13 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         state = await report(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
         if state == "pending":
-            signal.notify(1)
+            work_arrived(1)
         return {"state": state}
 
     @app.post("/v1/reap", tags=["agents"])
     async def reap(_: TokenRow = agent) -> dict:
         count = await call(queue.reap)
-        signal.notify(count)
+        work_arrived(count)
         return {"reaped": count}
 
     # -- owners --------------------------------------------------------------------------------
@@ -453,7 +494,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def create_job(body: CreateJobBody, _: TokenRow = owner) -> dict:
         tasks = [wire.new_task_from_dict(t.model_dump(), f"tasks[{i}]") for i, t in enumerate(body.tasks)]
         job_id = await call(queue.create_job, body.job, tasks)
-        signal.notify(len(tasks))
+        work_arrived(len(tasks))
         return {"job_id": job_id}
 
     @app.get("/v1/jobs", tags=["owners"])
@@ -476,7 +517,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     @app.post("/v1/jobs/{job_id}/release", tags=["owners"])
     async def release_job(job_id: str, _: TokenRow = owner) -> dict:
         count = await call(queue.release_job, job_id)
-        signal.notify(count)
+        work_arrived(count)
         return {"released": count}
 
     @app.post("/v1/jobs/{job_id}/kill", tags=["owners"])
@@ -495,6 +536,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     @app.get("/v1/workers", tags=["owners"])
     async def workers(_: TokenRow = owner) -> dict:
+        await flush_contacts()  # what this coordinator has heard, before it is read back
         return {"workers": [wire.worker_row_to_dict(w) for w in await call(queue.workers, config.gone_after)]}
 
     @app.get("/healthz", tags=["service"])

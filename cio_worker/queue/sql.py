@@ -650,6 +650,27 @@ class SqlQueue(Queue):
             ))
         return result
 
+    def touch_workers(self, seen: Sequence[str], statuses: Mapping[str, WorkerStatus]) -> None:
+        """Many workers' contact (and latest status) in one transaction: what a coordinator
+        gathers between writes, so that idle agents' polls and reports cost no write each."""
+        if not seen and not statuses:
+            return
+        for status in statuses.values():
+            status.validate()
+        with self._transaction() as tx:
+            now = self._now(tx)
+            if statuses:
+                tx.executemany(
+                    "UPDATE workers SET state = ?, progress = ?, detail = ?, last_contact = ?,"
+                    " job_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE job_number END,"
+                    " task_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE task_number END"
+                    " WHERE id = ?",
+                    [(st.state, st.progress, st.detail, now, st.state, st.state, w) for w, st in statuses.items()],
+                )
+            others = [w for w in seen if w not in statuses]
+            if others:
+                tx.executemany("UPDATE workers SET last_contact = ? WHERE id = ?", [(now, w) for w in others])
+
     @staticmethod
     def _worker_finished(tx: Tx, worker: str, now: float, counter: str) -> None:
         tx.execute(
