@@ -69,8 +69,9 @@ def test_a_job_finishes_through_frequent_preemptions(tmp_path):
     print("\n".join(summary.lines()[-5:]))
     chaos = summary.chaos
     assert chaos.notices > 0, log
-    # Every notice that stopped a task costs a retry; one that came as the task was completing does not.
-    assert summary.retries >= sum(1 for r in chaos.reactions if r.by != "completed")
+    # Every notice that stopped a task costs a retry; one that came as the task was completing, or
+    # to an agent between tasks, does not.
+    assert summary.retries >= sum(1 for r in chaos.reactions if r.by in ("drain", "hard stop"))
     assert chaos.instances == 2 + chaos.notices  # each preempted instance was replaced
     assert all(r.in_time for r in chaos.reactions), chaos.reactions
     assert chaos.left_after_drain == 0
