@@ -338,8 +338,11 @@ def _frames_delivered(prepared: Prepared, frames: FrameSet, delivered: set[str],
     return FrameSet.of(f for f, ok in by_frame.items() if ok)
 
 
-class _StopOnRequest:
-    """A Progress relay that ends a transfer (StopRequested) once the task is asked to stop."""
+class _Relay:
+    """A Progress relay that counts the bytes moved (the percent a worker reports) and may end the
+    transfer with StopRequested: ``_check`` runs before each piece moves."""
+
+    CHECK_AT_START = True
 
     def __init__(self, inner: Progress | None, control: TaskControl) -> None:
         self._inner = inner
@@ -349,15 +352,16 @@ class _StopOnRequest:
         self._moved = 0
 
     def percent(self) -> float:
+        """Bytes moved of the bytes to move, in percent (0 until the transfer says its size)."""
         with self._lock:
             return 100.0 * self._moved / self._total if self._total > 0 else 0.0
 
     def _check(self) -> None:
-        if self._control.stopping:
-            raise StopRequested(f"stopped: {self._control.reason}")
+        raise NotImplementedError
 
     def start(self, files: int, total_bytes: int) -> None:
-        self._check()
+        if self.CHECK_AT_START:
+            self._check()
         with self._lock:
             self._total, self._moved = max(0, int(total_bytes)), 0
         if self._inner is not None:
@@ -375,23 +379,24 @@ class _StopOnRequest:
             self._inner.file_done(key)
 
 
-class _UploadGuard:
-    """A Progress relay for uploads: records finished keys; once a stop is requested, ends the
-    upload (StopRequested) before the report-by time, or at once when the result is unwanted."""
+class _StopOnRequest(_Relay):
+    """Ends a transfer (StopRequested) once the task is asked to stop."""
+
+    def _check(self) -> None:
+        if self._control.stopping:
+            raise StopRequested(f"stopped: {self._control.reason}")
+
+
+class _UploadGuard(_Relay):
+    """For uploads: records finished keys; once a stop is requested, ends the upload
+    (StopRequested) before the report-by time, or at once when the result is unwanted."""
+
+    CHECK_AT_START = False
 
     def __init__(self, inner: Progress | None, control: TaskControl, clock: Callable[[], float]) -> None:
-        self._inner = inner
-        self._control = control
+        super().__init__(inner, control)
         self._clock = clock
-        self._lock = threading.Lock()
         self.done_keys: set[str] = set()
-        self._total = 0
-        self._moved = 0
-
-    def percent(self) -> float:
-        """Bytes moved of the bytes to move, in percent (0 until the transfer says its size)."""
-        with self._lock:
-            return 100.0 * self._moved / self._total if self._total > 0 else 0.0
 
     def _check(self) -> None:
         control = self._control
@@ -402,24 +407,10 @@ class _UploadGuard:
         if control.report_by is not None and self._clock() >= control.report_by - RELEASE_RESERVE_SECONDS:
             raise StopRequested("the report is due: upload cut short")
 
-    def start(self, files: int, total_bytes: int) -> None:
-        with self._lock:
-            self._total, self._moved = max(0, int(total_bytes)), 0
-        if self._inner is not None:
-            self._inner.start(files, total_bytes)
-
-    def advance(self, nbytes: int) -> None:
-        self._check()
-        with self._lock:
-            self._moved = min(self._total, self._moved + max(0, int(nbytes)))
-        if self._inner is not None:
-            self._inner.advance(nbytes)
-
     def file_done(self, key: str) -> None:
         with self._lock:
             self.done_keys.add(key)
-        if self._inner is not None:
-            self._inner.file_done(key)
+        super().file_done(key)
 
 
 def _files_of(prepared: Prepared, frames: FrameSet, root: Path) -> Callable[[str], bool]:
