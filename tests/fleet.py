@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from cio_worker.queue.http import HttpQueue
-from tests.servers import HOP_BY_HOP, Fault, FaultProxy, Seen, _ProxyHandler, _QuietServer
+from tests.servers import HOP_BY_HOP, Fault, FaultProxy, Seen, _ProxyHandler
 
 # What a job of these tests looks like: retry budgets at the document's maximum (5), so that
 # injected faults (orphaned claims, a deliberate failure) never exhaust a task's budget.
@@ -77,24 +77,13 @@ class CoordinatorProxy(FaultProxy):
     down: bool = False
 
     def __post_init__(self) -> None:
-        from urllib.parse import urlparse
-
-        target = urlparse(self.upstream)
-        self.host, self.port = target.hostname or "127.0.0.1", target.port or 80
         self._rng = random.Random(self.seed)
         self._next = threading.local()
-        proxy = self
+        super().__post_init__()
 
-        class Handler(_CoordinatorHandler):
-            owner = proxy
-
-        self.server = _QuietServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="coordinator-proxy", daemon=True
-        )
-        self.thread.start()
+    @classmethod
+    def handler_class(cls) -> type:
+        return _CoordinatorHandler
 
     def draw(self, method: str, path: str) -> str | None:
         """The fault for this request (None: forward it as it is), counted."""

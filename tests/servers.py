@@ -185,16 +185,21 @@ class FaultProxy:
         self.host, self.port = target.hostname or "127.0.0.1", target.port or 80
         proxy = self
 
-        class Handler(_ProxyHandler):
+        class Handler(self.handler_class()):  # type: ignore[misc]
             owner = proxy
 
         self.server = _QuietServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.thread = threading.Thread(
-            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name="fault-proxy", daemon=True
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, name=type(self).__name__, daemon=True
         )
         self.thread.start()
+
+    @classmethod
+    def handler_class(cls) -> type:
+        """The request handler a subclass serves with (``owner`` is set to the proxy)."""
+        return _ProxyHandler
 
     def add(self, fault: Fault) -> Fault:
         with self.lock:

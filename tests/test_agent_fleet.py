@@ -21,7 +21,6 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 import psutil
 import pytest
@@ -43,17 +42,7 @@ from cio_worker.sim.shim import install_cnode_shim
 from cio_worker.storage import open_storage
 from tests.coordinator_faults import Coordinator
 from tests.shots import make_shot
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
+from tests.waiting import wait_for
 
 
 class Fleet:

@@ -39,6 +39,7 @@ from cio_worker.queue import DownloadFile, NewDownload, NewTask, SqliteQueue
 from cio_worker.queue.base import WORKER_STATES, Lease, WorkerStatus
 from tests.coordinators import serving
 from tests.fleet import JOB, ROUTES, CoordinatorProcess, CoordinatorProxy, CountingHttpQueue, figures_line, queue_state
+from tests.waiting import wait_for
 
 
 def report(record_property: Callable[[str, Any], None], name: str, figures: dict[str, Any]) -> None:
@@ -906,13 +907,6 @@ def test_replayed_reports_get_the_same_answer_and_are_applied_once(backend: Any,
 # ==================================================================================================
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str, detail: Callable[[], Any] = lambda: "") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what} {detail()}"
-        time.sleep(0.02)
-
-
 def test_the_coordinator_sigkilled_and_restarted_mid_job(tmp_path: Path, record_property) -> None:
     db = tmp_path / "queue.db"
     queue = SqliteQueue(db)
@@ -1033,7 +1027,7 @@ def test_an_outage_shorter_than_the_lease_keeps_it_and_a_longer_one_loses_it(tmp
                 came_back = time.monotonic()
                 if case == "short":
                     wait_for(lambda: any(t > came_back and s == "ok" for t, s in beats), 30, "a heartbeat after the outage",
-                             lambda: ([(round(t - came_back, 2), s) for t, s in beats], holder.retries, dict(proxy.injected),
+                             detail=lambda: ([(round(t - came_back, 2), s) for t, s in beats], holder.retries, dict(proxy.injected),
                                       beating.is_alive()))
                     stop.set()
                     beating.join(10)

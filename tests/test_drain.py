@@ -45,20 +45,10 @@ from cio_worker.sim.png import read_png
 from cio_worker.storage import open_storage
 from cio_worker.artist.submit import submit_job
 from tests.shots import make_shot
+from tests.waiting import wait_for
 
 MARK = "CIO_TEST_MARK"
 SIM_MODULE = "cio_worker.sim.cnode"
-
-
-def wait_for(predicate: Callable[[], object], timeout: float, what: str, poll: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(poll)
 
 
 def marked(mark: str) -> list[psutil.Process]:

@@ -256,18 +256,6 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=limiter)
 
-    async def report(fn: Callable[..., T], lease: Any, *args: Any) -> T:
-        """A report (its op id last): a copy of it sent while it was in flight (a client's retry
-        after a timeout) may have been applied while this one waited on the task's row lock, and
-        this one then finds the lease gone. Asked once more, the queue answers with the copy's
-        recorded result; a lease really lost is LeaseLost again."""
-        try:
-            return await call(fn, lease, *args)
-        except LeaseLost:
-            if args[-1] is None:
-                raise
-            return await call(fn, lease, *args)
-
     # What the watcher writes next: workers heard from (a claim), and their latest reported status.
     seen: set[str] = set()
     statuses: dict[str, Any] = {}
@@ -462,13 +450,13 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def complete(body: CompleteBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        await report(queue.complete, lease, download, body.op_id)
+        await call(queue.complete, lease, download, body.op_id)
         return {"state": "done"}
 
     @app.post("/v1/fail", tags=["agents"])
     async def fail(body: FailBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
-        state = await report(queue.fail, lease, body.reason, body.op_id)
+        state = await call(queue.fail, lease, body.reason, body.op_id)
         if state == "pending":
             work_arrived(1)
         return {"state": state}
@@ -477,7 +465,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def release(body: ReleaseBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        state = await report(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
+        state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
         if state == "pending":
             work_arrived(1)
         return {"state": state}

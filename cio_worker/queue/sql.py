@@ -157,6 +157,14 @@ class Tx(Protocol):
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> Any: ...
 
 
+class _Applied(Exception):
+    """A report whose operation id the queue has applied already; ``answer`` is what it said."""
+
+    def __init__(self, answer: str) -> None:
+        super().__init__(answer)
+        self.answer = answer
+
+
 class SqlQueue(Queue):
     """The shared logic; subclasses connect, lock and tell the time."""
 
@@ -431,9 +439,10 @@ class SqlQueue(Queue):
         _check_op_id(op_id)
         with self._transaction() as tx:
             now = self._now(tx)
-            if self._replayed(tx, op_id, lease) is not None:
+            try:
+                row = self._held(tx, lease, op_id)
+            except _Applied:
                 return
-            row = self._held(tx, lease)
             all_frames = FrameSet.parse(row["frames"]).canonical()
             tx.execute(
                 "UPDATE tasks SET frames_done = ? WHERE job_number = ? AND number = ?",
@@ -453,10 +462,10 @@ class SqlQueue(Queue):
         reason = reason.strip() or "failed without a reason given"
         with self._transaction() as tx:
             now = self._now(tx)
-            replayed = self._replayed(tx, op_id, lease)
-            if replayed is not None:
-                return replayed
-            row = self._held(tx, lease)
+            try:
+                row = self._held(tx, lease, op_id)
+            except _Applied as applied:
+                return applied.answer
             failed = row["attempts_failed"] + 1
             tx.execute(
                 "UPDATE tasks SET attempts_failed = ? WHERE job_number = ? AND number = ?",
@@ -497,10 +506,10 @@ class SqlQueue(Queue):
         _check_op_id(op_id)
         with self._transaction() as tx:
             now = self._now(tx)
-            replayed = self._replayed(tx, op_id, lease)
-            if replayed is not None:
-                return replayed
-            row = self._held(tx, lease)
+            try:
+                row = self._held(tx, lease, op_id)
+            except _Applied as applied:
+                return applied.answer
             task_frames = FrameSet.parse(row["frames"])
             extra = given - task_frames
             if extra:
@@ -531,8 +540,11 @@ class SqlQueue(Queue):
             self._remember(tx, op_id, lease, "release", state, now)
             return state
 
-    def _held(self, tx: Tx, lease: Lease) -> Row:
-        """The task row (with its job's budgets) if ``lease`` still holds it; LeaseLost otherwise."""
+    def _held(self, tx: Tx, lease: Lease, op_id: str | None = None) -> Row:
+        """The task row (with its job's budgets), locked, if ``lease`` still holds it; LeaseLost
+        otherwise, or ``_Applied`` when the report ``op_id`` was applied already. The operation is
+        looked up only after the row lock is held, so a copy of this report that committed while
+        this one waited for the lock (a client's retry) is seen and answered alike."""
         job, task = _number(lease.job_id), _number(lease.task_id)
         row = None
         if job is not None and task is not None:
@@ -548,6 +560,9 @@ class SqlQueue(Queue):
             if row["worker"] != lease.worker:
                 raise LeaseLost(f"{lease.label}: the lease belongs to {row['worker']}, not to {lease.worker}")
             return row
+        answer = self._replayed(tx, op_id, lease)
+        if answer is not None:
+            raise _Applied(answer)
         now_held = f"leased by {row['worker']}" if row["state"] == "leased" else row["state"]
         raise LeaseLost(
             f"{lease.label}: the lease of {lease.worker} is gone (the task is now {now_held}); "
