@@ -186,7 +186,7 @@ async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
     q.create_job(JOB, tasks(agents))
     q.close()
     held: list[float] = []
-    failures = 0
+    failures: dict[str, int] = {}
     headers = {"Authorization": f"Bearer {token}"}
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(headers=headers, connector=connector,
@@ -194,14 +194,15 @@ async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
         started = time.perf_counter()
 
         async def agent(i: int) -> None:
-            nonlocal failures
             name = f"burst-{i}"
             status, _ = await _post(session, f"{base}/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
+            if status != 200:
+                failures[f"register {status}"] = failures.get(f"register {status}", 0) + 1
             status, data = await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 30})
             if status == 200:
                 held.append(time.perf_counter() - started)
             else:
-                failures += 1
+                failures[f"claim {status}"] = failures.get(f"claim {status}", 0) + 1
 
         await asyncio.gather(*(agent(i) for i in range(agents)))
     return Phase("boot burst (register + claim)", len(held), max(held) if held else 0.0, None,
@@ -265,7 +266,8 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
             await asyncio.sleep(0.5)
         await asyncio.sleep(heartbeat)
         latencies.clear()
-        cpu0, t0 = coordinator.cpu_seconds(), time.perf_counter()
+        me = psutil.Process()
+        cpu0, t0, client0 = coordinator.cpu_seconds(), time.perf_counter(), sum(me.cpu_times()[:2])
         rss_max, connections_max = 0, 0
         with psycopg.connect(db_url, autocommit=True) as conn:
             while time.perf_counter() - t0 < seconds:
@@ -276,6 +278,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
                 await asyncio.sleep(0.5)
         wall = time.perf_counter() - t0
         cpu = coordinator.cpu_seconds() - cpu0
+        client_cpu = sum(me.cpu_times()[:2]) - client0
         stop.set()
         for r in runners:
             r.cancel()
@@ -283,7 +286,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
     return Phase("idle agents (long-poll + heartbeat)", len(latencies), wall, len(latencies) / wall,
                  pct_ms(latencies, 50), pct_ms(latencies, 99),
                  {"agents": agents, "registered": ready[0], "coordinator_cpu_share": cpu / wall, "coordinator_rss_mb": rss_max / 2**20,
-                  "db_connections_max": connections_max, "errors": errors})
+                  "db_connections_max": connections_max, "client_cpu_share": client_cpu / wall, "errors": errors})
 
 
 # -- main --------------------------------------------------------------------------------------------

@@ -708,3 +708,74 @@ def test_a_version_1_sqlite_queue_is_migrated_when_opened(tmp_path: Path) -> Non
     raw = sqlite3.connect(tmp_path / "old.db")
     assert raw.execute("SELECT version FROM schema_version").fetchall() == [(sqlite_backend.SCHEMA_VERSION,)]
     raw.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_claim_many_gives_each_worker_its_own_task_in_order(backend: str, tmp_path: Path, request) -> None:
+    """What a coordinator does with claims that arrive together: one transaction, a distinct task
+    per worker in queue order, each worker's row following its task, None for those left over;
+    a task whose stored document no longer reads is failed and skipped."""
+    if backend == "sqlite":
+        q = SqliteQueue(tmp_path / "q.db")
+    else:
+        from cio_worker.queue.postgres import PostgresQueue
+
+        q = PostgresQueue(request.getfixturevalue("pg_url"))
+    try:
+        job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 5)])
+        for w in ("a", "b", "c", "d", "e", "f"):
+            q.register_worker(w, {})
+        with q._transaction() as tx:  # a task whose stored row no longer reads
+            tx.execute("UPDATE tasks SET frames = 'x' WHERE number = 2")
+        leases = q.claim_many(["a", "b", "c", "d", "e", "f"], 60)
+        assert [None if lease is None else lease.task_id for lease in leases] == ["000", "001", "003", None, None, None]
+        assert [lease.worker for lease in leases[:3]] == ["a", "b", "c"]
+        assert len({lease.token for lease in leases[:3]}) == 3
+        rows = {r.id: r for r in q.tasks(job_id)}
+        assert rows["002"].state == "failed" and "stored task is invalid" in rows["002"].reason
+        assert [rows[t].state for t in ("000", "001", "003")] == ["leased"] * 3
+        workers = {w.id: w for w in q.workers()}
+        assert (workers["b"].state, workers["b"].task_id) == ("syncing", "001")
+        assert workers["d"].state == "idle" and workers["d"].task_id is None
+        claimed = [e for e in q.events(job_id) if e.kind == "claimed"]
+        assert sorted((e.task_id, e.worker) for e in claimed) == [("000", "a"), ("001", "b"), ("003", "c")]
+        q.complete(leases[1])  # a lease from a batch reports like any other
+        assert {r.id: r.state for r in q.tasks(job_id)}["001"] == "done"
+        assert q.claim_many(["a"], 60) == [None]
+    finally:
+        q.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_complete_many_applies_each_report_alone(backend: str, tmp_path: Path, request) -> None:
+    """Completions sent together share a transaction, but each is answered as if alone: applied,
+    applied before (its op id), or refused (a lost lease, an unknown task) with nothing changed."""
+    if backend == "sqlite":
+        q = SqliteQueue(tmp_path / "q.db")
+    else:
+        from cio_worker.queue.postgres import PostgresQueue
+
+        q = PostgresQueue(request.getfixturevalue("pg_url"))
+    try:
+        job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 5)])
+        for w in ("a", "b", "c", "d"):
+            q.register_worker(w, {})
+        a, b, c, d = q.claim_many(["a", "b", "c", "d"], 60)
+        q.complete(d, None, "op-d")  # sent before; its copy below is answered alike
+        from dataclasses import replace as _replace
+
+        stolen = _replace(b, worker="a")  # a report on another worker's lease
+        unknown = _replace(c, task_id="999")
+        answers = q.complete_many([(a, download("a.exr"), "op-a"), (stolen, None, "op-x"), (unknown, None, None),
+                                   (c, None, "op-c"), (d, None, "op-d")])
+        assert answers[0] is None and answers[3] is None and answers[4] is None
+        assert isinstance(answers[1], LeaseLost)
+        assert isinstance(answers[2], QueueError) and answers[2].code == "unknown_task"
+        states = {r.id: r.state for r in q.tasks(job_id)}
+        assert states == {a.task_id: "done", b.task_id: "leased", c.task_id: "done", d.task_id: "done"}
+        assert len([e for e in q.events(job_id) if e.kind == "done"]) == 3
+        assert [r.files[0].relative_path for r in q.downloads(job_id)] == ["a.exr"]
+        workers = {w.id: w for w in q.workers()}
+        assert (workers["a"].tasks_done, workers["b"].tasks_done, workers["c"].tasks_done) == (1, 0, 1)
+    finally:
+        q.close()

@@ -30,11 +30,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cio_worker import __version__
+from cio_worker.coordinator.batch import Batcher
+from cio_worker.coordinator.fastpath import FastRoute, FastRoutes, Reply
 from cio_worker.coordinator.signal import WorkSignal
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.queue import wire
+from cio_worker.queue.base import Lease
 from cio_worker.queue.credentials import TokenRow
-from cio_worker.queue.sql import SqlQueue
+from cio_worker.queue.sql import Completion, SqlQueue
 
 T = TypeVar("T")
 log = logging.getLogger("cio_worker.coordinator")
@@ -164,6 +167,30 @@ def _error_response(status: int, code: str, message: str, headers: dict[str, str
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
+def refusal(exc: BaseException) -> Reply:
+    """The answer to an error raised while serving a request: the caller's mistakes and lost
+    leases are 4xx, a queue that cannot answer 503, anything else a logged 500."""
+    if isinstance(exc, ApiError):
+        return exc.status, {"error": exc.code, "message": exc.message}, exc.headers
+    if isinstance(exc, DocumentError):
+        return 422, {"error": exc.code, "field": exc.field, "message": str(exc)}, {}
+    if isinstance(exc, CioError):
+        return _status_of(exc), {"error": exc.code, "message": str(exc)}, {}
+    log.error("coordinator: unexpected error serving a request", exc_info=exc)
+    return 500, {"error": "internal", "message": "the coordinator failed to serve this request; its log says why"}, {}
+
+
+def invalid_body(errors: list) -> dict[str, Any]:
+    """pydantic's errors as one 422 body naming the first field (and listing up to four more)."""
+    problems = [(_field_path(err.get("loc", ())), str(err.get("msg", "is invalid"))) for err in errors[:5]]
+    if not problems:
+        problems.append(("body", "is invalid"))
+    field, problem = problems[0]
+    if len(problems) > 1:
+        problem += "; also " + "; ".join(f"{w}: {m}" for w, m in problems[1:])
+    return {"error": "bad_document", "field": field, "message": f"{field}: {problem}"}
+
+
 def _status_of(exc: CioError) -> int:
     if isinstance(exc, LeaseLost):
         return 409
@@ -246,11 +273,14 @@ class _BodyLimit:
             await _error_response(exc.status, exc.code, exc.message)(scope, receive, send)
 
 
-def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> FastAPI:
+def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> FastRoutes:
+    """The coordinator as an ASGI app: the agents' hot routes answered by ``FastRoutes`` in front
+    of the FastAPI app that serves the rest (``.app``; its ``.state`` is the wrapper's too)."""
     config = config or CoordinatorConfig()
     signal = WorkSignal()
     limiter = anyio.CapacityLimiter(config.db_threads)
     token_cache: dict[str, tuple[float, TokenRow | None]] = {}
+    looking: dict[str, asyncio.Future] = {}  # token lookups at the database now
     stop = asyncio.Event()
 
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -321,8 +351,8 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     # -- auth ----------------------------------------------------------------------------------
 
-    async def token_of(request: Request) -> TokenRow:
-        header = request.headers.get("authorization", "")
+    async def authenticate(header: str, needed: str | None = None) -> TokenRow:
+        """The token an Authorization header carries (401 without a good one), with scope ``needed`` (403)."""
         scheme, _, text = header.partition(" ")
         if scheme.lower() != "bearer" or not text.strip():
             raise ApiError(401, "unauthorized", "no bearer token: send 'Authorization: Bearer <token>'",
@@ -331,22 +361,28 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         now = time.monotonic()
         cached = token_cache.get(text)
         if cached is None or now - cached[0] > config.token_cache_seconds:
-            row = await call(queue.authenticate, text)
+            # One lookup per token at a time: when a fleet's shared token is due, the requests that
+            # arrive meanwhile wait for that lookup instead of each asking the database.
+            lookup = looking.get(text)
+            if lookup is None:
+                lookup = looking[text] = asyncio.ensure_future(call(queue.authenticate, text))
+                lookup.add_done_callback(lambda _: looking.pop(text, None))
+            row = await asyncio.shield(lookup)
             if len(token_cache) > 10_000:
                 token_cache.clear()
             token_cache[text] = cached = (now, row)
-        if cached[1] is None:
+        token = cached[1]
+        if token is None:
             raise ApiError(401, "unauthorized", "the bearer token is unknown, revoked or malformed",
                            {"WWW-Authenticate": 'Bearer error="invalid_token"'})
-        return cached[1]
+        if needed is not None and needed not in token.scopes:
+            raise ApiError(403, "forbidden", f"token {token.name!r} has scope {', '.join(sorted(token.scopes))}, "
+                           f"and this call needs {needed!r}")
+        return token
 
     def scope(name: str) -> Callable:
         async def check(request: Request) -> TokenRow:
-            token = await token_of(request)
-            if name not in token.scopes:
-                raise ApiError(403, "forbidden", f"token {token.name!r} has scope {', '.join(sorted(token.scopes))}, "
-                               f"and this call needs {name!r}")
-            return token
+            return await authenticate(request.headers.get("authorization", ""), name)
         return check
 
     agent = Depends(scope("agent"))
@@ -356,7 +392,8 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        return _error_response(exc.status, exc.code, exc.message, exc.headers)
+        status, payload, headers = refusal(exc)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
@@ -377,23 +414,12 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     @app.exception_handler(CioError)
     async def _cio_error(_: Request, exc: CioError) -> JSONResponse:
-        return _error_response(_status_of(exc), exc.code, str(exc))
+        status, payload, headers = refusal(exc)
+        return JSONResponse(payload, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = []
-        for err in exc.errors()[:5]:
-            problems.append((_field_path(err.get("loc", ())), str(err.get("msg", "is invalid"))))
-        if not problems:
-            problems.append(("body", "is invalid"))
-        field, problem = problems[0]
-        if len(problems) > 1:
-            problem += "; also " + "; ".join(f"{w}: {m}" for w, m in problems[1:])
-        return JSONResponse({"error": "bad_document", "field": field, "message": f"{field}: {problem}"}, status_code=422)
-
-    @app.exception_handler(DocumentError)
-    async def _bad_document(_: Request, exc: DocumentError) -> JSONResponse:
-        return JSONResponse({"error": exc.code, "field": exc.field, "message": str(exc)}, status_code=422)
+        return JSONResponse(invalid_body(list(exc.errors())), status_code=422)
 
     # -- agents --------------------------------------------------------------------------------
 
@@ -404,15 +430,17 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     @app.post("/v1/workers/register", tags=["agents"])
     async def register(body: RegisterBody, _: TokenRow = agent) -> dict:
         """Record a worker and what it runs on; answers how often to heartbeat and how long to long-poll."""
-        await call(queue.register_worker, body.worker, body.info)
+        return await do_register(body)
+
+    # The calls that are nearly all of a fleet's traffic: written once here, served by the
+    # fast path (``FastRoutes``) and declared to the framework below for the API document.
+
+    async def do_register(body: RegisterBody) -> dict:
+        await registrations.submit((body.worker, body.info))
         known_workers.add(body.worker)
         return {"worker": body.worker, "server_time": time.time(), **settings()}
 
-    @app.post("/v1/workers/report", tags=["agents"])
-    async def worker_report(body: WorkerReportBody, _: TokenRow = agent) -> dict:
-        """A worker's state between tasks. An idle worker's "still here" (the bulk of a large idle
-        fleet's traffic) is written with others by the watcher within a second or so; a change of
-        state (stopped, draining, ...) and a worker not yet known here are written at once."""
+    async def do_report(body: WorkerReportBody) -> dict:
         status = wire.status_from_dict(body.status.model_dump())
         if body.worker in known_workers and status.state == "idle":
             statuses[body.worker] = status
@@ -422,36 +450,71 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
             known_workers.add(body.worker)
         return {"ok": True}
 
-    @app.post("/v1/claim", tags=["agents"], responses={204: {"description": "no task before the poll ended"}})
-    async def claim(body: ClaimBody, _: TokenRow = agent) -> Any:
-        """Lease the next task; with ``wait_seconds``, wait on the server until one comes."""
+    async def do_claim(body: ClaimBody) -> dict | None:
         lease_seconds = body.lease_seconds or config.lease_seconds
         wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
         deadline = time.monotonic() + wait
         seen.add(body.worker)  # its contact, written by the watcher (a no-op for an unregistered name)
         while True:
             if not (empty["now"] and wait > 0):
-                lease = await call(queue.claim, body.worker, lease_seconds)
+                lease = await claims.submit((body.worker, lease_seconds))
                 if lease is not None:
                     return {"lease": wire.lease_to_dict(lease), **settings()}
                 empty["now"] = True
             left = deadline - time.monotonic()
             if left <= 0 or stop.is_set() or not await signal.wait(left):
-                return Response(status_code=204)
+                return None
 
-    @app.post("/v1/heartbeat", tags=["agents"])
-    async def heartbeat(body: HeartbeatBody, _: TokenRow = agent) -> dict:
+    async def do_heartbeat(body: HeartbeatBody) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         status = None if body.status is None else wire.status_from_dict(body.status.model_dump())
         reply = await call(queue.heartbeat, lease, body.lease_seconds or config.lease_seconds, status)
         return {**wire.reply_to_dict(reply), **settings()}
 
-    @app.post("/v1/complete", tags=["agents"])
-    async def complete(body: CompleteBody, _: TokenRow = agent) -> dict:
+    async def do_complete(body: CompleteBody) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        await call(queue.complete, lease, download, body.op_id)
+        await completions.submit((lease, download, body.op_id))
         return {"state": "done"}
+
+    async def give_back(lease: Lease) -> None:
+        await call(queue.release, lease, "released", "", None, "claimed for a request that went away", None)
+        work_arrived(1)
+
+    # Claims, completions and registrations that arrive together share a transaction; each kind
+    # keeps a quarter of the database threads busy at most, the rest serve every other call.
+    inflight = max(1, config.db_threads // 4)
+    claims: Batcher[tuple[str, float], Lease | None] = Batcher(
+        lambda items: call(queue.claim_many, [worker for worker, _ in items], items[0][1]),
+        key=lambda item: item[1], orphaned=give_back, max_inflight=inflight)
+    completions: Batcher[Completion, None] = Batcher(
+        lambda items: call(queue.complete_many, items), max_inflight=inflight)
+    registrations: Batcher[tuple[str, dict], None] = Batcher(
+        lambda items: call(queue.register_many, items), max_inflight=inflight)
+    app.state.claims, app.state.completions = claims, completions
+
+    @app.post("/v1/workers/report", tags=["agents"])
+    async def worker_report(body: WorkerReportBody, _: TokenRow = agent) -> dict:
+        """A worker's state between tasks. An idle worker's "still here" (the bulk of a large idle
+        fleet's traffic) is written with others by the watcher within a second or so; a change of
+        state (stopped, draining, ...) and a worker not yet known here are written at once."""
+        return await do_report(body)
+
+    @app.post("/v1/claim", tags=["agents"], responses={204: {"description": "no task before the poll ended"}})
+    async def claim(body: ClaimBody, _: TokenRow = agent) -> Any:
+        """Lease the next task; with ``wait_seconds``, wait on the server until one comes."""
+        answer = await do_claim(body)
+        return Response(status_code=204) if answer is None else answer
+
+    @app.post("/v1/heartbeat", tags=["agents"])
+    async def heartbeat(body: HeartbeatBody, _: TokenRow = agent) -> dict:
+        """Extend a lease, say what the worker is doing; the answer says whether to cancel."""
+        return await do_heartbeat(body)
+
+    @app.post("/v1/complete", tags=["agents"])
+    async def complete(body: CompleteBody, _: TokenRow = agent) -> dict:
+        """The task is done; its outputs (if any) become a download record."""
+        return await do_complete(body)
 
     @app.post("/v1/fail", tags=["agents"])
     async def fail(body: FailBody, _: TokenRow = agent) -> dict:
@@ -536,4 +599,13 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         return MAX_BODY if path == "/v1/jobs" else MAX_SMALL_BODY
 
     app.add_middleware(_BodyLimit, limit=limit_for)
-    return app
+    return FastRoutes(
+        app,
+        routes={"/v1/claim": FastRoute(ClaimBody, "agent", do_claim),
+                "/v1/heartbeat": FastRoute(HeartbeatBody, "agent", do_heartbeat),
+                "/v1/workers/report": FastRoute(WorkerReportBody, "agent", do_report),
+                "/v1/complete": FastRoute(CompleteBody, "agent", do_complete),
+                "/v1/workers/register": FastRoute(RegisterBody, "agent", do_register)},
+        authenticate=authenticate, refuse=refusal, invalid=invalid_body, limit=MAX_SMALL_BODY,
+        too_large=lambda: (413, {"error": "too_large", "message": f"the request body is larger than {MAX_SMALL_BODY} bytes"}, {}),
+    )

@@ -157,6 +157,9 @@ class Tx(Protocol):
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> Any: ...
 
 
+Completion = tuple[Lease, "NewDownload | None", "str | None"]  # a complete() call's arguments
+
+
 class _Applied(Exception):
     """A report whose operation id the queue has applied already; ``answer`` is what it said."""
 
@@ -324,53 +327,67 @@ class SqlQueue(Queue):
     # -- leases -----------------------------------------------------------------------------------
 
     def claim(self, worker: str, lease_seconds: float) -> Lease | None:
-        _check_worker(worker)
+        return self.claim_many([worker], lease_seconds)[0]
+
+    def claim_many(self, workers: Sequence[str], lease_seconds: float) -> list[Lease | None]:
+        """Lease a task to each of ``workers`` (oldest pending first) in one transaction: what a
+        coordinator does with the claims that arrive together. A worker left without one gets None."""
+        for worker in workers:
+            _check_worker(worker)
         _check_lease_seconds(lease_seconds)
+        leases: list[Lease | None] = []
         with self._transaction() as tx:
             now = self._now(tx)
             if now >= self._next_reap:
                 self._reap(tx, now)
                 self._next_reap = now + self.REAP_INTERVAL
-            while True:
-                row = tx.execute(
-                    "SELECT * FROM tasks WHERE state = 'pending' ORDER BY job_number, number LIMIT 1" + self.CLAIM_LOCK
-                ).fetchone()
-                if row is None:
-                    return None
-                # A stored job or task that no longer reads (another version wrote it, or someone
-                # edited the database) fails that task with the field and the problem; claiming goes on.
-                try:
-                    job = self._job_info(tx, row["job_number"])
-                except DocumentError as exc:
-                    self._set_final(tx, row, now, "failed", f"the stored job document is invalid: {exc}")
-                    continue
-                attempt = _attempts_so_far(row) + 1
-                try:
-                    task = _stored_task(row, attempt)
-                except DocumentError as exc:
-                    self._set_final(tx, row, now, "failed", f"the stored task is invalid: {exc}")
-                    continue
-                token = secrets.token_hex(16)
-                expires = now + lease_seconds
-                tx.execute(
-                    "UPDATE tasks SET state = 'leased', worker = ?, lease_token = ?, lease_expires = ?, updated = ?"
-                    " WHERE job_number = ? AND number = ?",
-                    (worker, token, expires, now, row["job_number"], row["number"]),
-                )
-                self._event(tx, row["job_number"], row["number"], now, "claimed", worker, f"attempt {attempt}")
-                tx.execute(
-                    "UPDATE workers SET state = 'syncing', job_number = ?, task_number = ?, progress = NULL, detail = '',"
-                    " last_contact = ? WHERE id = ?",
-                    (row["job_number"], row["number"], now, worker),
-                )
-                return Lease(
-                    job_id=job.id,
-                    task_id=task.id,
-                    token=token,
-                    worker=worker,
-                    expires_at=expires,
-                    document=TaskDocument(job=job, task=task),
-                )
+            while len(leases) < len(workers):
+                wanted = len(workers) - len(leases)
+                rows = tx.execute(
+                    "SELECT * FROM tasks WHERE state = 'pending' ORDER BY job_number, number LIMIT ?" + self.CLAIM_LOCK,
+                    (wanted,),
+                ).fetchall()
+                claimed: list[tuple[Row, str, str, int]] = []  # (row, worker, token, attempt)
+                for row in rows:
+                    # A stored job or task that no longer reads (another version wrote it, or someone
+                    # edited the database) fails that task with the field and the problem; claiming goes on.
+                    what = "job document"
+                    try:
+                        job = self._job_info(tx, row["job_number"])
+                        what = "task"
+                        attempt = _attempts_so_far(row) + 1
+                        task = _stored_task(row, attempt)
+                    except DocumentError as exc:
+                        self._set_final(tx, row, now, "failed", f"the stored {what} is invalid: {exc}")
+                        continue
+                    worker = workers[len(leases)]
+                    token = secrets.token_hex(16)
+                    claimed.append((row, worker, token, attempt))
+                    leases.append(Lease(job_id=job.id, task_id=task.id, token=token, worker=worker,
+                                        expires_at=now + lease_seconds, document=TaskDocument(job=job, task=task)))
+                if claimed:
+                    self._lease_rows(tx, claimed, now, now + lease_seconds)
+                if len(rows) < wanted:
+                    break  # no more pending tasks
+        return leases + [None] * (len(workers) - len(leases))
+
+    @staticmethod
+    def _lease_rows(tx: Tx, claimed: Sequence[tuple[Row, str, str, int]], now: float, expires: float) -> None:
+        """Write the leases of one claim round: the tasks, their events, their workers."""
+        tx.executemany(
+            "UPDATE tasks SET state = 'leased', worker = ?, lease_token = ?, lease_expires = ?, updated = ?"
+            " WHERE job_number = ? AND number = ?",
+            [(w, token, expires, now, r["job_number"], r["number"]) for r, w, token, _ in claimed],
+        )
+        tx.executemany(
+            "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            [(r["job_number"], r["number"], now, "claimed", w, f"attempt {a}") for r, w, _, a in claimed],
+        )
+        tx.executemany(
+            "UPDATE workers SET state = 'syncing', job_number = ?, task_number = ?, progress = NULL, detail = '',"
+            " last_contact = ? WHERE id = ?",
+            sorted(((r["job_number"], r["number"], now, w) for r, w, _, _ in claimed), key=lambda p: p[3]),
+        )
 
     def pending(self, limit: int = 1000) -> int:
         """How many tasks are claimable now, counted up to ``limit`` (a cheap look for a dispatcher)."""
@@ -439,21 +456,63 @@ class SqlQueue(Queue):
         _check_op_id(op_id)
         with self._transaction() as tx:
             now = self._now(tx)
+            if self._complete(tx, now, lease, download, op_id):
+                self._worker_finished(tx, lease.worker, now, "tasks_done")
+
+    def complete_many(self, reports: Sequence[Completion]) -> list[CioError | None]:
+        """Several completions in one transaction (one commit): what a coordinator does with the
+        reports that arrive together. Each answer is None (applied, or applied before) or the error
+        that report alone gets; a refused report changes nothing. Should the transaction itself
+        fail, each report is tried on its own, so one cannot cost the others."""
+        answers: list[CioError | None] = [None] * len(reports)
+        order = []
+        for i, (lease, download, op_id) in enumerate(reports):
             try:
-                row = self._held(tx, lease, op_id)
-            except _Applied:
-                return
-            all_frames = FrameSet.parse(row["frames"]).canonical()
-            tx.execute(
-                "UPDATE tasks SET frames_done = ? WHERE job_number = ? AND number = ?",
-                (all_frames, row["job_number"], row["number"]),
-            )
-            if download is not None:
-                self._add_download(tx, row, download, now)
-            files = "" if download is None else f"; {len(download.files)} files for download"
-            self._set_final(tx, row, now, "done", "", kind="done", detail=f"attempt {_attempts_so_far(row) + 1}{files}")
-            self._worker_finished(tx, lease.worker, now, "tasks_done")
-            self._remember(tx, op_id, lease, "complete", "done", now)
+                if download is not None:
+                    download.validate()
+                _check_op_id(op_id)
+            except CioError as exc:
+                answers[i] = exc
+                continue
+            order.append(i)
+        # Rows are locked in one order everywhere (tasks, then workers, each by key), so batches
+        # running side by side, and the coordinator's contact writes, never deadlock.
+        order.sort(key=lambda i: (reports[i][0].job_id, reports[i][0].task_id))
+        try:
+            with self._transaction() as tx:
+                now = self._now(tx)
+                finished = []
+                for i in order:
+                    try:
+                        if self._complete(tx, now, *reports[i]):
+                            finished.append(reports[i][0].worker)
+                    except (LeaseLost, QueueError) as exc:  # raised before the report wrote anything
+                        answers[i] = exc
+                for worker in sorted(finished):
+                    self._worker_finished(tx, worker, now, "tasks_done")
+        except QueueError:
+            for i in order:
+                try:
+                    self.complete(*reports[i])
+                    answers[i] = None
+                except CioError as exc:
+                    answers[i] = exc
+        return answers
+
+    def _complete(self, tx: Tx, now: float, lease: Lease, download: NewDownload | None, op_id: str | None) -> bool:
+        """Apply one completion but for its worker's row (the caller's, so that it can order them);
+        False when it was applied before."""
+        try:
+            row = self._held(tx, lease, op_id)
+        except _Applied:
+            return False
+        if download is not None:
+            self._add_download(tx, row, download, now)
+        files = "" if download is None else f"; {len(download.files)} files for download"
+        self._set_final(tx, row, now, "done", "", kind="done", detail=f"attempt {_attempts_so_far(row) + 1}{files}",
+                        frames_done=FrameSet.parse(row["frames"]).canonical())
+        self._remember(tx, op_id, lease, "complete", "done", now)
+        return True
 
     def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
         if not isinstance(reason, str):
@@ -570,13 +629,15 @@ class SqlQueue(Queue):
         )
 
     def _set_final(
-        self, tx: Tx, row: Row, now: float, state: str, reason: str, *, kind: str = "failed", detail: str | None = None
+        self, tx: Tx, row: Row, now: float, state: str, reason: str, *, kind: str = "failed", detail: str | None = None,
+        frames_done: str | None = None,
     ) -> str:
-        """End the current lease (if any) with ``state``; record an event; return the state."""
+        """End the current lease (if any) with ``state`` (and, given, the frames now done); record
+        an event; return the state."""
         tx.execute(
-            "UPDATE tasks SET state = ?, reason = ?, lease_token = NULL, lease_expires = NULL, updated = ?"
-            " WHERE job_number = ? AND number = ?",
-            (state, reason, now, row["job_number"], row["number"]),
+            "UPDATE tasks SET state = ?, reason = ?, lease_token = NULL, lease_expires = NULL, updated = ?,"
+            " frames_done = COALESCE(?, frames_done) WHERE job_number = ? AND number = ?",
+            (state, reason, now, frames_done, row["job_number"], row["number"]),
         )
         text = reason if detail is None else detail
         if kind != state:
@@ -609,24 +670,38 @@ class SqlQueue(Queue):
     # -- workers ----------------------------------------------------------------------------------
 
     def register_worker(self, worker: str, info: Mapping[str, Any]) -> None:
-        _check_worker(worker)
-        if not isinstance(info, Mapping):
-            raise DocumentError("info", f"must be an object, not {type(info).__name__}")
-        text = json.dumps(dict(info), sort_keys=True)
-        if len(text) > 10_000:
-            raise DocumentError("info", "is larger than 10,000 characters")
-        with self._transaction() as tx:
-            now = self._now(tx)
-            updated = tx.execute(
-                "UPDATE workers SET info = ?, state = 'idle', job_number = NULL, task_number = NULL, progress = NULL,"
-                " detail = '', last_contact = ? WHERE id = ?",
-                (text, now, worker),
-            ).rowcount
-            if not updated:
-                tx.execute(
-                    "INSERT INTO workers (id, info, state, detail, registered, last_contact) VALUES (?, ?, 'idle', '', ?, ?)",
-                    (worker, text, now, now),
+        answer = self.register_many([(worker, info)])[0]
+        if answer is not None:
+            raise answer
+
+    def register_many(self, workers: Sequence[tuple[str, Mapping[str, Any]]]) -> list[CioError | None]:
+        """Record workers (new or back again, now idle) in one transaction; each answer is None or
+        the error that worker's registration alone gets (a refused one changes nothing)."""
+        answers: list[CioError | None] = [None] * len(workers)
+        rows = []
+        for i, (worker, info) in enumerate(workers):
+            try:
+                _check_worker(worker)
+                if not isinstance(info, Mapping):
+                    raise DocumentError("info", f"must be an object, not {type(info).__name__}")
+                text = json.dumps(dict(info), sort_keys=True)
+                if len(text) > 10_000:
+                    raise DocumentError("info", "is larger than 10,000 characters")
+            except CioError as exc:
+                answers[i] = exc
+                continue
+            rows.append((worker, text))
+        rows.sort()  # worker rows are locked in id order everywhere
+        if rows:
+            with self._transaction() as tx:
+                now = self._now(tx)
+                tx.executemany(
+                    "INSERT INTO workers (id, info, state, detail, registered, last_contact) VALUES (?, ?, 'idle', '', ?, ?)"
+                    " ON CONFLICT (id) DO UPDATE SET info = excluded.info, state = 'idle', job_number = NULL,"
+                    " task_number = NULL, progress = NULL, detail = '', last_contact = excluded.last_contact",
+                    [(worker, text, now, now) for worker, text in rows],
                 )
+        return answers
 
     def worker_report(self, worker: str, status: WorkerStatus) -> None:
         _check_worker(worker)
@@ -680,9 +755,9 @@ class SqlQueue(Queue):
                     " job_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE job_number END,"
                     " task_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE task_number END"
                     " WHERE id = ?",
-                    [(st.state, st.progress, st.detail, now, st.state, st.state, w) for w, st in statuses.items()],
+                    [(st.state, st.progress, st.detail, now, st.state, st.state, w) for w, st in sorted(statuses.items())],
                 )
-            others = [w for w in seen if w not in statuses]
+            others = sorted(w for w in seen if w not in statuses)  # worker rows are locked in id order everywhere
             if others:
                 tx.executemany("UPDATE workers SET last_contact = ? WHERE id = ?", [(now, w) for w in others])
 

@@ -1,0 +1,128 @@
+"""The agents' hot routes (claim, heartbeat, report, complete) served straight from ASGI.
+
+A fleet's traffic is almost all these four calls; through the web framework's routing,
+dependency and response machinery each cost several times what its own work does. Here a
+request is matched by path, its bearer token checked, its body read up to the limit and validated
+by the same pydantic model the framework would use (``model_validate_json``), and the answer sent
+as JSON, with the same status codes and error bodies as the framework's routes give (the routes
+stay declared there for ``/openapi.json`` and for every other method).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable, Mapping
+
+from pydantic import BaseModel, ValidationError
+
+log = logging.getLogger("cio_worker.coordinator")
+
+Reply = tuple[int, dict[str, Any] | None, dict[str, str]]  # status, JSON body (None: no body), headers
+
+
+@dataclass(frozen=True)
+class FastRoute:
+    model: type[BaseModel]
+    scope: str  # the token scope the route needs
+    handler: Callable[[Any], Awaitable[dict[str, Any] | None]]  # None: 204 No Content
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def is_json(media_type: bytes) -> bool:
+    """``application/json`` or ``application/*+json``, as the framework reads bodies."""
+    return media_type == b"application/json" or (media_type.startswith(b"application/") and media_type.endswith(b"+json"))
+
+
+def json_bytes(payload: Mapping[str, Any]) -> bytes:
+    """JSON as the framework's responses write it."""
+    return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+async def send_reply(send: Callable, reply: Reply) -> None:
+    status, payload, headers = reply
+    raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
+    if payload is None:
+        await send({"type": "http.response.start", "status": status, "headers": raw})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    body = json_bytes(payload)
+    raw += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})
+
+
+class FastRoutes:
+    """An ASGI app in front of ``app``: POSTs to ``routes`` are answered here, everything else
+    (other routes and methods, the lifespan) goes to ``app``.
+
+    ``authenticate(header, scope)`` returns the token or raises; ``refuse(exc)`` turns any error
+    into a reply (4xx for the caller's mistakes, 503 for the queue's); ``invalid(errors)`` turns
+    pydantic's errors into the 422 body; ``limit`` is the body limit in bytes."""
+
+    def __init__(self, app: Any, *, routes: Mapping[str, FastRoute], authenticate: Callable[[str, str], Awaitable[Any]],
+                 refuse: Callable[[BaseException], Reply], invalid: Callable[[list], dict[str, Any]],
+                 limit: int, too_large: Callable[[], Reply]) -> None:
+        self.app, self.fast = app, dict(routes)
+        self.authenticate, self.refuse, self.invalid = authenticate, refuse, invalid
+        self.limit, self.too_large = limit, too_large
+
+    @property
+    def state(self) -> Any:
+        return self.app.state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        route = self.fast.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        if route is None:
+            return await self.app(scope, receive, send)
+        authorization, declared, media = "", None, b""
+        for key, value in scope["headers"]:
+            if key == b"authorization":
+                authorization = value.decode("latin-1")
+            elif key == b"content-length":
+                declared = value
+            elif key == b"content-type":
+                media = value.split(b";", 1)[0].strip().lower()
+        try:
+            if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+                reply = self.too_large() if declared.isdigit() else (
+                    400, {"error": "bad_request", "message": "Content-Length is not a number"}, {})
+            elif not is_json(media):
+                reply = (415, {"error": "unsupported_media_type",
+                               "message": "send the body as JSON with 'Content-Type: application/json'"}, {})
+            else:
+                await self.authenticate(authorization, route.scope)
+                body = await self._body(receive)
+                if body is None:
+                    return  # the client went away
+                try:
+                    model = route.model.model_validate_json(body)
+                except ValidationError as exc:
+                    reply = (422, self.invalid(exc.errors()), {})
+                else:
+                    payload = await route.handler(model)
+                    reply = (204, None, {}) if payload is None else (200, payload, {})
+        except BodyTooLarge:
+            reply = self.too_large()
+        except Exception as exc:  # noqa: BLE001 - every error is answered; refuse() logs the unexpected
+            reply = self.refuse(exc)
+        await send_reply(send, reply)
+
+    async def _body(self, receive: Callable) -> bytes | None:
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.limit:
+                raise BodyTooLarge()
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -1,0 +1,174 @@
+"""Calls that arrive together go to the queue together (coordinator/batch.py), and the coordinator
+gives concurrent claims and completions distinct, correct answers through it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+import requests
+
+from cio_worker.coordinator.app import CoordinatorConfig, create_app
+from cio_worker.coordinator.batch import Batcher
+from cio_worker.queue import NewTask, SqliteQueue
+from tests.fleet import serving_app
+
+JOB = {"title": "batch", "project": "default", "storage": "file:///tmp/s", "output_path": "/renders",
+       "autoretry_policy": {"preempted": {"max_retries": 3}, "failed": {"max_retries": 1}}}
+
+
+class SlowMany:
+    """A run_many that holds each batch until released, recording what it got."""
+
+    def __init__(self) -> None:
+        self.calls: list[list] = []
+        self.gate = asyncio.Event()
+
+    async def __call__(self, items):
+        self.calls.append(list(items))
+        await self.gate.wait()
+        return [ValueError(f"bad {i}") if isinstance(i, int) and i < 0 else f"ok {i}" for i in items]
+
+
+def test_calls_waiting_while_a_batch_runs_go_together_and_errors_reach_only_their_caller() -> None:
+    async def main():
+        many = SlowMany()
+        batcher: Batcher = Batcher(many, max_inflight=1, max_batch=10)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0)  # the first batch (of one) is at the "database"
+        rest = [asyncio.ensure_future(batcher.submit(i)) for i in (1, -2, 3, 4)]
+        await asyncio.sleep(0)
+        many.gate.set()
+        results = await asyncio.gather(first, *rest, return_exceptions=True)
+        return many.calls, results, batcher.batches
+
+    calls, results, batches = asyncio.run(main())
+    assert calls == [[0], [1, -2, 3, 4]] and batches == 2
+    assert results[0] == "ok 0" and results[1] == "ok 1" and results[3:] == ["ok 3", "ok 4"]
+    assert isinstance(results[2], ValueError) and str(results[2]) == "bad -2"
+
+
+def test_a_batch_holds_one_key_and_at_most_max_batch_items() -> None:
+    async def main():
+        many = SlowMany()
+        many.gate.set()
+        batcher: Batcher = Batcher(many, key=lambda item: item % 2, max_inflight=1, max_batch=2)
+        blocker = asyncio.ensure_future(batcher.submit(100))
+        await asyncio.sleep(0)
+        await asyncio.gather(blocker, *(batcher.submit(i) for i in (1, 2, 3, 5, 7)))
+        return many.calls
+
+    calls = asyncio.run(main())
+    assert all(len({i % 2 for i in call}) == 1 and len(call) <= 2 for call in calls), calls
+    assert sorted(i for call in calls for i in call) == [1, 2, 3, 5, 7, 100]
+
+
+def test_an_answer_whose_caller_went_away_is_handed_back() -> None:
+    async def main():
+        many = SlowMany()
+        returned: list = []
+
+        async def orphaned(answer):
+            returned.append(answer)
+
+        batcher: Batcher = Batcher(many, orphaned=orphaned)
+        gone = asyncio.ensure_future(batcher.submit(7))
+        await asyncio.sleep(0)
+        gone.cancel()  # e.g. the coordinator stops while the claim is at the database
+        many.gate.set()
+        stays = await batcher.submit(8)
+        await asyncio.sleep(0)
+        return returned, stays
+
+    returned, stays = asyncio.run(main())
+    assert returned == ["ok 7"] and stays == "ok 8"
+
+
+def test_a_failing_batch_fails_each_of_its_callers_and_the_next_batch_runs() -> None:
+    async def main():
+        state = {"n": 0}
+
+        async def many(items):
+            state["n"] += 1
+            if state["n"] == 1:
+                raise RuntimeError("database gone")
+            return [f"ok {i}" for i in items]
+
+        batcher: Batcher = Batcher(many, max_inflight=1)
+        first = await asyncio.gather(batcher.submit(1), batcher.submit(2), return_exceptions=True)
+        second = await batcher.submit(3)
+        return first, second
+
+    first, second = asyncio.run(main())
+    assert all(isinstance(r, RuntimeError) for r in first) and second == "ok 3"
+
+
+# -- through a real coordinator -------------------------------------------------------------------
+
+
+@pytest.fixture
+def farm(tmp_path: Path):
+    queue = SqliteQueue(tmp_path / "queue.db")
+    _, agent = queue.create_token("fleet", ["agent"])
+    job = queue.create_job(JOB, [NewTask(str(f), f"cnode -image_frames_list {f}") for f in range(1, 41)])
+    app = create_app(queue, CoordinatorConfig(watch_seconds=3600, db_threads=4))
+    with serving_app(app) as url:
+        yield url, agent, queue, job, app
+    queue.close()
+
+
+def _in_threads(n: int, fn) -> list:
+    results: list = [None] * n
+    barrier = threading.Barrier(n)
+
+    def run(i: int) -> None:
+        with requests.Session() as session:
+            barrier.wait()
+            results[i] = fn(i, session)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return results
+
+
+def test_concurrent_claims_and_completions_each_get_their_own_answer(farm) -> None:
+    url, agent, queue, job, app = farm
+    headers = {"Authorization": f"Bearer {agent}"}
+    n = 24
+    for i in range(n):
+        assert requests.post(f"{url}/v1/workers/register", json={"worker": f"w{i}", "info": {}}, headers=headers).ok
+
+    def claim(i, session):
+        r = session.post(f"{url}/v1/claim", json={"worker": f"w{i}", "wait_seconds": 0}, headers=headers, timeout=30)
+        assert r.status_code == 200, r.text
+        return r.json()["lease"]
+
+    leases = _in_threads(n, claim)
+    assert len({lease["task_id"] for lease in leases}) == n
+    assert all(lease["worker"] == f"w{i}" for i, lease in enumerate(leases))
+    # Every third report names another worker's lease: 409 for it, the others applied.
+    def complete(i, session):
+        ref = {k: leases[i][k] for k in ("job_id", "task_id", "token", "worker")}
+        if i % 3 == 0:
+            ref["worker"] = f"w{(i + 1) % n}"
+        r = session.post(f"{url}/v1/complete", json={"lease": ref, "op_id": f"op-{i}"}, headers=headers, timeout=30)
+        return r.status_code
+
+    statuses = _in_threads(n, complete)
+    assert statuses == [409 if i % 3 == 0 else 200 for i in range(n)]
+    rows = {r.id: r for r in queue.tasks(job)}
+    for i, lease in enumerate(leases):
+        assert rows[lease["task_id"]].state == ("leased" if i % 3 == 0 else "done"), i
+    done_events = [e for e in queue.events(job) if e.kind == "done"]
+    assert len(done_events) == n - len(range(0, n, 3))
+    # The same completion resent: applied once, answered alike.
+    ref = {k: leases[1][k] for k in ("job_id", "task_id", "token", "worker")}
+    again = requests.post(f"{url}/v1/complete", json={"lease": ref, "op_id": "op-1"}, headers=headers, timeout=30)
+    assert again.status_code == 200 and len([e for e in queue.events(job) if e.kind == "done"]) == len(done_events)
+    # They went to the database in fewer calls than there were requests.
+    assert app.state.claims.items == n and app.state.claims.batches < n
