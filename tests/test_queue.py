@@ -777,5 +777,11 @@ def test_complete_many_applies_each_report_alone(backend: str, tmp_path: Path, r
         assert [r.files[0].relative_path for r in q.downloads(job_id)] == ["a.exr"]
         workers = {w.id: w for w in q.workers()}
         assert (workers["a"].tasks_done, workers["b"].tasks_done, workers["c"].tasks_done) == (1, 0, 1)
+        # Copies of one report in one batch: applied once; another report on that lease is refused.
+        e = b  # still leased to b
+        copies = q.complete_many([(e, None, "op-e"), (e, None, "op-e"), (e, None, "op-other")])
+        assert copies[:2] == [None, None] and isinstance(copies[2], LeaseLost)
+        assert len([ev for ev in q.events(job_id) if ev.kind == "done" and ev.task_id == e.task_id]) == 1
+        assert {w.id: w for w in q.workers()}["b"].tasks_done == 1
     finally:
         q.close()

@@ -14,7 +14,7 @@ import abc
 import json
 import secrets
 from contextlib import AbstractContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
@@ -29,6 +29,7 @@ from cio_worker.queue.base import (
     KILLED_REASON,
     RELEASE_CAUSES,
     STATES,
+    WORKER_STATES,
     DownloadFile,
     DownloadRecord,
     Event,
@@ -158,6 +159,30 @@ class Tx(Protocol):
 
 
 Completion = tuple[Lease, "NewDownload | None", "str | None"]  # a complete() call's arguments
+
+
+@dataclass(frozen=True)
+class _Final:
+    """A task's lease ended: its new state, and the event that says so."""
+
+    row: Row
+    state: str
+    reason: str
+    kind: str = "failed"
+    detail: str | None = None
+    frames_done: str | None = None
+
+    def event_text(self) -> str:
+        text = self.reason if self.detail is None else self.detail
+        if self.kind != self.state:
+            outcome = f"{self.state}: {self.reason}" if self.state == "failed" else self.state
+            text = f"{text} -> {outcome}" if text else outcome
+        return text
+
+
+def _row_key(lease: Lease) -> tuple[int, int] | None:
+    job, task = _number(lease.job_id), _number(lease.task_id)
+    return None if job is None or task is None else (job, task)
 
 
 class _Applied(Exception):
@@ -451,19 +476,16 @@ class SqlQueue(Queue):
             return HeartbeatReply(cancel=bool(row["cancel"]), expires_at=expires)
 
     def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None) -> None:
-        if download is not None:
-            download.validate()
-        _check_op_id(op_id)
-        with self._transaction() as tx:
-            now = self._now(tx)
-            if self._complete(tx, now, lease, download, op_id):
-                self._worker_finished(tx, lease.worker, now, "tasks_done")
+        answer = self.complete_many([(lease, download, op_id)])[0]
+        if answer is not None:
+            raise answer
 
     def complete_many(self, reports: Sequence[Completion]) -> list[CioError | None]:
-        """Several completions in one transaction (one commit): what a coordinator does with the
-        reports that arrive together. Each answer is None (applied, or applied before) or the error
-        that report alone gets; a refused report changes nothing. Should the transaction itself
-        fail, each report is tried on its own, so one cannot cost the others."""
+        """Several completions in one transaction (one commit, a few statements for them all):
+        what a coordinator does with the reports that arrive together. Each answer is None
+        (applied, or applied before) or the error that report alone gets; a refused report changes
+        nothing. Should the transaction itself fail, each report is tried on its own, so that one
+        cannot cost the others."""
         answers: list[CioError | None] = [None] * len(reports)
         order = []
         for i, (lease, download, op_id) in enumerate(reports):
@@ -475,44 +497,54 @@ class SqlQueue(Queue):
                 answers[i] = exc
                 continue
             order.append(i)
-        # Rows are locked in one order everywhere (tasks, then workers, each by key), so batches
-        # running side by side, and the coordinator's contact writes, never deadlock.
-        order.sort(key=lambda i: (reports[i][0].job_id, reports[i][0].task_id))
+        if not order:
+            return answers
         try:
             with self._transaction() as tx:
-                now = self._now(tx)
-                finished = []
-                for i in order:
-                    try:
-                        if self._complete(tx, now, *reports[i]):
-                            finished.append(reports[i][0].worker)
-                    except (LeaseLost, QueueError) as exc:  # raised before the report wrote anything
-                        answers[i] = exc
-                for worker in sorted(finished):
-                    self._worker_finished(tx, worker, now, "tasks_done")
-        except QueueError:
+                for i, answer in zip(order, self._complete_in(tx, [reports[i] for i in order])):
+                    answers[i] = answer
+        except QueueError as exc:
+            if len(order) == 1:
+                answers[order[0]] = exc
+                return answers
             for i in order:
-                try:
-                    self.complete(*reports[i])
-                    answers[i] = None
-                except CioError as exc:
-                    answers[i] = exc
+                answers[i] = self.complete_many([reports[i]])[0]
         return answers
 
-    def _complete(self, tx: Tx, now: float, lease: Lease, download: NewDownload | None, op_id: str | None) -> bool:
-        """Apply one completion but for its worker's row (the caller's, so that it can order them);
-        False when it was applied before."""
-        try:
-            row = self._held(tx, lease, op_id)
-        except _Applied:
-            return False
-        if download is not None:
-            self._add_download(tx, row, download, now)
-        files = "" if download is None else f"; {len(download.files)} files for download"
-        self._set_final(tx, row, now, "done", "", kind="done", detail=f"attempt {_attempts_so_far(row) + 1}{files}",
-                        frames_done=FrameSet.parse(row["frames"]).canonical())
-        self._remember(tx, op_id, lease, "complete", "done", now)
-        return True
+    def _complete_in(self, tx: Tx, reports: Sequence[Completion]) -> list[CioError | None]:
+        now = self._now(tx)
+        rows = self._rows_for_update(tx, [lease for lease, _, _ in reports])
+        answers: list[CioError | None] = [None] * len(reports)
+        finals, remembered, finished = [], [], []
+        applied: dict[tuple[str, str], str | None] = {}  # reports applied in this batch: their op id
+        for i, (lease, download, op_id) in enumerate(reports):
+            key = (lease.job_id, lease.task_id)
+            if key in applied:  # a copy of a report in the same batch
+                if op_id is not None and applied[key] == op_id:
+                    continue
+                answers[i] = LeaseLost(f"{lease.label}: the lease of {lease.worker} is gone (the task is now done); "
+                                       "drop this attempt's results and do not report it")
+                continue
+            try:
+                row = self._judge(tx, lease, op_id, rows.get(_row_key(lease)))
+            except _Applied:
+                continue
+            except (LeaseLost, QueueError) as exc:  # raised before the report wrote anything
+                answers[i] = exc
+                continue
+            applied[key] = op_id
+            if download is not None:
+                self._add_download(tx, row, download, now)
+            files = "" if download is None else f"; {len(download.files)} files for download"
+            finals.append(_Final(row, "done", "", "done", f"attempt {_attempts_so_far(row) + 1}{files}",
+                                 FrameSet.parse(row["frames"]).canonical()))
+            if op_id is not None:
+                remembered.append((op_id, lease.worker, "complete", "done", now))
+            finished.append(lease.worker)
+        self._set_finals(tx, finals, now)
+        self._remember_all(tx, remembered)
+        self._worker_finished(tx, finished, now, "tasks_done")
+        return answers
 
     def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
         if not isinstance(reason, str):
@@ -601,17 +633,28 @@ class SqlQueue(Queue):
 
     def _held(self, tx: Tx, lease: Lease, op_id: str | None = None) -> Row:
         """The task row (with its job's budgets), locked, if ``lease`` still holds it; LeaseLost
-        otherwise, or ``_Applied`` when the report ``op_id`` was applied already. The operation is
-        looked up only after the row lock is held, so a copy of this report that committed while
-        this one waited for the lock (a client's retry) is seen and answered alike."""
-        job, task = _number(lease.job_id), _number(lease.task_id)
-        row = None
-        if job is not None and task is not None:
-            row = tx.execute(
-                "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
-                " WHERE t.job_number = ? AND t.number = ?" + self.ROW_LOCK,
-                (job, task),
-            ).fetchone()
+        otherwise, or ``_Applied`` when the report ``op_id`` was applied already."""
+        return self._judge(tx, lease, op_id, self._rows_for_update(tx, [lease]).get(_row_key(lease)))
+
+    def _rows_for_update(self, tx: Tx, leases: Sequence[Lease]) -> dict[tuple[int, int], Row]:
+        """The task rows ``leases`` name (with their jobs' budgets), locked in (job, task) order,
+        the order every writer locks task rows in; names that are not numbers find nothing."""
+        keys = sorted({key for key in map(_row_key, leases) if key is not None})
+        if not keys:
+            return {}
+        rows = tx.execute(
+            "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
+            f" WHERE (t.job_number, t.number) IN ({', '.join(['(?, ?)'] * len(keys))})"
+            " ORDER BY t.job_number, t.number" + self.ROW_LOCK,
+            [n for key in keys for n in key],
+        ).fetchall()
+        return {(r["job_number"], r["number"]): r for r in rows}
+
+    def _judge(self, tx: Tx, lease: Lease, op_id: str | None, row: Row | None) -> Row:
+        """``row`` if ``lease`` holds it; else LeaseLost, or ``_Applied`` when the report ``op_id``
+        was applied already. The operation is looked up only once the row is locked, so a copy of
+        this report that committed while this one waited for the lock (a client's retry) is seen
+        and answered alike."""
         if row is None:  # say which of the two does not exist
             self._task_number(tx, self._job_number(tx, lease.job_id), lease.task_id)
             raise AssertionError("unreachable")  # pragma: no cover
@@ -634,17 +677,21 @@ class SqlQueue(Queue):
     ) -> str:
         """End the current lease (if any) with ``state`` (and, given, the frames now done); record
         an event; return the state."""
-        tx.execute(
+        self._set_finals(tx, [_Final(row, state, reason, kind, detail, frames_done)], now)
+        return state
+
+    def _set_finals(self, tx: Tx, finals: Sequence[_Final], now: float) -> None:
+        if not finals:
+            return
+        tx.executemany(
             "UPDATE tasks SET state = ?, reason = ?, lease_token = NULL, lease_expires = NULL, updated = ?,"
             " frames_done = COALESCE(?, frames_done) WHERE job_number = ? AND number = ?",
-            (state, reason, now, frames_done, row["job_number"], row["number"]),
+            [(f.state, f.reason, now, f.frames_done, f.row["job_number"], f.row["number"]) for f in finals],
         )
-        text = reason if detail is None else detail
-        if kind != state:
-            outcome = f"{state}: {reason}" if state == "failed" else state
-            text = f"{text} -> {outcome}" if text else outcome
-        self._event(tx, row["job_number"], row["number"], now, kind, row["worker"], text)
-        return state
+        tx.executemany(
+            "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            [(f.row["job_number"], f.row["number"], now, f.kind, f.row["worker"], f.event_text()) for f in finals],
+        )
 
     # -- operations -------------------------------------------------------------------------------
 
@@ -662,10 +709,13 @@ class SqlQueue(Queue):
     @staticmethod
     def _remember(tx: Tx, op_id: str | None, lease: Lease, kind: str, result: str, now: float) -> None:
         if op_id is not None:
-            tx.execute(
-                "INSERT INTO operations (id, worker, kind, result, created) VALUES (?, ?, ?, ?, ?)",
-                (op_id, lease.worker, kind, result, now),
-            )
+            SqlQueue._remember_all(tx, [(op_id, lease.worker, kind, result, now)])
+
+    @staticmethod
+    def _remember_all(tx: Tx, operations: Sequence[tuple[str, str, str, str, float]]) -> None:
+        """Record (op id, worker, kind, result, time) of applied reports, to answer their copies."""
+        if operations:
+            tx.executemany("INSERT INTO operations (id, worker, kind, result, created) VALUES (?, ?, ?, ?, ?)", operations)
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -762,12 +812,15 @@ class SqlQueue(Queue):
                 tx.executemany("UPDATE workers SET last_contact = ? WHERE id = ?", [(now, w) for w in others])
 
     @staticmethod
-    def _worker_finished(tx: Tx, worker: str, now: float, counter: str) -> None:
-        tx.execute(
-            f"UPDATE workers SET {counter} = {counter} + 1, state = 'idle', job_number = NULL, task_number = NULL,"
-            " progress = NULL, last_contact = ? WHERE id = ?",
-            (now, worker),
-        )
+    def _worker_finished(tx: Tx, workers: str | Sequence[str], now: float, counter: str) -> None:
+        """Workers whose task ended: idle again, one more in ``counter``; rows locked in id order."""
+        names = [workers] if isinstance(workers, str) else sorted(workers)
+        if names:
+            tx.executemany(
+                f"UPDATE workers SET {counter} = {counter} + 1, state = 'idle', job_number = NULL, task_number = NULL,"
+                " progress = NULL, last_contact = ? WHERE id = ?",
+                [(now, worker) for worker in names],
+            )
 
     # -- tokens -----------------------------------------------------------------------------------
 
@@ -901,6 +954,22 @@ class SqlQueue(Queue):
             "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (job, task, now, kind, worker, detail),
         )
+
+    # -- figures ----------------------------------------------------------------------------------
+
+    def counts(self, gone_after: float = 120.0) -> tuple[dict[str, int], dict[str, int]]:
+        """Tasks by state and workers by state (``gone`` when silent longer than ``gone_after``,
+        as ``workers()`` says), every state named even at 0, read in one transaction."""
+        with self._transaction(write=False) as tx:
+            silent_since = self._now(tx) - gone_after
+            tasks = tx.execute("SELECT state, COUNT(*) AS n FROM tasks GROUP BY state").fetchall()
+            workers = tx.execute(
+                f"SELECT CASE WHEN state <> 'stopped' AND last_contact < ? THEN '{GONE}' ELSE state END AS s,"
+                " COUNT(*) AS n FROM workers GROUP BY 1", (silent_since,),
+            ).fetchall()
+        by_task = dict.fromkeys(STATES, 0) | {r["state"]: r["n"] for r in tasks}
+        by_worker = dict.fromkeys((*WORKER_STATES, GONE), 0) | {r["s"]: r["n"] for r in workers}
+        return by_task, by_worker
 
 
 def _token_row(r: Row) -> credentials.TokenRow:
