@@ -234,11 +234,14 @@ class TimedRunner:
         self.inner = inner
         self.records: list[dict[str, Any]] = []
 
-    def start(self, spec, on_line=None):
+    def start(self, spec, on_line=None, **options):
         record: dict[str, Any] = {"spec": spec, "start": now()}
-        process = self.inner.start(spec, on_line=on_line)
+        process = self.inner.start(spec, on_line=on_line, **options)
         self.records.append(record)
         return _TimedProcess(process, record)
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
 
 
 class _TimedProcess:

@@ -183,3 +183,26 @@ def test_a_bug_in_a_command_is_one_line_unless_the_traceback_is_asked_for(monkey
         assert ("Traceback (most recent call last)" in err.getvalue()) is traceback_shown
         last = err.getvalue().splitlines()[-1]
         assert last.startswith("cio-worker: internal error: RuntimeError: boom")
+
+
+def test_a_project_file_named_with_a_space_is_refused_at_preflight_and_submit(shot: Path, tmp_path: Path) -> None:
+    """cnode cannot open it, so every task would fail: preflight and submit say so and enqueue
+    nothing. A directory with a space is fine (the node runs cnode from the project's directory)."""
+    shots = shot / "root/proj/shots"
+    (shots / "shot_A/shot_A.project").rename(shots / "shot_A/shot A.project")
+    spec = shot / "job.toml"
+    spec.write_text(spec.read_text().replace("shot_A/shot_A.project", "shot_A/shot A.project"))
+    result = run("preflight", str(spec), "--root", str(shot / "root"))
+    assert_one_line_error(result, "[job] project_file", "'shot A.project' holds a space", "cnode")
+    queue = tmp_path / "q.db"
+    result = run("submit", str(spec), "--queue", f"sqlite:///{queue}", "--storage", f"file://{tmp_path / 'store'}",
+                 "--root", str(shot / "root"))
+    assert_one_line_error(result, "[job] project_file", "holds a space")
+    assert not queue.exists() and not (tmp_path / "store").exists()
+
+    (shots / "shot_A/shot A.project").rename(shots / "shot_A/shot_A.project")
+    (shots / "shot_A").rename(shots / "shot A")
+    spec.write_text(spec.read_text().replace("shot_A/shot A.project", "shot A/shot_A.project"))
+    result = run("preflight", str(spec), "--root", str(shot / "root"))
+    assert result.returncode == 0, result.stderr
+    assert 'cnode "/proj/shots/shot A/shot_A.project"' in result.stdout

@@ -255,3 +255,23 @@ def test_a_submit_that_fails_leaves_no_queue_and_no_store(tmp_path):
                  f"file://{store}", "--root", str(shot.root), "--allow-missing")
     assert_one_line_error(no_dir, "nodir")
     assert not (tmp_path / "nodir").exists() and not store.exists()
+
+
+def test_run_task_twice_on_one_document_starts_a_fresh_log_and_keeps_the_earlier_one(farm):
+    tmp, shot, queue, storage, env = farm
+    submit(farm)
+    with open_queue(queue) as q:
+        lease = q.claim("by-hand", 60)
+    doc = tmp / "task.json"
+    doc.write_text(lease.document.to_json())
+    args = ["run-task", str(doc), "--root", str(tmp / "vm"), "--work-dir", str(tmp / "work"), "--no-cache", "--quiet"]
+    logs = tmp / "work" / "logs"
+    for run in (1, 2, 3):
+        out = cli(*args, env=env)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert f"cio-worker: log: {logs / '00001-000-a1.log'}" in out.stdout
+        assert {p.name for p in logs.iterdir()} == {"00001-000-a1.log"} | {f"00001-000-a1.{n}.log" for n in range(1, run)}
+    for name in ("00001-000-a1.log", "00001-000-a1.1.log", "00001-000-a1.2.log"):
+        text = (logs / name).read_text()
+        assert text.count("==== cio_worker: start ====") == 1 and text.count("==== cio_worker: end ====") == 1, name
+        assert "exit code 0" in text, text[-400:]

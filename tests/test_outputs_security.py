@@ -1,11 +1,12 @@
 """What a task may not do with the agent's help: get a file from outside its output path uploaded
-through a symbolic link, or see its secrets (environment values with secret-looking names) written
+through a symbolic or a hard link, or see its secrets (environment values with secret-looking names) written
 into the task log, the agent's log, a failure reason, or ``cio-worker status``.
 """
 
 from __future__ import annotations
 
 import io
+import os
 import stat
 from pathlib import Path
 
@@ -75,8 +76,10 @@ def test_outputs_that_are_symlinks_are_never_uploaded_or_downloaded(tmp_path: Pa
     farm.close()
 
 
-def test_run_task_says_which_outputs_were_not_uploaded_because_they_are_links(tmp_path: Path) -> None:
-    secret = tmp_path / "shadow"
+@pytest.mark.parametrize(("ln", "reason"), [("ln -s", "symlink"), ("ln", "hard link (2 names)")])
+def test_run_task_says_which_outputs_were_not_uploaded_because_they_are_links(tmp_path: Path, ln: str,
+                                                                              reason: str) -> None:
+    secret = tmp_path / "shadow"  # outside the output path, on the same file system (a hard link needs that)
     secret.write_bytes(SECRET_FILE_TEXT)
     root = tmp_path / "root"
     out = root / "proj" / "renders"
@@ -84,7 +87,7 @@ def test_run_task_says_which_outputs_were_not_uploaded_because_they_are_links(tm
         job=JobInfo(id="00001", title="links", project="default", storage=f"file://{tmp_path / 'storage'}",
                     output_path="C:/proj/renders"),
         task=TaskInfo(id="000", frames="1",
-                      command=f"mkdir -p {out} && echo frame > {out}/a.exr && ln -s {secret} {out}/b.exr"),
+                      command=f"mkdir -p {out} && echo frame > {out}/a.exr && {ln} {secret} {out}/b.exr"),
     )
     path = tmp_path / "task.json"
     path.write_text(doc.to_json(), encoding="utf-8")
@@ -92,30 +95,32 @@ def test_run_task_says_which_outputs_were_not_uploaded_because_they_are_links(tm
     code = cli_main(["run-task", str(path), "--root", str(root), "--work-dir", str(tmp_path / "work"),
                      "--no-cache", "--quiet"], stdout=stdout, stderr=stderr)
     assert code == 0, stdout.getvalue() + stderr.getvalue()
-    assert "not uploaded (symlink): b.exr" in stdout.getvalue()
+    assert f"not uploaded ({reason}): b.exr" in stdout.getvalue()
+    assert "output a.exr" in stdout.getvalue() and "output b.exr" not in stdout.getvalue()
     assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage"))
+    assert secret.read_bytes() == SECRET_FILE_TEXT
 
 
-def _link_after_render_cnode(bin_dir: Path, real_bin: Path) -> None:
-    """A ``cnode`` that renders with the simulator, then swaps frame 2's image for a link to a file
-    outside the output path (a compromised or buggy renderer)."""
+def _link_after_render_cnode(bin_dir: Path, real_bin: Path, ln: str = "ln -s") -> None:
+    """A ``cnode`` that renders with the simulator, then swaps frame 2's image for a link (``ln``:
+    symbolic or hard) to a file outside the output path (a compromised or buggy renderer)."""
     script = bin_dir / "cnode"
     script.write_text(
         "#!/bin/sh\n"
         f'"{real_bin / "cnode"}" "$@" || exit $?\n'
-        'for f in $(find "$LINK_ROOT" -name "beauty.0002.png"); do rm -f "$f"; ln -s "$LINK_TARGET" "$f"; done\n',
+        f'for f in $(find "$LINK_ROOT" -name "beauty.0002.png"); do rm -f "$f"; {ln} "$LINK_TARGET" "$f"; done\n',
         encoding="utf-8",
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
 
 
-def _linking_farm(tmp_path: Path):
+def _linking_farm(tmp_path: Path, ln: str = "ln -s"):
     farm = file_farm(tmp_path)
     secret = tmp_path / "outside-secret"
     secret.write_bytes(SECRET_FILE_TEXT)
     linking = tmp_path / "linking-bin"
     linking.mkdir()
-    _link_after_render_cnode(linking, farm.bin)
+    _link_after_render_cnode(linking, farm.bin, ln)
     farm.env.update(PATH=f"{linking}:{farm.env['PATH']}", LINK_ROOT=str(farm.root), LINK_TARGET=str(secret))
     return farm
 
@@ -132,14 +137,16 @@ def test_a_renderer_that_leaves_a_link_to_an_outside_file_never_gets_it_uploaded
     farm.close()
 
 
-def test_a_frame_the_renderer_left_as_a_link_is_judged_missing(tmp_path: Path) -> None:
-    farm = _linking_farm(tmp_path)
+@pytest.mark.parametrize("ln", ["ln -s", "ln"])
+def test_a_frame_the_renderer_left_as_a_link_is_judged_missing(tmp_path: Path, ln: str) -> None:
+    farm = _linking_farm(tmp_path, ln)
     with farm.agent() as running:
         job = farm.submit("linked", frames="1-2", retries_failed=0)
         farm.wait_finished(job, running)
     task = farm.task(job)
     farm.close()
     assert task.state == "failed" and "beauty.0002.png" in task.reason, (task.state, task.reason)
+    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage"))
 
 
 @pytest.fixture(params=["file", "s3", "gcs"])
@@ -173,6 +180,30 @@ def test_an_output_swapped_for_a_link_after_the_scan_is_refused_by_the_upload(an
     keys = {scan.files[0].key, hashstore_key(md5_b64_of_bytes(SECRET_FILE_TEXT))}
     assert any_store.exists(keys) == set()
     any_store.close()
+
+
+def test_a_new_output_with_a_second_name_is_skipped_with_its_reason(tmp_path: Path) -> None:
+    """A hard link made in the output directory to a file outside it (same file system) is never
+    hashed or uploaded; nor is a file that gains a second name after the walk."""
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_bytes(SECRET_FILE_TEXT)
+    before = snapshot(out)
+    (out / "beauty.0001.exr").write_bytes(b"the rendered frame\n")
+    os.link(outside, out / "beauty.0002.exr")
+    scan = changed_since(out, before)
+    assert [f.relative_path for f in scan.files] == ["beauty.0001.exr"]
+    assert [(s.relative_path, s.reason) for s in scan.skipped] == [("beauty.0002.exr", "hard link (2 names)")]
+    # an unchanged file with two names (an input the cache placed by a hard link) is no output at all
+    assert changed_since(out, snapshot(out)).skipped == []
+    # the race: one name when walked, two when opened to be hashed
+    from cio_worker.node import outputs
+
+    walked = dict(outputs._walk(out, []))
+    os.link(out / "beauty.0001.exr", tmp_path / "second-name")
+    assert walked["beauty.0001.exr"].st_nlink == 1
+    assert outputs._md5_nofollow(out / "beauty.0001.exr") == (None, "hard link (2 names)")
 
 
 # --- secrets in the environment -------------------------------------------------------------------

@@ -785,3 +785,50 @@ def test_complete_many_applies_each_report_alone(backend: str, tmp_path: Path, r
         assert {w.id: w for w in q.workers()}["b"].tasks_done == 1
     finally:
         q.close()
+
+
+def _open_queue_without_overrides(path: Path) -> tuple[str, str]:
+    """(code, message) of the QueueError that opening ``path`` gives in a child process that file
+    permissions apply to: root without the capabilities that let it ignore them."""
+    import shutil
+    import subprocess
+    import sys
+
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root ignores file permissions and setpriv (util-linux), which drops that, is missing")
+        prefix = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--"]
+    code = ("import sys\nfrom cio_worker.queue.sqlite import SqliteQueue\nfrom cio_worker.errors import QueueError\n"
+            "try:\n    SqliteQueue(sys.argv[1])\nexcept QueueError as e:\n    print(e.code); print(e)\n")
+    done = subprocess.run([*prefix, sys.executable, "-c", code, str(path)], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0 and done.stdout, done.stderr
+    found, message = done.stdout.split("\n", 1)
+    return found, message.strip()
+
+
+def test_a_queue_in_a_read_only_directory_is_reported_as_read_only_not_as_no_queue(tmp_path: Path) -> None:
+    shared = tmp_path / "queues"
+    shared.mkdir()
+    q = SqliteQueue(shared / "farm.db")
+    job_id = q.create_job(job_spec(), [task("1")])
+    q.close()
+    for leftover in shared.glob("farm.db-*"):
+        leftover.unlink()  # closed cleanly: what a reader who may not write must create
+    before = (shared / "farm.db").read_bytes()
+    (shared / "farm.db").chmod(0o644)
+    shared.chmod(0o555)
+    try:
+        code, message = _open_queue_without_overrides(shared / "farm.db")
+        assert code == "queue_read_only", message
+        assert "read-only" in message and str(shared) in message and "farm.db-wal" in message
+        assert "not a cio_worker queue" not in message and "point the queue URL at a new file" not in message
+        code, message = _open_queue_without_overrides(shared / "new.db")
+        assert code == "queue_read_only" and f"cannot create queue {shared / 'new.db'}" in message, message
+    finally:
+        shared.chmod(0o755)
+    assert (shared / "farm.db").read_bytes() == before and not (shared / "new.db").exists()
+    q = SqliteQueue(shared / "farm.db")
+    assert [j.id for j in q.jobs()] == [job_id]  # nothing lost
+    q.close()

@@ -466,3 +466,28 @@ def test_stop_needs_a_reason_and_a_sane_grace(h):
             process.request_stop(grace, reason)
         assert err.value.code == "bad_run_spec"
     process.stop(5, "done testing")
+
+
+# ---------------------------------------------------------------- the reason a task gives
+
+
+def test_a_task_that_times_out_is_reported_as_a_timeout_not_a_crash(tmp_path):
+    from cio_worker.job.document import JobInfo, TaskDocument, TaskInfo
+    from cio_worker.job.paths import PathMap
+    from cio_worker.node.execution import ExecutionContext, execute
+    from cio_worker.storage import open_storage
+
+    (tmp_path / "storage").mkdir()
+    doc = TaskDocument(
+        job=JobInfo(id="00001", title="slow", project="default", storage=f"file://{tmp_path / 'storage'}",
+                    output_path="/proj/renders"),
+        task=TaskInfo(id="000", frames="1", command="echo ready; sleep 30"),
+    )
+    ctx = ExecutionContext(work_root=tmp_path / "work", open_storage=open_storage, runner=ProcessRunner(),
+                           path_map=PathMap.rooted(str(tmp_path / "root")),
+                           base_env={"PATH": os.environ["PATH"]}, task_timeout=0.5, kill_grace=5)
+    outcome = execute(doc, ctx)
+    assert outcome.status == "failed"
+    assert outcome.run.timed_out and outcome.run.signal == signal.SIGTERM
+    assert outcome.error.code == "timeout", outcome.reason
+    assert "task timeout of 0.5 s" in outcome.reason and "signal 15" in outcome.reason

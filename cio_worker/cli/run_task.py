@@ -10,12 +10,13 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cio_worker.cli.common import add_node_arguments, check_existing_storage, node_context
+from cio_worker.cli.common import add_node_arguments, check_existing_storage, env_default, node_context
 from cio_worker.cli.main import CliError, Streams, add_command, add_path_map_arguments, path_map_from_args
 from cio_worker.errors import CioError
 
 if TYPE_CHECKING:
     from cio_worker.job.document import TaskDocument
+    from cio_worker.node.execution import ExecutionContext
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +35,29 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quiet", action="store_true", help="do not echo the renderer's output")
     add_path_map_arguments(parser)
     add_node_arguments(parser)
+    add_render_user_argument(parser)
+
+
+def add_render_user_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--render-user", default=env_default("RENDER_USER"), metavar="USER",
+                        help="run renders as this unprivileged user (the agent must be root): it reads the "
+                        "inputs and writes the outputs, never the agent's token, logs or cache "
+                        "(env CIO_RENDER_USER; default: the agent's own user)")
+
+
+def use_render_user(args: argparse.Namespace, ctx: "ExecutionContext") -> list[str]:
+    """With --render-user, the context's runner starts renders as that user and the node's own
+    directories are closed to it; returns warnings for a person."""
+    if not args.render_user:
+        return []
+    from cio_worker.node.render_user import RenderUser, confine
+    from cio_worker.node.runner import ProcessRunner
+
+    user = RenderUser.resolve(args.render_user)
+    ctx.runner = ProcessRunner(containment=ctx.runner.containment, render_user=user)
+    cache_dir = None if args.no_cache else Path(args.cache_dir).expanduser().resolve()
+    token_file = getattr(args, "token_file", None)
+    return confine(user, ctx.work_root, cache_dir, [Path(token_file) if token_file else None])
 
 
 def run(args: argparse.Namespace, streams: Streams) -> int:
@@ -60,6 +84,8 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         print(f"cio-worker: {line}", file=out, flush=True)
 
     ctx = node_context(args, path_map, say=say, progress=_progress(streams))
+    for warning in use_render_user(args, ctx):
+        say(f"warning: {warning}")
     if not args.quiet:
         ctx.echo = lambda line: print(f"  | {line.rstrip()}", file=out, flush=True)
     control = TaskControl()
@@ -81,8 +107,6 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     delivered = outcome.outputs.files if outcome.outputs else []
     for f in delivered:
         say(f"output {f.relative_path} ({f.size} bytes, md5 {f.md5})")
-    for skipped in outcome.outputs.skipped_symlinks if outcome.outputs else []:
-        say(f"not uploaded (symlink): {skipped}")
     if outcome.run:
         r = outcome.run
         say(f"render: exit {r.exit_code}{f' signal {r.signal}' if r.signal else ''}, {r.wall_seconds:.1f} s wall, "

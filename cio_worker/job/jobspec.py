@@ -262,6 +262,8 @@ def parse_job_spec(
         log_level=log_level,
         output_path=None if output_path is None else _artist_path(job, "output_path", output_path, base_dir),
     )
+    if not spec.upload_only:
+        _check_cnode_can_open(job, spec.project_file)
     return spec
 
 
@@ -278,6 +280,15 @@ def _artist_path(table: "_Table", key: str, text: str, base_dir: Path) -> str:
         table.fail(key, str(exc))
     drive = _DRIVE.match(path)
     return (drive.group(0) if drive else "") + node
+
+
+def _check_cnode_can_open(table: "_Table", project_file: str) -> None:
+    """cnode cannot open a project whose file name holds a space (the node runs it from the
+    project's directory with the bare file name, so the directories may hold spaces)."""
+    name = posixpath.basename(project_file)
+    if any(c.isspace() for c in name):
+        table.fail("project_file", f"the file name {name!r} holds a space, which cnode cannot open, so every "
+                   "task would fail; rename the project file (its directories may keep their spaces)")
 
 
 def _retry_policy(raw: Any, source: Path, retries: int) -> RetryPolicy:

@@ -20,6 +20,7 @@ from cio_worker.errors import CioError, FrameSpecError, RenderError
 from cio_worker.job.frames import FrameSet
 from cio_worker.job.paths import PathMap, node_path
 from cio_worker.job.project import Project, ProjectError, load_project, output_file_name
+from cio_worker.node.logscan import LineFilter
 
 CNODE_NAMES = ("cnode", "cnode.exe", "ciocnode")
 # Words that make a command more than one simple cnode invocation: run it as given.
@@ -35,6 +36,8 @@ FATAL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 )
 # Only lines with one of these words are matched against FATAL_PATTERNS (most lines have none).
 _FATAL_HINTS = ("error", "fatal", "no space left", "quota exceeded")
+# Every line RenderMonitor.feed can use: the runner hands it only these.
+MONITORED_LINES = LineFilter(prefixes=("Progress for '", "Saved image '"), words=_FATAL_HINTS)
 
 
 @dataclass(frozen=True)
@@ -291,16 +294,18 @@ class RenderMonitor:
         if missing:
             more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
             return RenderError(
-                f"the renderer exited 0 but did not write {missing[0]}{more}", code="missing_output"
+                f"the renderer exited 0 but did not write {missing[0]}{more} as a non-empty file of its own "
+                "(links are never uploaded)",
+                code="missing_output",
             )
         return None
 
 
 def _nonempty(path: Path) -> bool:
-    """A regular file with something in it; a symbolic link never counts (its outputs are never
-    uploaded), whatever it points at."""
+    """A regular file with one name and something in it; a symbolic link or a file with more than
+    one hard link never counts (outputs.py never uploads those), whatever it points at."""
     try:
         st = os.lstat(path)
     except OSError:
         return False
-    return stat.S_ISREG(st.st_mode) and st.st_size > 0
+    return stat.S_ISREG(st.st_mode) and st.st_size > 0 and st.st_nlink == 1

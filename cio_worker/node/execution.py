@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import psutil
 
 from cio_worker.node.cache import ContentCache
-from cio_worker.node.clarisse import Prepared, RenderMonitor, prepare
+from cio_worker.node.clarisse import MONITORED_LINES, Prepared, RenderMonitor, prepare
 from cio_worker.job.document import TaskDocument
 from cio_worker.job.environment import is_secret_name, merge_environment
 from cio_worker.errors import CioError, RenderError
@@ -30,6 +30,8 @@ from cio_worker.job.frames import FrameSet
 from cio_worker.storage.md5cache import Md5Cache
 from cio_worker.node.outputs import OutputScan, changed_since, snapshot, upload_outputs
 from cio_worker.job.paths import PathMap
+from cio_worker.node.render_user import RenderUser
+from cio_worker.node.logscan import LineFilter
 from cio_worker.node.runner import ProcessRunner, RunResult, RunSpec
 from cio_worker.storage import Progress, Storage
 from cio_worker.node.sync import InputSync, SyncResult
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 AGENT_PID_ENV = "CIO_AGENT_PID"
 WORK_ROOT_ENV = "CIO_WORK_ROOT"
+AGENT_ONLY_ENV = ("CIO_TOKEN",)  # the agent's own credentials never reach a render
 
 
 class StopRequested(CioError):
@@ -190,6 +193,11 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         shutil.rmtree(task_dir, ignore_errors=True)
         tmp_dir.mkdir(parents=True)  # a full disk (no inode left) fails the task here
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        _keep_earlier_log(log_path)
+        render_user: RenderUser | None = getattr(ctx.runner, "render_user", None)
+        if render_user is not None:
+            render_user.reachable(ctx.work_root, task_dir.parent)
+            render_user.grant(task_dir, tmp_dir)
         storage = ctx.open_storage(job.storage)
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
@@ -199,6 +207,8 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         syncer = InputSync(storage, ctx.cache, ctx.md5cache, ctx.path_map, progress=sync_progress)
         outcome.sync = syncer.sync(job.upload_files)
         outcome.timings["sync"] = ctx.clock() - started
+        if render_user is not None:
+            render_user.readable(Path(ctx.path_map.local(u.destination, what="an input")) for u in job.upload_files)
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
         env = _task_env(doc, ctx, tmp_dir)
@@ -214,6 +224,8 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
             outcome.status, outcome.frames_done = "done", task.frame_set
             return outcome
         output_root = Path(ctx.path_map.local(job.output_path, what="job.output_path"))
+        if render_user is not None:
+            _render_may_write(render_user, output_root, prepared)
         before = snapshot(output_root)
         monitor = RenderMonitor(prepared, on_percent=lambda pct: ctx.say(f"render {pct:.0f}%"))
         if control.stopping:
@@ -228,9 +240,12 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         outcome.timings["render"] = ctx.clock() - outcome.exec_started
         if control.stopping:
             outcome.tree_gone_at = time.time()
-        error = monitor.judge(result.exit_code, result.signal)
-        if error is None and result.timed_out:
-            error = RenderError(f"the command ran past the task timeout of {ctx.task_timeout:.0f} s", code="timeout")
+        if result.timed_out:  # the runner's SIGTERM is not the renderer's crash
+            error: CioError | None = RenderError(
+                f"the command ran past the task timeout of {ctx.task_timeout:g} s and was stopped "
+                f"({result.describe_exit()})", code="timeout")
+        else:
+            error = monitor.judge(result.exit_code, result.signal)
         if control.stopping and (error is not None or control.cause in NO_SALVAGE_CAUSES):
             # The render was stopped (or its result is no longer wanted): keep what is finished.
             finished = monitor.frames_finished()
@@ -290,7 +305,9 @@ def _upload_guarded(storage: Storage, scan: OutputScan, ctx: ExecutionContext, c
     the upload is cut short before the report-by time (or at once for a killed job or a lost
     lease), and whatever arrived is kept.
     """
-    outcome.outputs = OutputScan([], list(scan.skipped_symlinks))
+    outcome.outputs = OutputScan([], list(scan.skipped))
+    for skipped in scan.skipped:
+        ctx.say(f"not uploaded ({skipped.reason}): {skipped.relative_path}")
     if not scan.files:
         return set()
     if control.stopping and control.report_by is not None and \
@@ -312,7 +329,7 @@ def _upload_guarded(storage: Storage, scan: OutputScan, ctx: ExecutionContext, c
     else:
         present = {f.key for f in scan.files}
     delivered = [f for f in scan.files if f.key in present]
-    outcome.outputs = OutputScan(delivered, list(scan.skipped_symlinks))
+    outcome.outputs = OutputScan(delivered, list(scan.skipped))
     if control.stopping:
         outcome.salvaged_at = time.time()
     return {f.relative_path for f in delivered}
@@ -427,8 +444,28 @@ def _is_under(path: Path, root: Path) -> bool:
     return True
 
 
+def _keep_earlier_log(log_path: Path) -> None:
+    """A run of a document that ran here before (``run-task`` twice) starts a fresh log: the
+    earlier one moves to ``NAME.1.log``, ``NAME.2.log``, ... (in the order they ran)."""
+    if not log_path.exists():
+        return
+    n = 1
+    while (kept := log_path.with_name(f"{log_path.stem}.{n}{log_path.suffix}")).exists():
+        n += 1
+    log_path.rename(kept)
+
+
+def _render_may_write(user: RenderUser, output_root: Path, prepared: Prepared) -> None:
+    """The output directories (prepare made those cnode needs) become the render user's."""
+    output_root.mkdir(parents=True, exist_ok=True)
+    directories = {output_root} | {p.parent for p in prepared.expected.values()}
+    user.grant(*sorted(d for d in directories if d.is_dir() and not d.is_symlink()))
+    user.readable([output_root])
+
+
 def _task_env(doc: TaskDocument, ctx: ExecutionContext, tmp_dir: Path) -> dict[str, str]:
-    env = merge_environment(ctx.base_env, doc.job.environment)
+    base = {k: v for k, v in ctx.base_env.items() if k not in AGENT_ONLY_ENV}
+    env = merge_environment(base, doc.job.environment)
     task = doc.task
     env.update(
         {
@@ -464,6 +501,7 @@ def _run(prepared: Prepared, doc: TaskDocument, ctx: ExecutionContext, control: 
         log_cap_bytes=ctx.log_cap_bytes,
         kill_grace=ctx.kill_grace,
         secret_names=secrets,
+        owner=str(ctx.work_root),
         header={
             "job": f"{doc.job.id} ({doc.job.title})",
             "task": f"{doc.task.id} frames {doc.task.frames} tile {doc.task.tile}/{doc.task.tiles} attempt {doc.task.attempt}",
@@ -472,14 +510,16 @@ def _run(prepared: Prepared, doc: TaskDocument, ctx: ExecutionContext, control: 
         },
     )
     on_line = monitor.feed
+    line_filter: LineFilter | None = MONITORED_LINES  # the monitor reads a few lines; skip the rest
     if ctx.echo is not None:
         echo = ctx.echo
+        line_filter = None
 
         def on_line(line: str) -> None:
             monitor.feed(line)
             echo(line)
 
-    process = ctx.runner.start(spec, on_line=on_line)
+    process = ctx.runner.start(spec, on_line=on_line, line_filter=line_filter)
     control.attach(process)
     try:
         return process.wait()
@@ -507,10 +547,13 @@ def stale_renders(work_root: Path) -> list[psutil.Process]:
     return found
 
 
-def stop_stale_renders(work_root: Path, timeout: float = 5.0) -> list[int]:
-    """SIGKILL every stale render of ``work_root`` (see stale_renders), wait for them, and return
-    their pids. Their results are worthless: the lease of their task has expired or will."""
-    killed: list[int] = []
+def stop_stale_renders(work_root: Path, timeout: float = 5.0, runner: ProcessRunner | None = None) -> list[int]:
+    """SIGKILL every stale render of ``work_root`` (see stale_renders; and, with ``runner``, every
+    process left in the task cgroups of a dead agent of ``work_root``, which finds those that
+    cleared their environment too), wait for them, and return their pids. Their results are
+    worthless: the lease of their task has expired or will."""
+    sweep = getattr(runner, "stop_stale", None)
+    killed: list[int] = sweep(str(work_root)) if sweep is not None else []
     for _ in range(3):  # a stale tree may still be forking: look again until nothing is found
         procs = stale_renders(work_root)
         if not procs:

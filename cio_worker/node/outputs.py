@@ -1,8 +1,10 @@
 """A task's outputs: the files created or changed under the job's output path while it ran
 (design.md step 6, contract.md 9), uploaded content-addressed and described for download.
 
-Never a file outside the output path, never through a symlink: symlinks (to files or to
-directories) are not followed and not uploaded, whatever they point at.
+Never a file outside the output path, never through a link: symlinks (to files or to
+directories) are not followed and not uploaded, whatever they point at, and neither is a file with
+more than one hard link (its other name may be anywhere on the file system, e.g. a link to
+/etc/shadow made in the output directory). Each one skipped is named with its reason.
 """
 
 from __future__ import annotations
@@ -38,10 +40,16 @@ class OutputFile:
         return {"relative_path": self.relative_path, "md5": self.md5, "size": self.size, "key": self.key}
 
 
+@dataclass(frozen=True)
+class SkippedOutput:
+    relative_path: str
+    reason: str  # "symlink", "hard link (2 names)", ...
+
+
 @dataclass
 class OutputScan:
     files: list[OutputFile]
-    skipped_symlinks: list[str]
+    skipped: list[SkippedOutput]
 
     @property
     def size(self) -> int:
@@ -58,7 +66,7 @@ def snapshot(root: Path) -> dict[str, FileState]:
 
 def changed_since(root: Path, before: dict[str, FileState], *, only: Callable[[str], bool] | None = None) -> OutputScan:
     """Files under ``root`` that are new or changed since ``before``, hashed without following links."""
-    skipped: list[str] = []
+    skipped: list[SkippedOutput] = []
     files: list[OutputFile] = []
     for relative, st in _walk(root, skipped):
         state = FileState(st.st_size, st.st_mtime_ns, st.st_ino)
@@ -66,14 +74,17 @@ def changed_since(root: Path, before: dict[str, FileState], *, only: Callable[[s
             continue
         if only is not None and not only(relative):
             continue
+        if st.st_nlink > 1:
+            skipped.append(SkippedOutput(relative, _hard_link(st)))
+            continue
         path = root / relative
-        md5 = _md5_nofollow(path)
+        md5, refused = _md5_nofollow(path)
         if md5 is None:
-            skipped.append(relative)
+            skipped.append(SkippedOutput(relative, refused))
             continue
         files.append(OutputFile(relative, md5, st.st_size, hashstore_key(md5), path))
     files.sort(key=lambda f: f.relative_path)
-    return OutputScan(files, sorted(skipped))
+    return OutputScan(files, sorted(skipped, key=lambda s: s.relative_path))
 
 
 def upload_outputs(storage: Storage, scan: OutputScan, progress: Progress | None = None) -> int:
@@ -82,7 +93,7 @@ def upload_outputs(storage: Storage, scan: OutputScan, progress: Progress | None
     return storage.upload_missing(items, progress) if items else 0
 
 
-def _walk(root: Path, skipped: list[str]) -> Iterable[tuple[str, os.stat_result]]:
+def _walk(root: Path, skipped: list[SkippedOutput]) -> Iterable[tuple[str, os.stat_result]]:
     if not root.is_dir() or root.is_symlink():
         return
     for directory, dirnames, filenames in os.walk(root, followlinks=False):
@@ -90,7 +101,7 @@ def _walk(root: Path, skipped: list[str]) -> Iterable[tuple[str, os.stat_result]
         for name in list(dirnames):
             if (base / name).is_symlink():
                 dirnames.remove(name)
-                skipped.append(str((base / name).relative_to(root).as_posix()))
+                skipped.append(SkippedOutput((base / name).relative_to(root).as_posix(), "symlink"))
         for name in filenames:
             path = base / name
             relative = path.relative_to(root).as_posix()
@@ -101,22 +112,29 @@ def _walk(root: Path, skipped: list[str]) -> Iterable[tuple[str, os.stat_result]
             except FileNotFoundError:
                 continue
             if stat.S_ISLNK(st.st_mode):
-                skipped.append(relative)
-                continue
-            if stat.S_ISREG(st.st_mode):
+                skipped.append(SkippedOutput(relative, "symlink"))
+            elif stat.S_ISREG(st.st_mode):
                 yield relative, st
 
 
-def _md5_nofollow(path: Path) -> str | None:
-    """MD5 of a regular file opened without following a symlink swapped in after the walk."""
+def _hard_link(st: os.stat_result) -> str:
+    return f"hard link ({st.st_nlink} names)"
+
+
+def _md5_nofollow(path: Path) -> tuple[str | None, str]:
+    """MD5 of a regular file with one name, opened without following a symlink or counting a
+    hard link swapped in after the walk; or None and why not."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    except OSError:
-        return None
+    except OSError as exc:
+        return None, "symlink" if os.path.islink(path) else f"unreadable ({exc.strerror or exc})"
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-            return None
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            return None, "not a regular file"
+        if st.st_nlink > 1:
+            return None, _hard_link(st)
         digest = hashlib.md5()
         while block := handle.read(1024 * 1024):
             digest.update(block)
-    return b64_from_digest(digest.digest())
+    return b64_from_digest(digest.digest()), ""

@@ -6,10 +6,13 @@ a header (start time, host, cwd, command, environment with secrets masked), the 
 comes (secret values masked, capped in size), and a footer (exit status or signal, wall and CPU
 time, peak RSS of the whole tree, timeout or stop reason, bytes dropped, leftover processes).
 
-The tree is every process of the command's session or process group plus every descendant ever
-seen by psutil sampling (a process that ``setsid()``\\ s out is still tracked through its parent).
-Sampling cannot see a process that is born, escapes *and* loses its parent between two samples
-(a double fork out of the session); only a cgroup or a subreaper could catch that.
+The tree is every process of the command's cgroup (``containment.py``: one per task where the
+machine allows it), its session or process group, every descendant ever seen by psutil sampling,
+and every orphan reparented to the agent (a child subreaper) that carries the run's environment
+marker. With a cgroup nothing escapes (a double fork out of the session with a cleared environment
+stays in the group); without one, a process that is born, escapes, clears its environment and
+loses its parent between two samples cannot be seen (the header and footer say which is in use).
+Orphans reparented to the agent are reaped by the supervisor, only when they belong to the run.
 
 Stopping is a ladder: SIGTERM to the group and every known member, a grace, SIGKILL to the group
 and every member still alive (rescanning for new ones), then verification that none is left.
@@ -17,16 +20,24 @@ When the direct child exits on its own, members still alive ("strays", e.g. a ``
 holds the log pipe open) are stopped with the same ladder: nothing of a task outlives it.
 
 Threads per running process: a waiter (reaps the direct child with ``os.wait4``), a reader
-(pipe to log and ``on_line``) and a supervisor (sampling, timeout, ladder, footer). All end
-before the result is published.
+(pipe to log and ``on_line``) and a supervisor (sampling, timeout, ladder, reaping, footer). All
+end before the result is published.
+
+The reader never makes the command wait: it reads the pipe in 1 MiB chunks into one buffer, scans
+each once for secrets and for the lines a ``LineFilter`` selects (``logscan.py``: Hyperscan, in C,
+without the GIL), writes the whole chunk to the log (a masked copy only when it holds a secret), and
+decodes and hands to ``on_line`` only the selected lines (every line without a filter). Past the
+cap it stops storing and keeps draining.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import logging
 import math
+import io
 import os
-import re
 import resource
 import select
 import shlex
@@ -38,21 +49,29 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import psutil
 
-from cio_worker.job.environment import is_secret_name, masked
+from cio_worker.job.environment import masked
 from cio_worker.errors import RenderError
+from cio_worker.node.containment import Containment, TaskGroup, detect
+from cio_worker.node.logscan import LineFilter, OutputScanner, SecretMasker
+from cio_worker.node.render_user import RenderUser, current_user
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 SHELL = "/bin/sh"
-MASK = "****"
 _MAX_LINE = 1 * MiB  # a longer run of bytes without a newline is written as several lines
-_MIN_MASKED_LEN = 4  # shorter secret values are masked in the header but not searched in output
 _READ_POLL = 0.1
+_READ_CHUNK = 1 * MiB
+_IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
+_PIPE_SIZE = 1 * MiB  # F_SETPIPE_SZ: fewer, larger reads; the kernel may allow less
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+RUN_MARK_ENV = "CIO_RUN_MARK"  # finds the run's orphans reparented to the agent (no cgroup)
+# Holds the command until its pid is in its cgroup: nothing it forks can start outside.
+_GATE = ("/bin/sh", "-c", 'read -r go || exit 125; exec "$@" </dev/null', "cio-gate")
 
 
 # ---------------------------------------------------------------- spec and result
@@ -72,6 +91,7 @@ class RunSpec:
     secret_names: tuple[str, ...] = ()  # besides anything environment.is_secret_name matches
     header: Mapping[str, str] = field(default_factory=dict)
     sample_interval: float = 0.2
+    owner: str = ""  # whose task (the agent's work root): a restarted agent finds its leftovers by it
 
     def __post_init__(self) -> None:
         def bad(problem: str) -> RenderError:
@@ -174,40 +194,17 @@ def _signal_name(number: int) -> str:
 # ---------------------------------------------------------------- secrets
 
 
-class SecretMasker:
-    """Replaces every occurrence of the given secret values with ``****``."""
-
-    def __init__(self, values: Iterable[str]) -> None:
-        pieces = set()
-        for value in values:
-            for piece in [value, *value.splitlines()]:
-                if len(piece) >= _MIN_MASKED_LEN:
-                    pieces.add(piece)
-        ordered = sorted(pieces, key=len, reverse=True)
-        self._pattern = re.compile("|".join(re.escape(p) for p in ordered)) if ordered else None
-
-    @classmethod
-    def for_env(cls, env: Mapping[str, str], secret_names: Iterable[str]) -> "SecretMasker":
-        extra = {n.upper() for n in secret_names}
-        return cls(v for k, v in env.items() if v and (is_secret_name(k) or k.upper() in extra))
-
-    def __bool__(self) -> bool:
-        return self._pattern is not None
-
-    def __call__(self, text: str) -> str:
-        return self._pattern.sub(MASK, text) if self._pattern is not None else text
-
-
 # ---------------------------------------------------------------- the log
 
 
 class TaskLog:
-    """The per-task log file: header, capped output, footer; flushed as it goes."""
+    """The per-task log file: header, capped output, footer; written straight to the file (no
+    buffer to flush), output as the pieces the masking left (one ``writev``, no copy)."""
 
     def __init__(self, path: Path, cap_bytes: int, masker: SecretMasker) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file: BinaryIO = open(path, "ab")
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o666)
         except OSError as exc:
             raise RenderError(
                 f"cannot open the task log {path}: {exc.strerror or exc}; check the log directory exists and is writable",
@@ -222,48 +219,57 @@ class TaskLog:
 
     def section(self, title: str, lines: Iterable[str]) -> None:
         text = f"==== cio_worker: {title} ====\n" + "".join(f"{self._mask(_one_line(l))}\n" for l in lines)
-        self._file.write(text.encode("utf-8", "surrogateescape"))
-        self._file.flush()
+        _write_all(self._fd, [text.encode("utf-8", "surrogateescape")])
 
-    def output(self, raw: bytes, text: str | None) -> None:
-        """One line of output: ``text`` is its masked form when masking applies."""
-        data = raw if text is None else text.encode("utf-8", "surrogateescape")
-        if self.dropped or self._broken or self.written + len(data) > self._cap:
-            if not self.dropped and not self._broken:
-                self._write(
-                    f"[cio_worker] log cap of {self._cap} bytes reached: further output is dropped "
-                    "(the footer says how much)\n".encode()
-                )
-            self.dropped += len(raw)
+    def output(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Whole lines of (masked) output, as consecutive pieces; past the cap, whole lines are
+        dropped and counted."""
+        size = sum(map(len, pieces))
+        if self.dropped or self._broken:
+            self.dropped += size
             return
-        if self._write(data):
-            self.written += len(data)
-        else:
-            self.dropped += len(raw)
+        room = self._cap - self.written
+        if size <= room:
+            if self._write(pieces):
+                self.written += size
+            else:
+                self.dropped += size
+            return
+        data = b"".join(pieces)  # once per task: where the cap falls
+        keep = data.rfind(b"\n", 0, room) + 1
+        if keep and self._write([memoryview(data)[:keep]]):
+            self.written += keep
+        elif keep:
+            self.dropped += size
+            return
+        self._write([f"[cio_worker] log cap of {self._cap} bytes reached: further output is dropped "
+                     "(the footer says how much)\n".encode()])
+        self.dropped += size - keep
 
-    def flush(self) -> None:
-        if not self._broken:
-            try:
-                self._file.flush()
-            except OSError:
-                self._fail()
-
-    def _write(self, data: bytes) -> bool:
+    def _write(self, pieces: Sequence[bytes | memoryview]) -> bool:
         # A full disk must not stop the reader: the child would block on a full pipe.
+        if self._broken:
+            return False
         try:
-            self._file.write(data)
+            _write_all(self._fd, pieces)
             return True
         except OSError:
-            self._fail()
-            return False
-
-    def _fail(self) -> None:
-        if not self._broken:
             self._broken = True
             log.exception("writing the task log %s failed; further output is dropped", self.path)
+            return False
 
     def close(self) -> None:
-        self._file.close()
+        os.close(self._fd)
+
+
+def _write_all(fd: int, pieces: Sequence[bytes | memoryview]) -> None:
+    """Write every byte of ``pieces`` (one ``writev`` unless the kernel takes less)."""
+    size = sum(map(len, pieces))
+    done = os.writev(fd, pieces) if len(pieces) <= _IOV_MAX else 0
+    if done < size:
+        rest = memoryview(b"".join(pieces))[done:]
+        while rest:
+            rest = rest[os.write(fd, rest):]
 
 
 def _one_line(text: str) -> str:
@@ -288,13 +294,17 @@ class _Sample:
 
 
 class ProcessTree:
-    """The live members of one command's tree, found by session, process group and ancestry.
+    """The live members of one command's tree, found by cgroup, session, process group, ancestry
+    and (for orphans reparented to the agent) the run's environment marker.
 
     Used by one thread (the supervisor); ``usage`` is a snapshot safe to read from any thread.
     """
 
-    def __init__(self, root: psutil.Process) -> None:
+    def __init__(self, root: psutil.Process, group: TaskGroup | None = None, mark: str | None = None) -> None:
         self.root = root
+        self.group = group
+        self._mark = mark
+        self._me = os.getpid()
         self.members: dict[int, psutil.Process] = {root.pid: root}
         self.ever: set[int] = {root.pid}
         self._not_ours: set[int] = set()
@@ -317,13 +327,17 @@ class ProcessTree:
         # Once the root is reaped its pid may be reused; a live process with that pid means the
         # number no longer names our session (while any member lives, the kernel keeps it ours).
         match_session = not (self.root_reaped and sid in current)
+        in_group = set(self.group.pids()) if self.group is not None else set()
         parents: dict[int, tuple[psutil.Process, int]] = {}
         for pid in current - self.members.keys() - self._not_ours:
             try:
                 proc = psutil.Process(pid)
                 ppid = proc.ppid()
-                if match_session and (os.getsid(pid) == sid or os.getpgid(pid) == sid):
+                if pid in in_group or (match_session and (os.getsid(pid) == sid or os.getpgid(pid) == sid)):
                     self._adopt(proc)
+                    continue
+                if ppid == self._me and pid != sid and self._marked(proc):
+                    self._adopt(proc)  # an orphan of ours, reparented to the agent
                     continue
             except (psutil.Error, OSError):
                 continue
@@ -341,6 +355,58 @@ class ProcessTree:
     def _adopt(self, proc: psutil.Process) -> None:
         self.members[proc.pid] = proc
         self.ever.add(proc.pid)
+
+    def _marked(self, proc: psutil.Process) -> bool:
+        try:
+            return self._mark is not None and proc.environ().get(RUN_MARK_ENV) == self._mark
+        except (psutil.Error, OSError):
+            return False
+
+    def reap(self) -> list[int]:
+        """Collect the zombies of this tree that were reparented to the agent (a subreaper), and
+        keep their final CPU times. Never waits for a process that is not the tree's: another
+        part of the agent may be waiting for its own children."""
+        reaped = []
+        for pid, proc in list(self.members.items()):
+            if pid == self.root.pid:
+                continue  # the waiter's
+            try:
+                if proc.ppid() != self._me or proc.status() != psutil.STATUS_ZOMBIE or not proc.is_running():
+                    continue
+            except psutil.Error:
+                continue
+            if self._wait(pid):
+                reaped.append(pid)
+        if self.group is not None and self.group.hierarchy.version == 2:
+            # A member that died unseen: v2 still names its cgroup while it is a zombie.
+            for proc in psutil.Process(self._me).children():
+                if proc.pid != self.root.pid and proc.pid not in self.members and self._zombie_of_group(proc.pid):
+                    if self._wait(proc.pid):
+                        reaped.append(proc.pid)
+        return reaped
+
+    def _wait(self, pid: int) -> bool:
+        try:
+            got, _, rusage = os.wait4(pid, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if got != pid:
+            return False
+        self._samples[pid] = _Sample(rusage.ru_utime, rusage.ru_stime, orphan=True)
+        self.members.pop(pid, None)
+        return True
+
+    def _zombie_of_group(self, pid: int) -> bool:
+        assert self.group is not None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    return False
+            with open(f"/proc/{pid}/cgroup") as f:
+                line = next((l for l in f if l.startswith("0::")), "")
+        except (OSError, IndexError):
+            return False
+        return line.strip().endswith("/" + self.group.path.name)
 
     def sample(self) -> None:
         self.scan()
@@ -410,6 +476,10 @@ class RunningProcess:
         wall_clock: Callable[[], datetime],
         verify_timeout: float,
         drain_timeout: float,
+        line_filter: LineFilter | None = None,
+        group: TaskGroup | None = None,
+        mark: str | None = None,
+        containment: str = "",
     ) -> None:
         self.spec = spec
         self.pid = popen.pid
@@ -417,12 +487,17 @@ class RunningProcess:
         self._log = task_log
         self._mask = masker
         self._on_line = on_line
+        self._line_filter = line_filter
+        # One pass per read finds the secrets and the lines on_line wants (every line without a filter).
+        self._scanner = OutputScanner(masker.needles, line_filter if on_line is not None else None)
+        self._group = group
+        self._containment = containment
         self._clock = clock
         self._started = started
         self._wall_clock = wall_clock
         self._verify_timeout = verify_timeout
         self._drain_timeout = drain_timeout
-        self._tree = ProcessTree(psutil.Process(popen.pid))  # not yet reaped: the pid is ours
+        self._tree = ProcessTree(psutil.Process(popen.pid), group, mark)  # not yet reaped: the pid is ours
 
         self._cond = threading.Condition(threading.RLock())  # re-entrant: stop() may run in a signal handler
         self._wake = False
@@ -547,54 +622,66 @@ class RunningProcess:
     def _read_output(self) -> None:
         assert self._popen.stdout is not None
         fd = self._popen.stdout.fileno()
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size for this user: the default size works too
         poller = select.poll()
         poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
-        pending = b""
+        # Reads land after the unfinished last line of the previous read; only whole lines go on.
+        buf = bytearray(_MAX_LINE + _READ_CHUNK)
+        have = 0
+        pipe = io.FileIO(fd, "rb", closefd=False)
         try:
-            while True:
-                drain_until = self._drain_until
-                if drain_until is not None and self._clock() >= drain_until:
-                    break  # something outside the tree holds the pipe: stop waiting for EOF
-                if not poller.poll(_READ_POLL * 1000):
-                    continue
-                chunk = os.read(fd, 65536)
-                if not chunk:
-                    break
-                pending += chunk
-                lines = pending.split(b"\n")
-                pending = lines.pop()
-                for line in lines:
-                    self._line(line + b"\n")
-                while len(pending) >= _MAX_LINE:
-                    self._line(pending[:_MAX_LINE] + b"\n")
-                    pending = pending[_MAX_LINE:]
-                self._log.flush()
-            if pending:
-                self._line(pending + b"\n")
+            with memoryview(buf) as view:
+                while True:
+                    drain_until = self._drain_until
+                    if drain_until is not None and self._clock() >= drain_until:
+                        break  # something outside the tree holds the pipe: stop waiting for EOF
+                    if not poller.poll(_READ_POLL * 1000):
+                        continue
+                    with view[have:have + _READ_CHUNK] as room:
+                        n = pipe.readinto(room)
+                    if not n:
+                        break
+                    end = have + n
+                    cut = buf.rfind(b"\n", have, end) + 1
+                    if cut:
+                        self._lines(buf, cut)
+                    while end - cut >= _MAX_LINE:  # a line too long to hold: it goes on in pieces
+                        self._lines(bytes(view[cut:cut + _MAX_LINE]) + b"\n")
+                        cut += _MAX_LINE
+                    have = end - cut
+                    if have and cut:
+                        buf[:have] = bytes(view[cut:end])  # a copy: the regions may overlap
+                if have:
+                    self._lines(bytes(view[:have]) + b"\n")
         except Exception:
             log.exception("reading the output of process %s failed", self.pid)
         finally:
-            self._log.flush()
+            pipe.close()
             self._popen.stdout.close()
 
-    def _line(self, raw: bytes) -> None:
-        try:
-            text = raw.decode("utf-8")
-            clean = True
-        except UnicodeDecodeError:
-            text, clean = raw.decode("utf-8", "surrogateescape"), False
-        shown = self._mask(text) if self._mask else text
-        self._log.output(raw, shown if self._mask else None)
-        if self._on_line is None:
-            return
-        if not clean:
-            shown = shown.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
-        try:
-            self._on_line(shown.rstrip("\r\n"))
-        except Exception:
-            if not self._on_line_failed:
-                self._on_line_failed = True
-                log.exception("on_line failed for process %s (later failures are not logged)", self.pid)
+    def _lines(self, data: bytes | bytearray, end: int | None = None) -> None:
+        """``data[:end]``, whole lines of output each ending in a newline: mask, log, hand to ``on_line``."""
+        end = len(data) if end is None else end
+        found = self._scanner.scan(data, end)
+        with memoryview(data) as view, view[:end] as block:
+            shown = self._scanner.pieces(view, found.secrets, 0, end) if found.secrets else [block]
+            self._log.output(shown)
+            if self._on_line is None:
+                return
+            if self._line_filter is None:
+                lines: Iterable[bytes] = b"".join(shown).split(b"\n")[:-1]
+            else:
+                lines = [self._scanner.masked(data, found.secrets, start, stop) for start, stop in found.lines]
+        for line in lines:
+            try:
+                self._on_line(line.decode("utf-8", "replace").rstrip("\r"))
+            except Exception:
+                if not self._on_line_failed:
+                    self._on_line_failed = True
+                    log.exception("on_line failed for process %s (later failures are not logged)", self.pid)
 
     def _supervise(self) -> None:
         try:
@@ -615,6 +702,7 @@ class RunningProcess:
                 # Only a scan that starts after the reap can prove that nothing is left.
                 reaped = tree.root_reaped = self._reaped
             tree.sample()
+            tree.reap()
             next_sample = self._clock() + spec.sample_interval
             with self._cond:
                 now = self._clock()
@@ -632,6 +720,7 @@ class RunningProcess:
                     self._terminate(alive)
                 if self._kill_deadline is not None and now >= self._kill_deadline:
                     self._signal_group_locked(signal.SIGKILL)
+                    self._kill_cgroup()
                     _signal_each(alive, signal.SIGKILL)
                     kill_sent_at = now if kill_sent_at is None else kill_sent_at
                     if now - kill_sent_at >= self._verify_timeout:
@@ -658,12 +747,24 @@ class RunningProcess:
                 _signal_each([proc], signal.SIGTERM)
             self._termed.add(proc.pid)
 
+    def _kill_cgroup(self) -> None:
+        if self._group is not None:
+            try:
+                self._group.kill()
+            except OSError as exc:
+                log.warning("killing the cgroup %s of process %s failed: %s", self._group.path, self.pid, exc)
+
     def _finish(self) -> None:
         with self._cond:
             reaped = self._reaped
-        leftovers = sorted(p.pid for p in self._tree.alive())
+        self._tree.scan()
+        self._tree.reap()
+        in_group = self._group.pids() if self._group is not None else []
+        leftovers = sorted({p.pid for p in self._tree.alive()} | set(in_group))
         if not reaped and self.pid not in leftovers:
             leftovers = sorted([*leftovers, self.pid])
+        if self._group is not None and not in_group and not self._group.remove():
+            log.warning("the empty cgroup %s could not be removed", self._group.path)
         self._drain_until = self._clock() + self._drain_timeout
         self._reader.join()
         if reaped:
@@ -718,6 +819,7 @@ class RunningProcess:
             f"output bytes: {self._log.written} written, {r.log_bytes_dropped} dropped (cap {self.spec.log_cap_bytes})",
             f"stray processes stopped: {', '.join(map(str, r.stray_pids)) or 'none'}",
             f"leftover processes: {', '.join(map(str, r.leftover_pids)) or 'none'}",
+            f"containment: {self._containment}",
         ]
 
 
@@ -728,7 +830,9 @@ class ProcessRunner:
     """Starts commands as supervised process trees.
 
     ``clock`` is monotonic seconds that track real time (deadlines are waited for in real
-    time); ``wall_clock`` gives the UTC times written in the log.
+    time); ``wall_clock`` gives the UTC times written in the log. ``containment`` is how tasks
+    are kept together (default: detected, which also makes this process a child subreaper);
+    ``render_user`` runs commands as that unprivileged user (the agent must be root).
     """
 
     def __init__(
@@ -739,41 +843,63 @@ class ProcessRunner:
         hostname: str | None = None,
         verify_timeout: float = 10.0,
         drain_timeout: float = 2.0,
+        containment: Containment | None = None,
+        render_user: RenderUser | None = None,
     ) -> None:
         self._clock = clock
         self._wall_clock = wall_clock
         self._hostname = hostname
         self._verify_timeout = verify_timeout  # after SIGKILL, how long to wait for the tree to vanish
         self._drain_timeout = drain_timeout  # after the tree is gone, how long to wait for the pipe's EOF
+        self.containment = containment if containment is not None else detect()
+        self.render_user = render_user
+        self._runs = 0
+        self._lock = threading.Lock()
 
-    def start(self, spec: RunSpec, on_line: Callable[[str], None] | None = None) -> RunningProcess:
+    def stop_stale(self, owner: str) -> list[int]:
+        """Kill what is left in the task cgroups of ``owner`` whose agent is gone; their pids."""
+        return self.containment.stop_stale(owner)
+
+    def start(self, spec: RunSpec, on_line: Callable[[str], None] | None = None,
+              line_filter: LineFilter | None = None) -> RunningProcess:
         """Write the log header and start the command. ``on_line`` gets each output line
-        (secrets masked, no newline) on the reader thread; its exceptions are logged and ignored."""
+        (secrets masked, no newline), or only those ``line_filter`` selects, on the reader thread;
+        its exceptions are logged and ignored."""
         if not spec.cwd.is_dir():
             raise RenderError(
                 f"the working directory {spec.cwd} does not exist or is not a directory; "
                 "create it (or fix the task's cwd) before running the command",
                 code="bad_cwd",
             )
+        with self._lock:
+            self._runs += 1
+            mark = f"{os.getpid()}-{self._runs}"
+        env = {**spec.env, RUN_MARK_ENV: mark}
         masker = SecretMasker.for_env(spec.env, spec.secret_names)
         task_log = TaskLog(spec.log_path, spec.log_cap_bytes, masker)
+        group = self.containment.new_group(spec.owner)
         try:
-            task_log.section("start", self._header(spec, self._wall_clock()))
+            task_log.section("start", self._header(spec, self._wall_clock(), self._describe(group)))
         except OSError as exc:
             task_log.close()
+            if group is not None:
+                group.remove()
             raise RenderError(f"cannot write the task log {spec.log_path}: {exc.strerror or exc}", code="bad_log_path") from exc
         try:
+            if group is not None:
+                _check_program(spec)  # behind the gate an exec failure would only be a status 127
             started = self._clock()
             popen = subprocess.Popen(
-                spec.argv,
+                [*_GATE, *spec.argv] if group is not None else spec.argv,
                 cwd=spec.cwd,
-                env=dict(spec.env),
-                stdin=subprocess.DEVNULL,
+                env=env,
+                stdin=subprocess.PIPE if group is not None else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
                 bufsize=0,
+                **(self.render_user.popen_args() if self.render_user is not None else {}),
             )
         except OSError as exc:
             error = _start_error(spec, exc)
@@ -783,10 +909,16 @@ class ProcessRunner:
                 pass
             finally:
                 task_log.close()
+                if group is not None:
+                    group.remove()
             raise error from exc
         except BaseException:
             task_log.close()
+            if group is not None:
+                group.remove()
             raise
+        if group is not None:
+            group = self._enter(group, popen)
         try:
             task_log.section("output", [f"pid: {popen.pid}"])
         except OSError:
@@ -802,9 +934,37 @@ class ProcessRunner:
             wall_clock=self._wall_clock,
             verify_timeout=self._verify_timeout,
             drain_timeout=self._drain_timeout,
+            line_filter=line_filter,
+            group=group,
+            mark=mark,
+            containment=self._describe(group),
         )
 
-    def _header(self, spec: RunSpec, started_at: datetime) -> list[str]:
+    def _enter(self, group: TaskGroup, popen: subprocess.Popen[bytes]) -> TaskGroup | None:
+        """Put the gated command into its cgroup, then let it exec."""
+        assert popen.stdin is not None
+        entered: TaskGroup | None = group
+        try:
+            group.add(popen.pid)
+        except OSError as exc:
+            log.warning("cannot put process %s into the cgroup %s (%s): the subreaper and sampling contain it",
+                        popen.pid, group.path, exc)
+            group.remove()
+            entered = None
+        try:
+            popen.stdin.write(b"go\n")
+        except OSError:
+            pass  # it died already: the waiter reports how
+        finally:
+            popen.stdin.close()
+        return entered
+
+    def _describe(self, group: TaskGroup | None) -> str:
+        if group is not None:
+            return f"{self.containment.describe()}: {group.path}"
+        return self.containment.describe() + ("" if self.containment.hierarchy is None else " (this task: none)")
+
+    def _header(self, spec: RunSpec, started_at: datetime, containment: str) -> list[str]:
         env = masked(spec.env, spec.secret_names)
         lines = [
             f"started: {started_at.isoformat(timespec='seconds')}",
@@ -812,12 +972,31 @@ class ProcessRunner:
             f"cwd: {spec.cwd}",
             f"command: {spec.command_line}",
             f"run by: {SHELL} -c" if isinstance(spec.command, str) else "run by: exec",
+            f"run as: {self.render_user.name if self.render_user is not None else current_user() + ' (the agent)'}",
+            f"containment: {containment}",
             f"timeout: {format(spec.timeout, 'g') + ' s' if spec.timeout is not None else 'none'}",
         ]
         lines += [f"{key}: {value}" for key, value in spec.header.items()]
         lines.append("environment:")
         lines += [f"  {name}={env[name]}" for name in sorted(env)]
         return lines
+
+
+def _check_program(spec: RunSpec) -> None:
+    """Raise what exec would for a missing or non-executable program (FileNotFoundError, PermissionError)."""
+    program = spec.argv[0]
+    if "/" in program:
+        path = spec.cwd / program
+        if not path.exists():
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
+        if path.is_dir() or not os.access(path, os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), program)
+        return
+    for directory in spec.env.get("PATH", os.defpath).split(os.pathsep):
+        path = Path(directory or ".") / program
+        if path.is_file() and os.access(path, os.X_OK):
+            return
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), program)
 
 
 def _start_error(spec: RunSpec, exc: OSError) -> RenderError:

@@ -76,7 +76,7 @@ class SqliteQueue(SqlQueue):
                 str(self.path), timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
         except sqlite3.Error as exc:
-            raise QueueError(f"cannot open queue database {self.path}: {exc}", code="queue_db") from exc
+            raise self._read_only(exc) or QueueError(f"cannot open queue database {self.path}: {exc}", code="queue_db") from exc
         conn.row_factory = sqlite3.Row
         try:
             self._check_schema(conn)  # before any write: never convert someone else's database
@@ -84,7 +84,7 @@ class SqliteQueue(SqlQueue):
             self._create_schema(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise QueueError(
+            raise self._read_only(exc) or QueueError(
                 f"{self.path} is not a cio_worker queue database (sqlite: {exc}); point the queue URL at a new file",
                 code="not_a_queue",
             ) from exc
@@ -92,6 +92,23 @@ class SqliteQueue(SqlQueue):
             conn.close()
             raise
         return conn
+
+    def _read_only(self, exc: sqlite3.Error) -> QueueError | None:
+        """The error for a queue this process may not write (SQLite also writes the -wal and -shm
+        files beside it), or None when ``exc`` is something else."""
+        if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in (sqlite3.SQLITE_READONLY, sqlite3.SQLITE_CANTOPEN):
+            return None
+        blocked = [str(p) for p in (self.path.parent, self.path) if p.exists() and not os.access(p, os.W_OK)]
+        if not blocked and (getattr(exc, "sqlite_errorcode", 0) & 0xFF) != sqlite3.SQLITE_READONLY:
+            return None
+        where = " and ".join(blocked) or "its file system"
+        need = (f"{where} must be writable by user {os.geteuid()}, as SQLite writes {self.path.name}-wal and "
+                f"{self.path.name}-shm beside it; fix the permissions or the mount")
+        if self.path.exists():
+            return QueueError(f"queue {self.path} is read-only for this process (sqlite: {exc}): {need}. The queue "
+                              "itself is intact: pointing the queue URL at a new file would start an empty one",
+                              code="queue_read_only")
+        return QueueError(f"cannot create queue {self.path} (sqlite: {exc}): {need}", code="queue_read_only")
 
     def _with_retry(self, action: Callable[[], Any]) -> Any:
         # Changing the journal mode does not wait on the busy handler, so wait here.
