@@ -578,28 +578,141 @@ def open_seconds(backend: Backend, times: int = 5) -> float:
     return statistics.median(samples)
 
 
+# ---------------------------------------------------------------------------------- scale (issue 11)
+
+CHILD_FLAG = "--sync-child"
+
+
+def child_main(spec_path: str) -> int:
+    """In a process of its own (so its peak RSS is the sync's): sync a manifest cold into an empty
+    destination, cache and MD5 cache; again (nothing to do); then into two more destinations from
+    the cache, with the cache's MD5 check and without it. Prints the seconds and peak RSS as JSON."""
+    import resource
+
+    spec = json.loads(Path(spec_path).read_text())
+    work = Path(spec["work"])
+    manifest = [UploadFile(*entry) for entry in json.loads(Path(spec["manifest"]).read_text())]
+    storage = open_storage(spec["store"])
+    cache_dir = work / "cache"
+    out: dict[str, float] = {}
+
+    def timed(name: str, dest: str, verify: bool, md5db: str) -> None:
+        md5cache = Md5Cache(work / md5db)
+        try:
+            syncer = InputSync(storage, ContentCache(cache_dir, 1 << 50, verify=verify), md5cache, PathMap.rooted(str(work / dest)))
+            started = clock()
+            result = syncer.sync(manifest)
+            out[name] = clock() - started
+        finally:
+            md5cache.close()
+        expected = {"cold": ("downloaded", len(manifest)), "warm": ("already_present", len(manifest))}.get(
+            name, ("from_cache", len(manifest)))  # fmt: skip
+        if getattr(result, expected[0]) != expected[1]:
+            raise SystemExit(f"{name}: {result}")
+
+    timed("cold", "dest", True, "md5.db")
+    out["rss_cold_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed("warm", "dest", True, "md5.db")
+    out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    timed("from cache, checked", "dest-checked", True, "md5-checked.db")
+    timed("from cache, unchecked", "dest-unchecked", False, "md5-unchecked.db")
+    print(json.dumps(out))
+    return 0
+
+
+def run_child(work: Path, store_url: str, data: DataSet) -> dict[str, float]:
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    manifest = work / "manifest.json"
+    manifest.write_text(json.dumps([[e.destination, e.md5, e.size, e.mode] for e in data.manifest()]))
+    spec = work / "spec.json"
+    spec.write_text(json.dumps({"work": str(work), "manifest": str(manifest), "store": store_url}))
+    try:
+        done = subprocess.run([sys.executable, str(Path(__file__).resolve()), CHILD_FLAG, str(spec)],
+                              capture_output=True, text=True, timeout=PEER_TIMEOUT)  # fmt: skip
+        if done.returncode != 0:
+            raise PeerFailed(f"ours (child): {done.stderr[-800:]}")
+        return json.loads(done.stdout.splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def seed_by_rename(data: DataSet, store: Path) -> None:
+    """Move a data set's files into a file:// store's hashstore (no second write of 50,000 files)."""
+    target = store / data.name / "hashstore"
+    target.mkdir(parents=True, exist_ok=True)
+    moved = []
+    for f in data.files:
+        dest = target / f.hex
+        os.replace(f.path, dest)
+        moved.append(DataFile(f.name, dest, f.md5, f.size))
+    data.files = moved
+
+
+CACHE_TEMPS = ("from cache, checked", "from cache, unchecked")
+
+
+def measure_scale(args: argparse.Namespace, ctx: Context, backend: FileBackend, data: DataSet, results: Results,
+                  scale: dict[str, Any], say: Callable[[str], None], *, only_cache: bool = False) -> None:  # fmt: skip
+    """Our sync in a child process (cold, nothing to do, from the cache with and without the check)
+    beside ``cp -r`` / ``cp -ru``, in turns, ``--runs`` times. ``only_cache``: keep only the
+    from-cache rows (the data set's cold and warm rows come from ``measure``)."""
+    tools = [t for t in ("ours", "cp") if t in args.tools and (t == "ours" or t in ctx.peers) and not (only_cache and t == "cp")]
+    for run in range(args.runs):
+        for tool in tools[run % len(tools):] + tools[: run % len(tools)]:
+            dest = ctx.work / "dest" / f"{data.name}-{tool}"
+            shutil.rmtree(dest, ignore_errors=True)
+            try:
+                if tool == "ours":
+                    got = run_child(ctx.work / "child", backend.url(data.name), data)
+                    for temp in CACHE_TEMPS:
+                        results.times.setdefault(("file", data.name, "download", temp, "ours"), []).append(got[temp])
+                    if not only_cache:
+                        results.add("file", data.name, "download", "ours", (got["cold"], got["warm"]))
+                        scale.setdefault(data.name, {}).setdefault("rss_mb", []).append(got["rss_mb"])
+                    say(f"  run {run + 1} file {data.name} ours: cold {got['cold']:.3f} s, nothing to do {got['warm']:.3f} s, "
+                        f"from cache {got[CACHE_TEMPS[0]]:.3f} s checked / {got[CACHE_TEMPS[1]]:.3f} s unchecked, "
+                        f"peak RSS {got['rss_mb']:.0f} MB")  # fmt: skip
+                else:
+                    pair = download_pair(ctx, tool, backend, data, dest, None)
+                    results.add("file", data.name, "download", tool, pair)
+                    say(f"  run {run + 1} file {data.name} {tool}: cold {pair[0]:.3f} s, warm {pair[1]:.3f} s")
+            except (PeerFailed, subprocess.TimeoutExpired, OSError) as exc:
+                results.failures[("file", f"{tool} ({data.name})")] = str(exc)
+                say(f"  {tool} failed on {data.name}: {exc}")
+                return
+            finally:
+                shutil.rmtree(dest, ignore_errors=True)
+
+
+
 # ---------------------------------------------------------------------------------- report
 
 GOALS = [
-    # (backend, data, direction, temp, peer, limit, words)
+    # (backend, data, direction, temp, peer, limit, words)  (issue 4, tightened by issue 11)
     ("s3", "small", "download", "cold", "s5cmd", 1.0, "cold download of the small files ≤ 1.0 × s5cmd cp"),
-    ("s3", "large", "download", "cold", "s5cmd", 1.1, "cold download of the large files ≤ 1.1 × s5cmd cp"),
+    ("s3", "large", "download", "cold", "s5cmd", 1.0, "cold download of the large files ≤ 1.0 × s5cmd cp"),
     ("s3", "small", "download", "warm", "s5cmd", 0.1, "warm download (small) < 0.1 × s5cmd sync no-op"),
     ("s3", "large", "download", "warm", "s5cmd", 0.1, "warm download (large) < 0.1 × s5cmd sync no-op"),
     ("file", "small", "download", "cold", "cp", 1.5, "file:// cold download (small) ≤ 1.5 × cp -r"),
-    ("file", "large", "download", "cold", "cp", 1.5, "file:// cold download (large) ≤ 1.5 × cp -r"),
+    ("file", "large", "download", "cold", "cp", 2.0, "file:// cold download (large) ≤ 2 × cp -r"),
     ("file", "small", "upload", "cold", "cp", 1.5, "file:// cold upload (small) ≤ 1.5 × cp -r"),
     ("file", "large", "upload", "cold", "cp", 1.5, "file:// cold upload (large) ≤ 1.5 × cp -r"),
+    ("file", "scale", "download", "cold", "cp", 2.0, "file:// cold sync of the many inputs ≤ 2 × cp -r"),
 ]
+SCALE_ENTRY_US = 20.0  # nothing-to-do: at most this per entry (≤ 1 s for 50,000)
+SCALE_RSS_MB = 150.0
 
 
 def build_report(args: argparse.Namespace, results: Results, datasets: list[DataSet], peers: dict[str, Peer],
                  missing: dict[str, str], backends: list[str], opened: dict[str, float],
-                 load: dict[str, list[float]]) -> dict[str, Any]:  # fmt: skip
+                 load: dict[str, list[float]], scale: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
     rows = []
     medians = {key: statistics.median(v) for key, v in results.times.items()}
-    cases = sorted({key[:4] for key in medians}, key=lambda k: (BACKENDS.index(k[0]), k[1] != "small",
-                                                               k[2] != "download", k[3] != "cold"))  # fmt: skip
+    order = ["small", "large", "scale"]
+    temps = ["cold", "warm", *CACHE_TEMPS]
+    cases = sorted({key[:4] for key in medians}, key=lambda k: (BACKENDS.index(k[0]), order.index(k[1]),
+                                                               k[2] != "download", temps.index(k[3])))  # fmt: skip
     sizes = {d.name: d for d in datasets}
     for case in cases:
         backend, data, direction, temp = case
@@ -622,6 +735,31 @@ def build_report(args: argparse.Namespace, results: Results, datasets: list[Data
         ratio = row["ratio_ours_to"].get(peer) if row else None
         goals.append({"goal": words, "limit": limit, "ratio": ratio,
                       "met": None if ratio is None else (ratio < limit if limit < 1 else ratio <= limit)})  # fmt: skip
+    scale = {} if scale is None else scale
+    for name, info in scale.items():
+        info["label"] = sizes[name].label()
+        warm = medians.get(("file", name, "download", "warm", "ours"))
+        files = len(sizes[name].files)
+        if warm is not None:
+            info["nothing_to_do_us_per_entry"] = warm / files * 1e6
+            goals.append({"goal": f"nothing-to-do sync of {files} inputs ≤ {SCALE_ENTRY_US:.0f} µs an entry",
+                          "limit": SCALE_ENTRY_US, "ratio": info["nothing_to_do_us_per_entry"],
+                          "met": info["nothing_to_do_us_per_entry"] <= SCALE_ENTRY_US})  # fmt: skip
+        if info.get("rss_mb"):
+            info["rss_mb_median"] = statistics.median(info["rss_mb"])
+            goals.append({"goal": f"peak RSS of the sync of {files} inputs ≤ {SCALE_RSS_MB:.0f} MB", "limit": SCALE_RSS_MB,
+                          "ratio": info["rss_mb_median"], "met": info["rss_mb_median"] <= SCALE_RSS_MB})  # fmt: skip
+    for name in sizes:
+        checked = medians.get(("file", name, "download", CACHE_TEMPS[0], "ours"))
+        unchecked = medians.get(("file", name, "download", CACHE_TEMPS[1], "ours"))
+        if checked is not None and unchecked is not None:
+            data = sizes[name]
+            scale.setdefault(name, {})["label"] = data.label()
+            scale[name]["cache_check"] = {
+                "seconds": checked - unchecked, "ratio": checked / unchecked if unchecked > 0 else None,
+                "seconds_per_gib": (checked - unchecked) / (data.size / 2**30),
+                "seconds_per_50000_files": (checked - unchecked) / len(data.files) * 50_000,
+            }  # fmt: skip
     # kind: "missing" (not installed), "unsupported" (cannot talk to that store), "failed" (ran, failed)
     skipped = [{"tool": name, "kind": "missing", "reason": why} for name, why in missing.items()]
     skipped += [{"tool": tool, "backend": backend, "kind": "failed", "reason": why}
@@ -639,6 +777,7 @@ def build_report(args: argparse.Namespace, results: Results, datasets: list[Data
         "data_sets": {d.name: {"files": len(d.files), "bytes": d.size, "label": d.label()} for d in datasets},
         "peers": {name: {"path": p.path, "version": p.version} for name, p in peers.items()},
         "open_storage_seconds": opened,
+        "scale": scale,
         "rows": rows,
         "goals": goals,
         "skipped": skipped,
@@ -700,8 +839,18 @@ def markdown(report: dict[str, Any]) -> str:
     lines.append("")
     for goal in report["goals"]:
         mark = "n/a" if goal["met"] is None else ("met" if goal["met"] else "MISSED")
-        ratio = "no measurement" if goal["ratio"] is None else f"{goal['ratio']:.2f}"
+        ratio = "no measurement" if goal["ratio"] is None else f"{goal['ratio']:.2f}"  # or µs, MB (scale goals)
         lines.append(f"- {goal['goal']}: {ratio} — {mark}")
+    for name, info in report.get("scale", {}).items():
+        check = info.get("cache_check")
+        if check:
+            data = next(d for d in report["data_sets"].values() if d["label"] == info["label"])
+            per = (f"{check['seconds_per_gib']:+.2f} s per GiB" if data["bytes"] / data["files"] >= MiB
+                   else f"{check['seconds_per_50000_files']:+.2f} s per 50,000 files")  # fmt: skip
+            lines.append(f"- the cache's MD5 check ({info['label']}): {check['seconds']:+.3f} s over no check "
+                         f"({check['ratio']:.2f} ×), {per}")  # fmt: skip
+        if info.get("rss_mb"):
+            lines.append(f"- peak RSS ({info.get('label', name)}, child process): {', '.join(f'{v:.0f}' for v in info['rss_mb'])} MB")
     if report["open_storage_seconds"]:
         opened = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report["open_storage_seconds"].items())
         lines.append(f"- opening our storage object (excluded above): {opened}")
@@ -725,6 +874,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small-kib", type=int, default=64)
     parser.add_argument("--large-count", type=int, default=4)
     parser.add_argument("--large-mib", type=int, default=256)
+    parser.add_argument("--scale-count", type=int, default=50_000,
+                        help="the many-inputs data set (file:// only, ours and cp): this many files; 0: skip")
+    parser.add_argument("--scale-kib", type=int, default=4)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--quick", action="store_true",
                         help="a tiny data set (40 × 16 KiB, 1 × 20 MiB), one run: checks that everything works")
@@ -741,6 +893,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.small_count, args.small_kib, args.large_count, args.large_mib, args.runs = 40, 16, 1, 20, 1
+        args.scale_count, args.scale_kib = min(args.scale_count, 300), 1
     args.backends = [b for b in args.backends.split(",") if b]
     args.tools = [t for t in args.tools.split(",") if t]
     for name in args.backends:
@@ -755,6 +908,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [CHILD_FLAG]:
+        return child_main(argv[1])
     args = parse_args(argv)
 
     def say(text: str) -> None:
@@ -779,6 +935,7 @@ def main(argv: list[str] | None = None) -> int:
     backends: list[Backend] = []
     results = Results()
     opened: dict[str, float] = {}
+    scale: dict[str, Any] = {}
     try:
         say(f"data set in {work}: {args.small_count} × {args.small_kib} KiB, {args.large_count} × {args.large_mib} MiB")
         datasets = [d for d in (
@@ -800,6 +957,18 @@ def main(argv: list[str] | None = None) -> int:
             opened[backend.name] = open_seconds(backend)
         ctx = Context(work, peers, aws_env)
         measure(args, ctx, backends, datasets, args.tools, results, say)
+        file_backend = next((b for b in backends if isinstance(b, FileBackend)), None)
+        if file_backend is not None and "ours" in args.tools:
+            large = next((d for d in datasets if d.name == "large"), None)
+            if large is not None:  # seeded by measure(): the cache check's cost per GiB
+                say(f"file: {large.label()} from the cache, with and without the MD5 check")
+                measure_scale(args, ctx, file_backend, large, results, scale, say, only_cache=True)
+            if args.scale_count > 0:
+                say(f"file: {args.scale_count} × {args.scale_kib} KiB inputs (scale)")
+                many = make_dataset("scale", work / "data" / "scale", args.scale_count, args.scale_kib * KiB)
+                seed_by_rename(many, file_backend.root)
+                datasets.append(many)
+                measure_scale(args, ctx, file_backend, many, results, scale, say)
     finally:
         for backend in backends:
             try:
@@ -810,7 +979,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.keep and not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
     load["after"] = list(os.getloadavg())
-    report = build_report(args, results, datasets, peers, missing, [b.name for b in backends], opened, load)
+    report = build_report(args, results, datasets, peers, missing, [b.name for b in backends], opened, load, scale)
     text = markdown(report)
     print(text)
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -30,8 +30,16 @@ def test_the_quick_benchmark_reports_every_store_and_direction(s3_endpoint: str,
 
     # ours: every store, both data sets, both directions, cold and warm; all timed
     ours = {(r["backend"], r["data"], r["direction"], r["temperature"]) for r in rows if "ours" in r["median_seconds"]}
+    cache_rows = {("file", d, "download", t) for d in ("large", "scale")
+                  for t in ("from cache, checked", "from cache, unchecked")}  # fmt: skip
     assert ours == {(b, d, di, t) for b in ("file", "s3", "gcs") for d in ("small", "large")
-                    for di in ("download", "upload") for t in ("cold", "warm")}  # fmt: skip
+                    for di in ("download", "upload") for t in ("cold", "warm")} | cache_rows | {
+        ("file", "scale", "download", "cold"), ("file", "scale", "download", "warm")}  # fmt: skip
+    # the many-inputs rows beside cp -r in the same run; the cache check's cost and the peak RSS
+    scale = next(r for r in rows if (r["data"], r["temperature"]) == ("scale", "cold"))
+    assert "cp" in scale["ratio_ours_to"]
+    assert report["scale"]["scale"]["rss_mb"] and report["scale"]["scale"]["nothing_to_do_us_per_entry"] > 0
+    assert report["scale"]["large"]["cache_check"]["seconds_per_gib"] is not None
     for row in rows:
         assert row["median_seconds"] and all(v > 0 for v in row["median_seconds"].values()), row
         assert all(len(runs) == report["runs"] == 1 for runs in row["runs_seconds"].values())

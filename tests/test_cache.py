@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cio_worker.node.cache import CacheError, ContentCache
+from cio_worker.node.cache import CacheError, ContentCache, DamagedObject
 from cio_worker.job.hashing import md5_b64_of_bytes, md5_hex
 
 REPO = Path(__file__).resolve().parents[1]
@@ -210,3 +210,53 @@ def test_processes_adopting_and_evicting_at_once_stay_consistent(tmp_path):
             data = obj.read_bytes()
             assert md5_hex(md5_b64_of_bytes(data)) == obj.name
     assert list((root / "tmp").iterdir()) == []
+
+
+def _damage_in_place(path: Path) -> None:
+    """Flip one byte, keeping size and inode (a disk fault, or a write through a hard link)."""
+    os.chmod(path, 0o644)
+    with open(path, "r+b") as handle:
+        first = handle.read(1)
+        handle.seek(0)
+        handle.write(bytes([first[0] ^ 0xFF]))
+
+
+def test_a_cached_copy_with_other_bytes_is_never_copied_out(tmp_path):
+    cache = ContentCache(tmp_path / "c", 10_000_000)
+    data = os.urandom(2 * 1024 * 1024 + 5)
+    md5 = put(cache, data)
+    _damage_in_place(cache.object_path(md5))
+    dest = tmp_path / "x.bin"
+    with pytest.raises(DamagedObject) as info:
+        cache.copy_out(md5, dest)
+    assert md5 in str(info.value)
+    assert not dest.exists()  # nothing of the wrong bytes is left where the caller would place it
+    assert not cache.has(md5) and cache.damaged == 1  # evicted and counted
+    assert cache.copy_out(md5, dest) is False  # now simply absent: the caller fetches it again
+
+
+def test_the_check_can_be_switched_off_to_measure_it(tmp_path):
+    cache = ContentCache(tmp_path / "c", 10_000_000, verify=False)
+    md5 = put(cache, b"x" * 1000)
+    _damage_in_place(cache.object_path(md5))
+    assert cache.copy_out(md5, tmp_path / "x.bin") is True  # unchecked: copied as it is
+    assert cache.damaged == 0
+
+
+def test_adopt_link_shares_the_file_or_copies_one_not_readable_by_all(tmp_path):
+    cache = ContentCache(tmp_path / "c", 10_000_000)
+    placed = tmp_path / "placed.bin"
+    placed.write_bytes(b"texture")
+    md5 = md5_b64_of_bytes(b"texture")
+    cache.adopt_link(md5, placed)
+    assert cache.object_path(md5).stat().st_ino == placed.stat().st_ino  # written once
+    cache.adopt_link(md5, placed)  # already held: nothing to do
+    private = tmp_path / "private.key"
+    private.write_bytes(b"secret")
+    private.chmod(0o600)
+    secret = md5_b64_of_bytes(b"secret")
+    cache.adopt_link(secret, private, shareable=False)
+    assert cache.object_path(secret).stat().st_ino != private.stat().st_ino
+    assert cache.object_path(secret).read_bytes() == b"secret"
+    assert stat.S_IMODE(cache.object_path(secret).stat().st_mode) == 0o444
+    assert list((tmp_path / "c" / "tmp").iterdir()) == []

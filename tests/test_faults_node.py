@@ -115,7 +115,7 @@ def create_job(farm: Farm, command: str, *, output_path: str = "C:/proj/renders"
 
 
 def test_inputs_that_do_not_fit_fail_the_task_and_the_next_task_runs(tmp_path: Path) -> None:
-    big = os.urandom(1200 * KiB)  # the cache's copy and the placed copy do not both fit in 2 MiB
+    big = os.urandom(2200 * KiB)  # larger than the whole 2 MiB disk (the cache shares the placed copy by a link)
     with small_disk(tmp_path / "disk", 2 * MiB) as disk, closing(file_farm(tmp_path, node=disk / "node")) as farm:
         with captured_logs() as logs, farm.agent() as running:
             job = farm.submit("big", frames="1-2", texture=big, retries_failed=0)

@@ -156,3 +156,16 @@ def test_several_processes_share_one_database(tmp_path, hasher):
         for p in sorted(root.iterdir()):
             assert cache.md5_of(p) == md5_b64_of_file(p)
     assert hasher.paths == []
+
+
+def test_lookup_many_answers_from_stats_the_caller_took_in_a_few_queries(tmp_path, cache, hasher):
+    files = [write(tmp_path / "many" / f"f{i:04d}.bin", f"content {i}".encode()) for i in range(2000)]
+    cache.record_many((f, md5_b64_of_bytes(f"content {i}".encode())) for i, f in enumerate(files))
+    write(files[7], b"changed!!")  # its record no longer matches
+    before = cache.queries
+    stray = write(tmp_path / "never-recorded", b"x")
+    found = cache.lookup_many((str(f), os.lstat(f)) for f in files + [stray])
+    assert cache.queries - before <= 3  # batched reads, not a query per file
+    assert len(found) == 1999 and str(files[7]) not in found
+    assert found[str(files[3])] == md5_b64_of_bytes(b"content 3")
+    assert hasher.paths == []  # never hashes

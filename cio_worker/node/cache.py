@@ -2,23 +2,29 @@
 
 Layout under ``root``::
 
-    objects/ab/<32 hex>   one read-only file per content, named by its MD5
+    objects/ab/<32 hex>   one file per content, named by its MD5
     tmp/                  downloads in progress (same filesystem, so adoption is a rename)
     evict.lock            fcntl lock held while evicting
 
 Several agent processes may share one directory. Objects only ever appear by an atomic rename
-of a verified file, and an object's mtime is its last use (set on adoption and every use).
-Eviction runs under an exclusive file lock, removes least recently used objects until the total
-is within budget, and never removes an object pinned by this process (``pinned``) or used by
-any process within the last ``grace_seconds``; the budget is therefore soft by what was used in
-that window. A copy that loses a race with eviction in another process gets ``False`` from
+or hard link of a verified file, and an object's mtime is its last use (set on adoption and every
+use). Eviction runs under an exclusive file lock, removes least recently used objects until the
+total is within budget, and never removes an object pinned by this process (``pinned``) or used
+by any process within the last ``grace_seconds``; the budget is therefore soft by what was used
+in that window. A copy that loses a race with eviction in another process gets ``False`` from
 ``copy_out`` and fetches the content again.
+
+Trust: the cache is never believed blindly. ``copy_out`` hashes what it copies (in the same pass)
+and an object whose bytes no longer match its name (a disk fault, or a write through a hard link,
+see ``adopt_link``) is removed, counted in ``damaged`` and reported as ``DamagedObject``; nothing
+of it is left at the destination. ``verify=False`` turns the check off (for measuring its cost).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import shutil
 import threading
@@ -32,15 +38,24 @@ from typing import Callable, Iterable, Iterator
 
 from cio_worker.errors import CioError
 from cio_worker.job.hashing import check_md5_b64, md5_hex
-from cio_worker.storage.common import remove_quietly
+from cio_worker.storage.common import copy_stream, remove_quietly
+
+log = logging.getLogger(__name__)
 
 COPY_BLOCK = 1024 * 1024
 _NO_COPY_RANGE = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EPERM, errno.ETXTBSY}
 _NO_COPY_RANGE.add(getattr(errno, "ENOTSUP", errno.EOPNOTSUPP))
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.EOPNOTSUPP, errno.EACCES}
 
 
 class CacheError(CioError):
     code = "cache"
+
+
+class DamagedObject(CacheError):
+    """The cache held a copy whose bytes do not match its MD5; it has been removed."""
+
+    code = "cache_damaged"
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class ContentCache:
         *,
         grace_seconds: float = 600.0,
         stale_temp_seconds: float = 3600.0,
+        verify: bool = True,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0:
@@ -67,6 +83,8 @@ class ContentCache:
         self.budget_bytes = budget_bytes
         self.grace_seconds = grace_seconds
         self.stale_temp_seconds = stale_temp_seconds
+        self.verify = verify
+        self.damaged = 0  # objects found damaged and removed by this instance
         self._clock = clock
         self._objects = self.root / "objects"
         self._tmp = self.root / "tmp"
@@ -124,30 +142,74 @@ class ContentCache:
         self._touch(target)
         return target
 
+    def adopt_link(self, md5: str, file: str | os.PathLike[str], *, shareable: bool = True) -> None:
+        """Make the cache hold ``file``'s content (verified by the caller) without writing it again:
+        a hard link to it, so the object shares ``file``'s mode and times, and ``copy_out``'s check
+        catches a later write through ``file``. A copy instead where no link can be made, or when
+        not ``shareable`` (``file``'s mode does not let every agent sharing the cache read it)."""
+        target = self.object_path(md5)
+        if shareable:
+            try:
+                try:
+                    os.link(file, target)
+                except FileNotFoundError:
+                    target.parent.mkdir(exist_ok=True)
+                    os.link(file, target)
+                return
+            except FileExistsError:
+                self._touch(target)
+                return
+            except OSError as exc:
+                if exc.errno not in _NO_LINK:
+                    raise
+        staged = self.temp_path(md5)
+        try:
+            shutil.copyfile(file, staged)
+            self.adopt(md5, staged)
+        finally:
+            remove_quietly(staged)
+
     def copy_out(self, md5: str, dest: str | os.PathLike[str]) -> bool:
         """Copy the content to ``dest`` (a temporary name; the caller renames it into place).
 
         A real copy, never a link: a renderer that writes to its input cannot reach the cache,
         and the destination's mode is its own. False when the cache does not hold ``md5``.
+        The bytes are hashed as they are copied: a damaged object raises ``DamagedObject``
+        (removed from the cache, nothing left at ``dest``).
         """
         source = self.object_path(md5)
         try:
-            src = os.open(source, os.O_RDONLY)
+            src = open(source, "rb", buffering=0)
         except FileNotFoundError:
             return False
-        try:
+        with src:
             self._touch(source)
-            dst = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                copy_fd(src, dst, os.fstat(src).st_size)
+                with open(dest, "wb") as out:
+                    if self.verify:
+                        got = copy_stream(src, out)
+                    else:
+                        copy_fd(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
+                        got = md5
+                if got == md5:
+                    return True
+                self._discard_damaged(md5, source, os.fstat(src.fileno()), got)
             except BaseException:
-                os.close(dst)
                 remove_quietly(Path(dest))
                 raise
-            os.close(dst)
-        finally:
-            os.close(src)
-        return True
+        remove_quietly(Path(dest))
+        raise DamagedObject(f"the cached copy of {md5} at {source} has MD5 {got}; removed from the cache")
+
+    def _discard_damaged(self, md5: str, source: Path, read: os.stat_result, got: str) -> None:
+        log.warning("content cache: %s holds MD5 %s, not %s (disk fault or tampering); removing it", source, got, md5)
+        with self._pins_lock:
+            self.damaged += 1
+        try:
+            now = os.stat(source)
+        except FileNotFoundError:
+            return
+        if (now.st_dev, now.st_ino) == (read.st_dev, read.st_ino):  # not already replaced by another process
+            remove_quietly(source)
 
     def discard(self, md5: str) -> None:
         """Remove an object found to be damaged."""
@@ -283,3 +345,4 @@ def copy_fd(src: int, dst: int, size: int) -> int:
             view = view[os.write(dst, view) :]
         copied += len(block)
     return copied
+

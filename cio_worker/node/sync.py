@@ -6,14 +6,19 @@ Order of work:
    relative or climbing destination, two entries for one place with different contents, a place
    that is both a file and a directory, an existing directory, or a symbolic link that leads
    outside the destination's root fails the whole sync with an error naming the destination.
-2. Skip destinations that already hold the right content: a stat and an Md5Cache lookup;
-   hashing (in parallel) only when the stat changed.
-3. Fetch each missing content once, however many destinations share it: from the ContentCache
-   when it has it, otherwise in one ``storage.download`` batch into the cache's tmp directory
-   (beside the destination when there is no cache), verified by the backend, then adopted.
-4. Place: copy to a temporary sibling of the destination, check the size, chmod to the mode's
-   permission bits, ``os.replace`` into place, record the MD5. A content that vanished from the
-   cache meanwhile (evicted by another process) is fetched again, straight from storage.
+   Each destination is lstat'ed once here; the rest of the sync reuses that stat.
+2. Skip destinations that already hold the right content: their stats against the Md5Cache
+   records read in a few batched queries; hashing (in parallel) only when the stat changed.
+   A sync with nothing to do costs one lstat per entry, no hashing and no request.
+3. Fetch each missing content once, however many destinations share it. Contents the
+   ContentCache holds are copied out (hashed as they are copied: a damaged cached copy is
+   removed, counted in ``cache_damaged`` and fetched again). The others come in one
+   ``storage.download`` batch, each written once, straight to a temporary name beside its first
+   destination, verified by the backend, and placed as soon as it arrives (while the rest are
+   still coming); the cache then adopts it by a hard link (``ContentCache.adopt_link``) and the
+   other destinations of that content copy it.
+4. Place: temporary sibling, size checked, chmod to the mode's permission bits, ``os.replace``
+   into place. The MD5 records of every placed file are written in one batch at the end.
 
 Symbolic links: the *root* of a destination is where the path map sends it (its rule's target,
 or its root), ``/`` when no map applies. A destination that is itself a link is replaced by a
@@ -28,21 +33,22 @@ import logging
 import os
 import posixpath
 import stat
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Callable, Sequence
 
-from cio_worker.node.cache import ContentCache, copy_fd
-from cio_worker.job.document import UploadFile
 from cio_worker.errors import ChecksumError, CioError, DocumentError, PathError, StorageError
+from cio_worker.job.document import UploadFile
 from cio_worker.job.hashing import check_md5_b64, hashstore_key, md5_b64_of_file
-from cio_worker.storage.md5cache import Md5Cache
 from cio_worker.job.paths import PathMap, node_path
-from cio_worker.storage.base import DownloadItem, Progress, Storage, TransferError
-from cio_worker.storage.common import remove_quietly, temp_sibling
+from cio_worker.node.cache import ContentCache, DamagedObject, copy_fd
+from cio_worker.storage.base import DownloadItem, NullProgress, Progress, Storage, TransferError
+from cio_worker.storage.common import remove_quietly, temp_sibling, temp_sibling_str
+from cio_worker.storage.md5cache import Md5Cache, Md5CacheError
 
 log = logging.getLogger(__name__)
 _SHOWN = 3  # failures spelled out in one error message
@@ -55,13 +61,14 @@ class SyncResult:
     from_cache: int = 0  # of ``placed``: copied from content the cache already held
     downloaded: int = 0  # contents fetched from storage (each once)
     bytes_downloaded: int = 0
+    cache_damaged: int = 0  # cached copies that failed their MD5 check (removed, fetched again)
     seconds: float = 0.0
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class _Target:
     destination: str  # as the artist wrote it, for messages
-    path: Path  # mapped local path
+    path: str  # mapped local path
     md5: str
     size: int
     mode: int  # permission bits only
@@ -81,16 +88,55 @@ class _Failure:
 
 
 @dataclass
-class _Round:
-    """What one pass over missing contents left: contents to fetch again, and failures."""
+class _Placed:
+    """What placing one content's destinations did (built on any thread, summed on the caller's)."""
 
-    again: dict[str, list[_Target]] = field(default_factory=dict)
+    placed: int = 0
+    from_cache: int = 0
+    downloaded_bytes: int | None = None  # set when the content came from storage
+    damaged: bool = False
+    again: list[_Target] = field(default_factory=list)  # to fetch from storage (cache lost it)
     failures: list[_Failure] = field(default_factory=list)
-    adopted: int = 0
 
 
 class _Vanished(Exception):
-    """The cache lost the content (or holds a damaged copy); fetch it from storage instead."""
+    """The cache lost the content (or held a damaged copy); fetch it from storage instead."""
+
+
+class _PlaceOnArrival:
+    """The Progress handed to ``storage.download``: relays to the sync's own progress, and places
+    each content as soon as the backend reports it done (verified)."""
+
+    def __init__(self, outer: Progress, arrived: Callable[[str], None]) -> None:
+        self.outer = outer
+        self.arrived = arrived
+
+    def start(self, files: int, total_bytes: int) -> None:
+        self.outer.start(files, total_bytes)
+
+    def advance(self, nbytes: int) -> None:
+        self.outer.advance(nbytes)
+
+    def file_done(self, key: str) -> None:
+        self.outer.file_done(key)
+        self.arrived(key)
+
+
+class _DownloadItems(Sequence[DownloadItem]):
+    """The download batch, each item made when the backend gets to it (a Path per item in flight,
+    not one per item of a batch of tens of thousands)."""
+
+    def __init__(self, keys: list[tuple[str, str]], temps: dict[str, str], groups: dict[str, list[_Target]]) -> None:
+        self.keys = keys  # (hashstore key, md5)
+        self.temps = temps
+        self.groups = groups
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __getitem__(self, index: int) -> DownloadItem:  # type: ignore[override]
+        key, md5 = self.keys[index]
+        return DownloadItem(key, Path(self.temps[md5]), md5, self.groups[md5][0].size)
 
 
 class InputSync:
@@ -114,26 +160,30 @@ class InputSync:
 
     def sync(self, files: Sequence[UploadFile]) -> SyncResult:
         started = self.clock()
-        targets = self._plan(files)
+        targets, stats = self._plan(files)
         result = SyncResult()
+        records: list[tuple[str, str]] = []  # (path, md5) of files placed or fixed: one batch at the end
+        failures: list[_Failure] = []
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool:
-            todo = self._not_present(targets, pool)
-            result.already_present = len(targets) - len(todo)
-            groups: dict[str, list[_Target]] = {}
-            for target in todo:
-                groups.setdefault(target.md5, []).append(target)
-            failures: list[_Failure] = []
-            adopted = 0
             try:
+                todo = self._not_present(targets, stats, pool, records)
+                del stats
+                result.already_present = len(targets) - len(todo)
+                groups: dict[str, list[_Target]] = {}
+                for target in todo:
+                    groups.setdefault(target.md5, []).append(target)
+                del todo
+                for directory in {os.path.dirname(t.path) for group in groups.values() for t in group}:
+                    os.makedirs(directory, exist_ok=True)
                 if groups and self.cache is not None:
                     with self.cache.pinned(groups):
-                        first = self._round(groups, True, result, pool)
-                        second = self._round(first.again, False, result, pool)
-                    failures, adopted = first.failures + second.failures, first.adopted
+                        again = self._round(groups, True, result, pool, records, failures)
+                        self._round(again, False, result, pool, records, failures)
                 elif groups:
-                    failures = self._round(groups, False, result, pool).failures
+                    self._round(groups, False, result, pool, records, failures)
             finally:
-                if adopted and self.cache is not None:
+                self._record(records)
+                if result.downloaded and self.cache is not None:
                     self._evict()
         if failures:
             raise _error(failures)
@@ -142,59 +192,66 @@ class InputSync:
 
     # -- 1. plan ------------------------------------------------------------------------------
 
-    def _plan(self, files: Sequence[UploadFile]) -> list[_Target]:
+    def _plan(self, files: Sequence[UploadFile]) -> tuple[list[_Target], dict[str, os.stat_result]]:
         by_path: dict[str, _Target] = {}
         for entry in files:
             target = self._target(entry)
-            key = str(target.path)
-            other = by_path.get(key)
-            if other is None:
-                by_path[key] = target
+            other = by_path.setdefault(target.path, target)
+            if other is target:
                 continue
             for what, mine, theirs in (("MD5", target.md5, other.md5), ("size", target.size, other.size),
                                        ("mode", oct(target.mode), oct(other.mode))):
                 if mine != theirs:
                     raise DocumentError(
                         f"destination {target.destination!r}",
-                        f"goes to {key} like {other.destination!r} but with a different {what} ({mine} vs {theirs})",
+                        f"goes to {target.path} like {other.destination!r} but with a different {what} ({mine} vs {theirs})",
                     )
-        for key, target in by_path.items():
-            for parent in PurePosixPath(key).parents:
-                inner = by_path.get(str(parent))
+        self._check_nesting(by_path)
+        stats: dict[str, os.stat_result] = {}
+        checked: dict[str, str] = {}
+        for target in by_path.values():
+            st = self._check_place(target, checked)
+            if st is not None:
+                stats[target.path] = st
+        return list(by_path.values()), stats
+
+    def _target(self, entry: UploadFile) -> _Target:
+        node = node_path(entry.destination, what="destination")
+        try:
+            md5 = check_md5_b64(entry.md5, "md5")
+        except DocumentError as exc:
+            raise DocumentError(f"destination {entry.destination!r}", exc.problem) from None
+        size, mode = entry.size, entry.mode
+        if size.__class__ is not int or size < 0 or mode.__class__ is not int or mode >> 12 not in (0, 8):
+            _refuse_size_or_mode(entry)
+        return _Target(entry.destination, self.path_map.apply(node), md5, size, mode & 0o777,
+                       _placement_root(self.path_map, node))  # fmt: skip
+
+    @staticmethod
+    def _check_nesting(by_path: dict[str, _Target]) -> None:
+        """No destination may be a directory of another: walk each distinct directory up once."""
+        seen: set[str] = set()
+        for directory in {path.rpartition("/")[0] or "/" for path in by_path}:
+            while directory not in seen and directory != "/":
+                seen.add(directory)
+                inner = by_path.get(directory)
                 if inner is not None:
+                    target = next(t for p, t in by_path.items() if p.startswith(directory + "/"))
                     raise PathError(
                         f"destination {target.destination!r} is inside {inner.destination!r}, "
                         "which is also an input file"
                     )
-        checked: dict[str, str] = {}
-        for target in by_path.values():
-            self._check_place(target, checked)
-        return list(by_path.values())
+                directory = directory.rpartition("/")[0] or "/"
 
-    def _target(self, entry: UploadFile) -> _Target:
-        node = node_path(entry.destination, what="destination")
-        local = self.path_map.apply(node)
-        name = f"destination {entry.destination!r}"
-        try:
-            md5 = check_md5_b64(entry.md5, "md5")
-        except DocumentError as exc:
-            raise DocumentError(name, exc.problem) from None
-        if isinstance(entry.size, bool) or not isinstance(entry.size, int) or entry.size < 0:
-            raise DocumentError(name, f"size {entry.size!r} is not a whole number of bytes")
-        mode = entry.mode
-        if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o177777:
-            raise DocumentError(name, f"mode {mode!r} is not a file mode")
-        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
-            raise DocumentError(name, f"mode {oct(mode)} is not a regular file's mode")
-        return _Target(entry.destination, Path(local), md5, entry.size, mode & 0o777, _placement_root(self.path_map, node))
-
-    def _check_place(self, target: _Target, checked: dict[str, str]) -> None:
-        """Refuse places we must not write; ``checked`` memoises directories already resolved."""
+    def _check_place(self, target: _Target, checked: dict[str, str]) -> os.stat_result | None:
+        """Refuse places we must not write; return the destination's lstat (None: nothing there).
+        ``checked`` memoises roots and directories already resolved."""
         name = f"destination {target.destination!r}"
-        root = os.path.realpath(target.root)
-        parent = str(target.path.parent)
-        real_parent = checked.get(parent)
-        if real_parent is None:
+        root = checked.get(target.root)
+        if root is None:
+            root = checked[target.root] = os.path.realpath(target.root)
+        parent = target.path.rpartition("/")[0] or "/"
+        if parent not in checked:
             real_parent = os.path.realpath(parent)
             if not _within(real_parent, root):
                 raise PathError(
@@ -210,7 +267,7 @@ class InputSync:
         try:
             st = os.lstat(target.path)
         except FileNotFoundError:
-            return
+            return None
         if stat.S_ISDIR(st.st_mode):
             raise PathError(f"{name}: {target.path} is a directory; refusing to replace it with a file")
         if stat.S_ISLNK(st.st_mode):
@@ -219,155 +276,222 @@ class InputSync:
                 raise PathError(
                     f"{name}: {target.path} is a symbolic link to {real}, outside {root}; refusing to replace it"
                 )
+        return st
 
     # -- 2. what is already there -------------------------------------------------------------
 
-    def _not_present(self, targets: list[_Target], pool: ThreadPoolExecutor) -> list[_Target]:
+    def _not_present(
+        self, targets: list[_Target], stats: dict[str, os.stat_result], pool: ThreadPoolExecutor,
+        records: list[tuple[str, str]],
+    ) -> list[_Target]:  # fmt: skip
         todo: list[_Target] = []
-        to_hash: list[_Target] = []
+        candidates: list[_Target] = []
         for target in targets:
-            try:
-                st = os.lstat(target.path)
-            except FileNotFoundError:
+            st = stats.get(target.path)
+            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != target.size:
                 todo.append(target)
-                continue
-            if not stat.S_ISREG(st.st_mode) or st.st_size != target.size:
-                todo.append(target)
-                continue
-            known = self.md5cache.lookup(target.path) if self.md5cache is not None else None
-            if known is None:
+            else:
+                candidates.append(target)
+        known: dict[str, str] = {}
+        if self.md5cache is not None and candidates:
+            known = self.md5cache.lookup_many((t.path, stats[t.path]) for t in candidates)
+        to_hash: list[_Target] = []
+        for target in candidates:
+            md5 = known.get(target.path)
+            if md5 is None:
                 to_hash.append(target)
-            elif not (known == target.md5 and self._fix_mode(target, st)):
+            elif not (md5 == target.md5 and self._fix_mode(target, stats[target.path], records)):
                 todo.append(target)
-        for target, ok in zip(to_hash, pool.map(self._holds, to_hash)):
+        hashed = partial(self._holds, records=records)
+        for target, ok in zip(to_hash, pool.map(hashed, to_hash)):
             if not ok:
                 todo.append(target)
         return todo
 
-    def _holds(self, target: _Target) -> bool:
+    def _holds(self, target: _Target, records: list[tuple[str, str]]) -> bool:
         try:
             md5 = self.md5cache.md5_of(target.path) if self.md5cache else md5_b64_of_file(target.path)
-            return md5 == target.md5 and self._fix_mode(target, os.lstat(target.path))
+            return md5 == target.md5 and self._fix_mode(target, os.lstat(target.path), records)
         except OSError:
             return False
 
-    def _fix_mode(self, target: _Target, st: os.stat_result) -> bool:
+    def _fix_mode(self, target: _Target, st: os.stat_result, records: list[tuple[str, str]]) -> bool:
         if stat.S_IMODE(st.st_mode) == target.mode:
             return True
         try:
             os.chmod(target.path, target.mode)
         except OSError:
             return False  # not ours to chmod: replace it instead
-        if self.md5cache is not None:
-            self.md5cache.record(target.path, target.md5)  # chmod changed ctime
+        records.append((target.path, target.md5))  # chmod changed ctime
         return True
+
+    def _record(self, records: list[tuple[str, str]]) -> None:
+        """The MD5 records of what this sync placed or fixed, in one batch (one by one if a file
+        went away meanwhile); a failure only costs hashing next time, it never fails the sync."""
+        if self.md5cache is None or not records:
+            return
+        try:
+            self.md5cache.record_many(records)
+            return
+        except OSError:
+            pass
+        except Md5CacheError as exc:
+            log.warning("%s", exc)
+            return
+        for path, md5 in records:
+            try:
+                self.md5cache.record(path, md5)
+            except (OSError, Md5CacheError):
+                pass
 
     # -- 3 and 4. fetch and place -------------------------------------------------------------
 
     def _round(
-        self, groups: dict[str, list[_Target]], via_cache: bool, result: SyncResult, pool: ThreadPoolExecutor
-    ) -> _Round:
-        outcome = _Round()
+        self, groups: dict[str, list[_Target]], via_cache: bool, result: SyncResult, pool: ThreadPoolExecutor,
+        records: list[tuple[str, str]], failures: list[_Failure],
+    ) -> dict[str, list[_Target]]:  # fmt: skip
+        """Place every group, from the cache (``via_cache``) or from storage; return the groups to
+        fetch again from storage (the cache lost or held a damaged copy)."""
         if not groups:
-            return outcome
+            return {}
         cache = self.cache if via_cache else None
-        cached = {md5 for md5 in groups if cache is not None and cache.has(md5)}
-        temps = {
-            md5: cache.temp_path(md5) if cache is not None else temp_sibling(targets[0].path)
-            for md5, targets in groups.items()
-            if md5 not in cached
-        }
-        try:
-            fetched = self._download(groups, temps, outcome)
-            for md5 in fetched:
+        cached = [md5 for md5 in groups if cache is not None and cache.has(md5)]
+        outcomes: list[_Placed] = []  # appended from several threads (list.append is atomic)
+        chunk = max(1, -(-len(cached) // (self.workers * 4)))
+        jobs = [pool.submit(self._place_cached, [(md5, groups[md5]) for md5 in cached[i : i + chunk]], outcomes.append,
+                            records) for i in range(0, len(cached), chunk)]  # fmt: skip
+        held = set(cached)
+        fetch = {md5: targets for md5, targets in groups.items() if md5 not in held} if held else groups
+        self._download(fetch, outcomes, records, failures)
+        for job in jobs:
+            job.result()
+        again: dict[str, list[_Target]] = {}
+        for outcome in outcomes:
+            result.placed += outcome.placed
+            result.from_cache += outcome.from_cache
+            result.cache_damaged += outcome.damaged
+            if outcome.downloaded_bytes is not None:
                 result.downloaded += 1
-                result.bytes_downloaded += os.stat(temps[md5]).st_size
-                if cache is not None:
-                    cache.adopt(md5, temps.pop(md5))
-                    outcome.adopted += 1
-            ready = sorted(cached | set(fetched))
-            jobs = [pool.submit(self._place_group, groups[md5], cache, temps.get(md5)) for md5 in ready]
-            for md5, job in zip(ready, jobs):
-                placed, again, failures = job.result()
-                result.placed += placed
-                if md5 in cached:
-                    result.from_cache += placed
-                if again:
-                    outcome.again[md5] = again
-                outcome.failures.extend(failures)
-        finally:
-            for temp in temps.values():
-                remove_quietly(temp)
-        return outcome
+                result.bytes_downloaded += outcome.downloaded_bytes
+            for target in outcome.again:
+                again.setdefault(target.md5, []).append(target)
+            failures.extend(outcome.failures)
+        return again
 
-    def _download(self, groups: dict[str, list[_Target]], temps: dict[str, Path], outcome: _Round) -> list[str]:
-        """Fetch every content in ``temps`` in one batch; return those that arrived."""
-        if not temps:
-            return []
-        keys = {md5: hashstore_key(md5) for md5 in temps}
-        items = [DownloadItem(keys[md5], temp, md5, groups[md5][0].size) for md5, temp in temps.items()]
+    def _download(
+        self, groups: dict[str, list[_Target]], outcomes: list[_Placed], records: list[tuple[str, str]],
+        failures: list[_Failure],
+    ) -> None:  # fmt: skip
+        """Fetch every group's content in one batch, each beside its first destination, placing
+        each as soon as it arrives (the rest after the batch, for a backend that did not say)."""
+        if not groups:
+            return
+        by_key = {hashstore_key(md5): md5 for md5 in groups}
+        temps = {md5: temp_sibling_str(targets[0].path) for md5, targets in groups.items()}
+        pending = set(groups)
+        lock = threading.Lock()
+
+        def arrived(key: str) -> None:
+            md5 = by_key.get(key)
+            with lock:
+                if md5 not in pending:
+                    return
+                pending.discard(md5)
+            try:
+                outcomes.append(self._place_download(groups[md5], temps[md5], records))
+            except BaseException as exc:  # never into the backend's batch: it would count as its failure
+                remove_quietly(temps[md5])
+                outcomes.append(_Placed(failures=[_Failure(groups[md5], None, exc)]))
+
+        items = _DownloadItems(list(by_key.items()), temps, groups)
+        errors: dict[str, BaseException] = {}
         try:
-            self.storage.download(items, self.progress)
-            return list(temps)
+            self.storage.download(items, _PlaceOnArrival(self.progress or NullProgress(), arrived))
         except TransferError as exc:
             errors = {f.key: f.error for f in exc.failures}
         except Exception as exc:  # the whole batch failed (credentials, bucket, network)
-            errors = {key: exc for key in keys.values()}
-        fetched = []
-        for md5 in temps:
-            error = errors.get(keys[md5])
+            errors = {key: exc for key in by_key}
+        for key, md5 in by_key.items():
+            if md5 not in pending:
+                continue
+            error = errors.get(key)
             if error is None:
-                fetched.append(md5)
+                arrived(key)
             else:
-                outcome.failures.append(_Failure(groups[md5], keys[md5], error))
-        return fetched
+                pending.discard(md5)
+                remove_quietly(temps[md5])
+                failures.append(_Failure(groups[md5], key, error))
 
-    def _place_group(
-        self, targets: list[_Target], cache: ContentCache | None, download: Path | None
-    ) -> tuple[int, list[_Target], list[_Failure]]:
-        """Place every target of one content; return (placed, to fetch again, failures)."""
-        placed, again, failures = 0, [], []
-        # Without a cache the download itself becomes the last target; the others copy it first.
-        order = targets if download is None else targets[1:] + targets[:1]
-        for i, target in enumerate(order):
-            fill: Callable[[Path], bool]
-            if download is None:
-                assert cache is not None
-                fill = partial(cache.copy_out, target.md5)
-            elif i < len(order) - 1:
-                fill = partial(_copy_file, download)
-            else:
-                fill = partial(_rename, download)
+    def _place_download(self, targets: list[_Target], temp: str, records: list[tuple[str, str]]) -> _Placed:
+        """A verified download at ``temp`` becomes the first destination (the cache links it);
+        the other destinations of the same content copy it."""
+        outcome = _Placed()
+        first = targets[0]
+        try:
+            st = os.stat(temp)
+            outcome.downloaded_bytes = st.st_size
+            _check_size(first, st.st_size)
+            if stat.S_IMODE(st.st_mode) != first.mode:
+                os.chmod(temp, first.mode)
+            os.replace(temp, first.path)
+        except Exception as exc:
+            remove_quietly(temp)
+            outcome.failures.append(_Failure(targets, hashstore_key(first.md5) if _is_storage(exc) else None, exc))
+            return outcome
+        outcome.placed += 1
+        records.append((first.path, first.md5))
+        if self.cache is not None:
             try:
-                self._place(target, fill, from_cache=download is None)
-                placed += 1
-            except _Vanished:
-                again.append(target)
-            except Exception as exc:
-                failures.append(_Failure([target], hashstore_key(target.md5) if _is_storage(exc) else None, exc))
-        return placed, again, failures
+                self.cache.adopt_link(first.md5, first.path, shareable=first.mode & 0o444 == 0o444)
+            except OSError as exc:  # the input is in place; only the cache misses it
+                log.warning("content cache: cannot adopt %s: %s", first.path, exc)
+        self._place_rest(targets, first.path, outcome, records)
+        return outcome
 
-    def _place(self, target: _Target, fill: Callable[[Path], bool], from_cache: bool) -> None:
-        target.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = temp_sibling(target.path)
+    def _place_cached(
+        self, groups: list[tuple[str, list[_Target]]], done: Callable[[_Placed], None], records: list[tuple[str, str]]
+    ) -> None:
+        assert self.cache is not None
+        for md5, targets in groups:
+            outcome = _Placed()
+            first = targets[0]
+            try:
+                self._place(first, partial(self.cache.copy_out, md5))
+                outcome.placed = 1
+                records.append((first.path, md5))
+                self._place_rest(targets, first.path, outcome, records)
+            except DamagedObject:
+                outcome.damaged = True
+                outcome.again = list(targets)
+            except _Vanished:
+                outcome.again = list(targets)
+            except Exception as exc:
+                outcome.failures.append(_Failure(targets, hashstore_key(md5) if _is_storage(exc) else None, exc))
+            outcome.from_cache = outcome.placed
+            done(outcome)
+
+    def _place_rest(self, targets: list[_Target], source: str, outcome: _Placed, records: list[tuple[str, str]]) -> None:
+        """Copy the placed first destination ``source`` to the others of its content."""
+        for target in targets[1:]:
+            try:
+                self._place(target, partial(_copy_file, source))
+                outcome.placed += 1
+                records.append((target.path, target.md5))
+            except Exception as exc:
+                outcome.failures.append(_Failure([target], hashstore_key(target.md5) if _is_storage(exc) else None, exc))
+
+    def _place(self, target: _Target, fill: Callable[[Path], bool]) -> None:
+        temp = temp_sibling(Path(target.path))
         try:
             if not fill(temp):
                 raise _Vanished()
-            size = os.stat(temp).st_size
-            if size != target.size:
-                if from_cache:
-                    assert self.cache is not None
-                    self.cache.discard(target.md5)
-                    raise _Vanished()
-                raise StorageError(
-                    f"the content has {size} bytes but the manifest says {target.size}", code="size_mismatch"
-                )
-            os.chmod(temp, target.mode)
+            st = os.stat(temp)
+            _check_size(target, st.st_size)
+            if stat.S_IMODE(st.st_mode) != target.mode:
+                os.chmod(temp, target.mode)
             os.replace(temp, target.path)
         finally:
             remove_quietly(temp)
-        if self.md5cache is not None:
-            self.md5cache.record(target.path, target.md5)
 
     def _evict(self) -> None:
         assert self.cache is not None
@@ -377,10 +501,27 @@ class InputSync:
             log.warning("content cache eviction failed: %s", exc)
 
 
+def _refuse_size_or_mode(entry: UploadFile) -> None:
+    name = f"destination {entry.destination!r}"
+    size, mode = entry.size, entry.mode
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise DocumentError(name, f"size {size!r} is not a whole number of bytes")
+    if isinstance(mode, bool) or not isinstance(mode, int) or not 0 <= mode <= 0o177777:
+        raise DocumentError(name, f"mode {mode!r} is not a file mode")
+    if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+        raise DocumentError(name, f"mode {oct(mode)} is not a regular file's mode")
+    raise AssertionError(f"{name}: size {size!r} and mode {mode!r} are fine")
+
+
+def _check_size(target: _Target, size: int) -> None:
+    if size != target.size:
+        raise StorageError(f"the content has {size} bytes but the manifest says {target.size}", code="size_mismatch")
+
+
 def _placement_root(path_map: PathMap, node: str) -> str:
     """The directory a node path's mapped form must stay inside: the target of the rule that
     maps it (same matching as PathMap.apply), else the map's root, else ``/``."""
-    for source, target in path_map.rules:
+    for source, target in path_map.rules:  # none for a rooted map
         if node == source or node.startswith(source.rstrip("/") + "/"):
             return posixpath.normpath(target)
     return path_map.root or "/"
@@ -390,14 +531,9 @@ def _within(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _copy_file(source: Path, dest: Path) -> bool:
+def _copy_file(source: str, dest: Path) -> bool:
     with open(source, "rb") as src, open(dest, "wb") as out:
         copy_fd(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
-    return True
-
-
-def _rename(source: Path, dest: Path) -> bool:
-    os.replace(source, dest)
     return True
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
+import itertools
 import os
 import queue
 import threading
@@ -75,54 +76,53 @@ def run_batch(
 ) -> None:
     """Run ``work`` on every item with up to ``concurrency`` threads; collect failures.
 
-    If nothing moves (no byte, no file finished) for ``stall_seconds``, the batch fails with a
-    StallError for the items still outstanding; the stuck threads are left to their own socket
-    timeouts, which the backends set.
+    Items are handed to the threads a few at a time (never more than four per thread waiting),
+    so a batch of tens of thousands holds a few hundred futures, not one per item. If nothing
+    moves (no byte, no file finished) for ``stall_seconds``, the batch fails with a StallError for
+    the items still outstanding; the stuck threads are left to their own socket timeouts, which
+    the backends set.
     """
     failures: list[ItemFailure] = []
     if not items:
         return
-    pool = ThreadPoolExecutor(max_workers=max(1, min(concurrency, len(items))), thread_name_prefix=action)
+    workers = max(1, min(concurrency, len(items)))
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=action)
     # Completions arrive on a queue: O(1) per item. (concurrent.futures.wait over every pending
     # future costs O(pending) per call, O(n²) for a batch: seconds of CPU for a few thousand items.)
     finished: queue.SimpleQueue[Future[None]] = queue.SimpleQueue()
-    try:
-        futures: dict[Future[None], T] = {}
-        for item in items:
+    waiting = iter(items)
+    running: dict[Future[None], T] = {}
+
+    def submit(count: int) -> None:
+        for item in itertools.islice(waiting, count):
             future = pool.submit(work, item)
-            futures[future] = item
+            running[future] = item
             future.add_done_callback(finished.put)
-        remaining = len(futures)
-        seen: set[Future[None]] = set()
-        while remaining:
+
+    try:
+        submit(workers * 4)
+        while running:
             try:
                 future = finished.get(timeout=min(1.0, stall_seconds))
             except queue.Empty:
                 if activity.idle_for() < stall_seconds:
                     continue
-                for future, item in futures.items():
-                    if future in seen:
-                        continue
+                stalled = f"no progress for {stall_seconds:.0f} s; the store stopped answering"
+                for future, item in running.items():
                     if future.done() and not future.cancelled():
                         error = future.exception()
                         if error is not None:
                             failures.append(ItemFailure(key_of(item), error))
                         continue
                     future.cancel()
-                    failures.append(
-                        ItemFailure(
-                            key_of(item),
-                            StallError(f"no progress for {stall_seconds:.0f} s; the store stopped answering"),
-                        )
-                    )
+                    failures.append(ItemFailure(key_of(item), StallError(stalled)))
+                failures += [ItemFailure(key_of(item), StallError(f"not started: {stalled}")) for item in waiting]
                 break
-            if future in seen:
-                continue
-            seen.add(future)
-            remaining -= 1
+            item = running.pop(future)
             error = future.exception()
             if error is not None:
-                failures.append(ItemFailure(key_of(futures[future]), error))
+                failures.append(ItemFailure(key_of(item), error))
+            submit(1)
     finally:
         pool.shutdown(wait=not failures, cancel_futures=True)
     if failures:
@@ -210,7 +210,8 @@ def fetch_verified(key: str, dest: Path, expected_md5: str | None, fetch: Callab
 
     Whatever fails leaves nothing at ``dest``.
     """
-    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not os.path.isdir(dest.parent):  # a stat: mkdir of an existing directory locks it against creates
+        dest.parent.mkdir(parents=True, exist_ok=True)
     got = None
     for _ in range(2):
         try:
@@ -227,7 +228,7 @@ def fetch_verified(key: str, dest: Path, expected_md5: str | None, fetch: Callab
     )
 
 
-def remove_quietly(path: Path) -> None:
+def remove_quietly(path: str | os.PathLike[str]) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
@@ -237,6 +238,12 @@ def remove_quietly(path: Path) -> None:
 def temp_sibling(path: Path) -> Path:
     """A hidden temporary name beside ``path`` for write-then-rename."""
     return path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
+
+
+def temp_sibling_str(path: str) -> str:
+    """``temp_sibling`` of a path held as a string (no Path object per file)."""
+    head, _, name = path.rpartition("/")
+    return f"{head}/.{name}.part-{os.getpid()}-{threading.get_ident()}"
 
 
 def default_concurrency(sizes: Iterable[int | None], cpu_count: int | None = None) -> int:

@@ -7,6 +7,7 @@ file invalidates the entry; the one blind spot is a same-size rewrite within one
 of the recording. ``md5_of`` therefore does not record a file modified less than
 ``racy_seconds`` ago (it is hashed again next time), nor one that changed while being hashed.
 ``record`` trusts its caller: it is for a file we have just placed with verified content.
+``lookup_many`` and ``record_many`` serve many files in a few statements (a sync of 50,000 inputs).
 
 The database is sqlite in WAL mode with a busy timeout, so several processes on one machine
 can share it. It must live on a local disk (WAL does not work over network filesystems).
@@ -38,6 +39,9 @@ CREATE TABLE IF NOT EXISTS md5 (
 """
 
 
+_BATCH = 900  # paths per batched read (SQLite allows at least 999 parameters per statement)
+
+
 class Md5CacheError(CioError):
     code = "md5_cache"
 
@@ -54,17 +58,23 @@ class FileStamp:
 
     @classmethod
     def of(cls, st: os.stat_result) -> "FileStamp":
-        return cls(st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        return cls(*cls.row_of(st))
 
     def row(self) -> tuple[int, int, int, int, int]:
         return (self.size, self.mtime_ns, self.ctime_ns, self.inode, self.device)
+
+    @staticmethod
+    def row_of(st: os.stat_result) -> tuple[int, int, int, int, int]:
+        """``FileStamp.of(st).row()`` without the object."""
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
 
 
 class Md5Cache:
     """``md5_of(path)`` hashes only on a miss; ``record(path, md5)`` after placing verified content.
 
     Thread-safe (one connection behind a lock; hashing runs outside it) and process-safe.
-    ``hits`` and ``computed`` count lookups answered from the database and files hashed.
+    ``hits`` and ``computed`` count lookups answered from the database and files hashed;
+    ``queries`` counts round trips to the database.
     """
 
     def __init__(
@@ -86,6 +96,7 @@ class Md5Cache:
         self._pid = 0
         self.hits = 0
         self.computed = 0
+        self.queries = 0
         with self._lock:
             self._connection()
 
@@ -104,7 +115,7 @@ class Md5Cache:
         after = FileStamp.of(os.stat(key))
         fresh = after.mtime_ns > int(self._wall_clock() * 1e9) - self._racy_ns
         if after == before and not fresh:
-            self._store([(key, after, md5)])
+            self._store([(key, *after.row(), md5)])
         return md5
 
     def lookup(self, path: str | os.PathLike[str]) -> str | None:
@@ -116,15 +127,35 @@ class Md5Cache:
             return None
         return self._lookup(key, stamp)
 
+    def lookup_many(self, stats: Iterable[tuple[str, os.stat_result]]) -> dict[str, str]:
+        """The recorded MD5s of files already stat'ed by the caller, ``{path: md5}`` for those whose
+        stat still matches their record; a few batched reads, never hashing, no stat of its own.
+        Paths are keys as ``record`` stores them: absolute and normalised (others are made so)."""
+        wanted = {_key(path): FileStamp.row_of(st) for path, st in stats}
+        found: dict[str, str] = {}
+        keys = list(wanted)
+        for start in range(0, len(keys), _BATCH):
+            chunk = keys[start : start + _BATCH]
+            query = f"SELECT path, size, mtime_ns, ctime_ns, inode, device, md5 FROM md5 WHERE path IN ({','.join('?' * len(chunk))})"
+            with self._lock:
+                rows = self._run(lambda c: c.execute(query, chunk).fetchall())
+            for path, *stamp, md5 in rows:
+                if wanted.get(path) == tuple(stamp):
+                    found[path] = str(md5)
+        with self._lock:
+            self.hits += len(found)
+        return found
+
     def record(self, path: str | os.PathLike[str], md5: str) -> None:
         """Remember that ``path``, as it is now, has ``md5`` (the caller verified the content)."""
         self.record_many([(path, md5)])
 
     def record_many(self, entries: Iterable[tuple[str | os.PathLike[str], str]]) -> None:
+        """``record`` for many files, in one transaction."""
         rows = []
         for path, md5 in entries:
             key = _key(path)
-            rows.append((key, FileStamp.of(os.stat(key)), md5))
+            rows.append((key, *FileStamp.row_of(os.stat(key)), md5))
         self._store(rows)
 
     def forget(self, path: str | os.PathLike[str]) -> None:
@@ -158,10 +189,10 @@ class Md5Cache:
                 self.hits += 1
         return None if row is None else str(row[0])
 
-    def _store(self, rows: list[tuple[str, FileStamp, str]]) -> None:
-        if not rows:
+    def _store(self, values: list[tuple[str, int, int, int, int, int, str]]) -> None:
+        """Rows of (path, *FileStamp.row(), md5)."""
+        if not values:
             return
-        values = [(key, *stamp.row(), md5) for key, stamp, md5 in rows]
 
         def write(conn: sqlite3.Connection) -> None:
             conn.execute("BEGIN IMMEDIATE")
@@ -176,6 +207,7 @@ class Md5Cache:
             self._run(write)
 
     def _run(self, action: Callable[[sqlite3.Connection], object]):  # type: ignore[no-untyped-def]
+        self.queries += 1  # under self._lock
         try:
             return action(self._connection())
         except sqlite3.Error as exc:
@@ -203,4 +235,6 @@ class Md5Cache:
 
 
 def _key(path: str | os.PathLike[str]) -> str:
+    if path.__class__ is str and path[:1] == "/" and "/." not in path and "//" not in path and path[-1:] != "/":
+        return path  # type: ignore[return-value]  # already absolute and normal: no new string
     return os.path.abspath(os.fspath(path))
