@@ -456,3 +456,16 @@ def test_heartbeats_failing_for_longer_than_a_lease_stop_the_render_and_nothing_
     kinds = fleet.kinds(job)
     assert ("lease_expired", "node-a") in kinds
     assert [k for k in kinds if k[1] == "node-a" and k[0] in ("done", "failed", "preempted", "released")] == []
+
+
+def test_an_agent_whose_coordinator_is_gone_still_reaches_its_idle_exit(make_fleet) -> None:
+    """An instance whose coordinator went away after it started must not bill on: with nothing to
+    do and no queue to ask, it is idle, and its idle exit comes."""
+    fleet = make_fleet()
+    agent = fleet.agent("node-a", idle_exit_seconds=2.0)
+    wait_for(lambda: fleet.worker("node-a") is not None and fleet.worker("node-a").state == "idle", 20,
+             "the agent to register")
+    fleet.coordinator.stop()
+    thread = fleet.threads[0][1]
+    wait_for(lambda: not thread.is_alive(), 60, "the agent to reach its idle exit")
+    assert agent.summary.exit_reason.startswith("idle for"), agent.summary.exit_reason

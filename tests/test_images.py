@@ -87,6 +87,8 @@ def test_agent_unit_is_a_notify_service_with_a_watchdog_that_gives_up():
     assert service["Type"] == "notify" and service["WatchdogSec"]
     assert service["Restart"] == "on-failure"
     assert unit["Unit"]["StartLimitBurst"] and unit["Unit"]["StartLimitAction"] == "poweroff"
+    # an agent that gave up (exit 69, after its give-up command) is not restarted: the instance powers off
+    assert service["RestartPreventExitStatus"] == "69" and '"$EXIT_STATUS" = 69' in service["ExecStopPost"]
     for setting in ("NoNewPrivileges", "PrivateTmp", "ProtectHome"):
         assert service[setting] == "yes"
     assert service["ProtectSystem"] == "strict"

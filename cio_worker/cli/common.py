@@ -7,10 +7,12 @@ are imported inside the functions that need them, not here.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlparse
@@ -179,11 +181,59 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{os.getpid()}"
 
 
-def setup_logging(level: str = "INFO", stream=None) -> logging.Logger:
+LOG_FORMATS = ("text", "json")
+_LIBRARIES_HANDLER = "cio_worker.libraries"
+
+
+def _log_format(text: str) -> str:
+    if text not in LOG_FORMATS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a log format (use {' or '.join(LOG_FORMATS)})")
+    return text
+
+
+def add_log_format_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-format", type=_log_format, choices=LOG_FORMATS, default=env_default("LOG_FORMAT", "text"),
+                        help="the log on stderr as text, or as one JSON object a line (time, level, severity, logger, "
+                        "message) for Cloud Logging / CloudWatch agents (env CIO_LOG_FORMAT; default %(default)s)")
+
+
+class JsonFormatter(logging.Formatter):
+    """A record as one line of JSON: ``time`` (RFC 3339, UTC), ``level`` and ``severity`` (the
+    name Cloud Logging reads), ``logger``, ``message``, and ``exception`` / ``stack`` when present.
+    Non-ASCII text is escaped, so a line is valid whatever bytes a message held."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")
+        entry = {"time": when.replace("+00:00", "Z"), "level": record.levelname, "severity": record.levelname,
+                 "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            entry["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(entry, default=str)
+
+
+def log_formatter(log_format: str = "text") -> logging.Formatter:
+    if log_format == "json":
+        return JsonFormatter()
+    return logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def setup_logging(level: str = "INFO", stream=None, log_format: str = "text", *, libraries: bool = False) -> logging.Logger:
+    """This package's records from ``level`` up on ``stream`` (stderr) in ``log_format``; with
+    ``libraries``, every other library's too (warnings and up, or what its logger lets through,
+    e.g. uvicorn's), in the same format, and in JSON Python's warnings as well."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setFormatter(log_formatter(log_format))
     root = logging.getLogger("cio_worker")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    if libraries:
+        others = logging.StreamHandler(handler.stream)
+        others.setFormatter(handler.formatter)
+        others.set_name(_LIBRARIES_HANDLER)
+        top = logging.getLogger()
+        top.handlers[:] = [h for h in top.handlers if h.get_name() != _LIBRARIES_HANDLER] + [others]
+        logging.captureWarnings(log_format == "json")
     return root

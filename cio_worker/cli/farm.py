@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 
-from cio_worker.cli.common import add_queue_argument, open_existing_queue, queue_token
+from cio_worker.cli.common import (
+    add_log_format_argument,
+    add_queue_argument,
+    open_existing_queue,
+    queue_token,
+    setup_logging,
+)
 from cio_worker.cli.main import CliError, Streams
 
 
@@ -46,28 +53,41 @@ def register_serve(subparsers: argparse._SubParsersAction) -> None:
                         help="how long an idle agent's claim waits on the server (default %(default)s)")
     parser.add_argument("--db-threads", type=int, default=8, metavar="N",
                         help="queue calls served at once, the database connections used (default %(default)s)")
+    parser.add_argument("--metrics-token-required", action="store_true",
+                        help="answer GET /metrics (the farm's figures for Prometheus) only with an owner token; "
+                        "by default any caller may scrape it")
+    add_log_format_argument(parser)
     parser.set_defaults(handler=run_serve)
 
 
 def run_serve(args: argparse.Namespace, streams: Streams) -> int:
-    import logging
-
     from cio_worker.coordinator.app import CoordinatorConfig
     from cio_worker.coordinator.server import Listen, serve
+    from cio_worker.node.systemd import Notifier
 
     if args.heartbeat_seconds >= args.lease_seconds:
         raise CliError("--heartbeat-seconds must be shorter than --lease-seconds (several heartbeats per lease)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s", stream=streams.err)
+    log = setup_logging("INFO", streams.err, args.log_format, libraries=True)  # uvicorn's records too
     listen = Listen.parse(args.listen)
     if args.db_threads < 1:
         raise CliError("--db-threads must be at least 1")
     queue = _database_queue(args.queue, connections=args.db_threads)
+    systemd = Notifier.from_environ(os.environ)  # Type=notify: READY, watchdog pings from uvicorn's loop, STOPPING
+
+    def ready(url: str) -> None:
+        if args.log_format == "json":
+            log.getChild("coordinator").info("coordinator at %s serving %r", url, queue)
+        else:  # a line of its own, which scripts look for
+            print(f"coordinator at {url} serving {queue!r}", file=streams.err, flush=True)
+        systemd.ready(f"serving {url}")
+
     config = CoordinatorConfig(lease_seconds=args.lease_seconds, heartbeat_seconds=args.heartbeat_seconds,
-                               long_poll_seconds=args.long_poll_seconds, db_threads=args.db_threads)
+                               long_poll_seconds=args.long_poll_seconds, db_threads=args.db_threads,
+                               metrics_token_required=args.metrics_token_required)
     try:
-        serve(queue, listen, config, tls_cert=args.tls_cert, tls_key=args.tls_key,
-              forwarded_allow_ips=args.forwarded_allow_ips,
-              on_ready=lambda url: print(f"coordinator at {url} serving {queue!r}", file=streams.err, flush=True))
+        serve(queue, listen, config, tls_cert=args.tls_cert, tls_key=args.tls_key, configure_logging=False,
+              forwarded_allow_ips=args.forwarded_allow_ips, on_ready=ready, on_stopping=systemd.stopping,
+              on_tick=systemd.alive, tick_seconds=min(1.0, systemd.ping_seconds or 1.0))
     finally:
         queue.close()
     return 0

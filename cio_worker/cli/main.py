@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from cio_worker import __version__
+from cio_worker.cli.common import JsonFormatter
 from cio_worker.errors import CioError
 from cio_worker.job.paths import PathMap
 
@@ -139,21 +141,22 @@ def main(argv: Sequence[str] | None = None, *, stdout: TextIO | None = None, std
             args = parser.parse_args(argv)
     except SystemExit as exit:
         return exit.code if isinstance(exit.code, int) else EXIT_BAD_INPUT
+    as_json = getattr(args, "log_format", "text") == "json"  # a command whose log is JSON reports errors so too
     try:
         return int(args.handler(args, streams) or EXIT_OK)
     except CioError as exc:
-        _report(streams.err, "error", exc, _wants_traceback(args))
+        _report(streams.err, "error", exc, _wants_traceback(args), as_json=as_json)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
-        streams.err.write(f"{PROG}: interrupted\n")
+        _say(streams.err, "interrupted", logging.WARNING, as_json)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         return EXIT_OK  # the reader went away (e.g. `| head`)
     except OSError as exc:
-        _report(streams.err, "error", exc, _wants_traceback(args))
+        _report(streams.err, "error", exc, _wants_traceback(args), as_json=as_json)
         return EXIT_BAD_INPUT
     except Exception as exc:  # a bug: say so, briefly, unless asked for the traceback
-        _report(streams.err, "internal error", exc, _wants_traceback(args), bug=True)
+        _report(streams.err, "internal error", exc, _wants_traceback(args), bug=True, as_json=as_json)
         return EXIT_INTERNAL
 
 
@@ -162,13 +165,27 @@ def _wants_traceback(args: argparse.Namespace) -> bool:
     return bool(getattr(args, "traceback", False))
 
 
-def _report(err: TextIO, label: str, exc: BaseException, show_traceback: bool, bug: bool = False) -> None:
-    if show_traceback:
-        err.write("".join(traceback.format_exception(exc)))
+def _report(err: TextIO, label: str, exc: BaseException, show_traceback: bool, bug: bool = False,
+            as_json: bool = False) -> None:
     text = " ".join(str(exc).split()) or type(exc).__name__
     if bug:
         text = f"{type(exc).__name__}: {text}" + ("" if show_traceback else f" (run {PROG} --traceback ... to see where)")
-    err.write(f"{PROG}: {label}: {text}\n")
+    if as_json:
+        _say(err, f"{label}: {text}", logging.CRITICAL if bug else logging.ERROR, True, exc if show_traceback else None)
+        return
+    if show_traceback:
+        err.write("".join(traceback.format_exception(exc)))
+    _say(err, f"{label}: {text}", logging.ERROR, False)
+
+
+def _say(err: TextIO, text: str, level: int, as_json: bool, exc: BaseException | None = None) -> None:
+    """One line for a person (``cio-worker: TEXT``), or a JSON log record under ``--log-format json``."""
+    if not as_json:
+        err.write(f"{PROG}: {text}\n")
+        return
+    exc_info = None if exc is None else (type(exc), exc, exc.__traceback__)
+    record = logging.LogRecord("cio_worker.cli", level, __file__, 0, text, None, exc_info)
+    err.write(JsonFormatter().format(record) + "\n")
 
 
 # -- shared argument helpers ------------------------------------------------------------------------

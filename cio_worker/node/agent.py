@@ -139,8 +139,11 @@ class Agent:
         sleep: Callable[[float], None] | None = None,
         identity: IdentitySource = None,
         outbox: Outbox | None = None,
+        alive: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
+        # Called on every turn of the loop (and of a task's heartbeat loop): systemd's watchdog ping.
+        self.alive = alive or (lambda: None)
         self.queue = queue
         self.ctx = ctx
         self.log = log or logging.getLogger("cio_worker.node.agent")
@@ -240,7 +243,7 @@ class Agent:
     def run(self) -> AgentSummary:
         if self.config.reap_stale_renders:
             try:
-                killed = stop_stale_renders(self.ctx.work_root)
+                killed = stop_stale_renders(self.ctx.work_root, runner=self.ctx.runner)
             except Exception:  # noqa: BLE001 - never keep an agent from starting
                 self.log.exception("looking for renders left by an earlier agent failed")
                 killed = []
@@ -281,6 +284,7 @@ class Agent:
     def _loop(self) -> None:
         idle_since = self.clock()
         while True:
+            self.alive()
             if self._stop_reason:
                 self.summary.exit_reason = self._stop_reason
                 break
@@ -298,10 +302,12 @@ class Agent:
             try:
                 lease, waited = self._claim(idle_since)
             except QueueError as exc:
+                lease, waited = None, True
                 self.log.error("queue unavailable: %s; retrying in %.0f s", exc, self.config.poll_seconds * 5)
                 self._sleep(self.config.poll_seconds * 5)
-                continue
             if lease is None:
+                # Idle is idle, with no work or no queue to ask: an instance whose coordinator has
+                # gone still reaches its idle exit instead of billing on.
                 idle = self.clock() - idle_since
                 if self.config.idle_exit_seconds is not None and idle >= self.config.idle_exit_seconds:
                     self.summary.exit_reason = f"idle for {idle:.0f} s"
@@ -393,6 +399,7 @@ class Agent:
         pending = self._claimer.submit(
             lambda: self.queue.claim(self.config.worker_id, lease_seconds, wait=wait))  # type: ignore[call-arg]
         while not pending.done.wait(0.1):
+            self.alive()
             if self._stop_reason or self._no_new_work:
                 why = self._stop_reason or "no new work"
                 if pending.abandon(lambda lease: self._release_untouched(
@@ -595,6 +602,7 @@ class Agent:
         failing = 0
         try:
             while not stop.wait(self._heartbeat_seconds()):
+                self.alive()  # the render may rightly take hours; a lost lease ends the pings
                 if lost.is_set():
                     return  # presumed lost: a late renewal would only keep the task from running elsewhere
                 asked = self.clock()

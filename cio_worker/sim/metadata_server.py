@@ -12,6 +12,7 @@ Run it as a process with ``python -m cio_worker.sim.metadata_server --port N``; 
 from __future__ import annotations
 
 import argparse
+import base64
 import email.utils
 import hashlib
 import json
@@ -37,6 +38,7 @@ EC2_MAX_TTL = 21600
 EC2_NOTICE_SECONDS = 120
 AZURE_EVENTS_PATH = "/metadata/scheduledevents"
 AZURE_INSTANCE_PATH = "/metadata/instance"
+AZURE_USER_DATA_PATH = "/metadata/instance/compute/userData"  # ?format=text: the base64 text
 AZURE_PREEMPT_SECONDS = 30.0
 MAINTENANCE_EVENTS = ("NONE", "MIGRATE_ON_HOST_MAINTENANCE", "TERMINATE_ON_HOST_MAINTENANCE")
 DEFAULT_WAIT_SECONDS = 300.0
@@ -154,6 +156,7 @@ class MetadataState:
         self._spot_action: dict[str, str] | None = None
         self._rebalance: dict[str, str] | None = None
         self._user_data: bytes | None = None
+        self._azure_user_data: bytes | None = None
         self._incarnation = 1
         self._events: list[dict[str, Any]] = []
         self._acks: list[str] = []
@@ -237,6 +240,11 @@ class MetadataState:
         with self._cond:
             self._user_data = data.encode() if isinstance(data, str) else data
 
+    def set_azure_user_data(self, data: str | bytes | None) -> None:
+        """The VM's userData (given plain: it is served base64-encoded, as Azure keeps it)."""
+        with self._cond:
+            self._azure_user_data = data.encode() if isinstance(data, str) else data
+
     def fail_next(self, count: int, status: int = 503, provider: str | None = None) -> None:
         """The next ``count`` requests (to ``provider``, or any) answer ``status``."""
         with self._cond:
@@ -272,7 +280,7 @@ class MetadataState:
 
     CONTROLS = ("raise_gce_preempt", "raise_gce_maintenance", "raise_ec2_spot",
                 "raise_ec2_rebalance", "raise_azure_preempt", "clear", "set_gce_attributes",
-                "set_ec2_user_data", "set_identity", "fail_next", "expire_tokens", "request_log",
+                "set_ec2_user_data", "set_azure_user_data", "set_identity", "fail_next", "expire_tokens", "request_log",
                 "clear_log", "azure_acks")
 
     def control(self, name: str, arguments: Mapping[str, Any]) -> Any:
@@ -439,6 +447,12 @@ class MetadataState:
             return _json(400, {"error": "Bad request. Required metadata header not specified"})
         if not request.query.get("api-version"):
             return _json(400, {"error": "Bad request. api-version was not specified"})
+        if request.path == AZURE_USER_DATA_PATH and request.method == "GET":
+            if request.query.get("format") != "text":
+                return _json(400, {"error": "Bad request. userData is served with format=text"})
+            with self._cond:
+                data = self._azure_user_data
+            return _text(200, base64.b64encode(data) if data else b"")  # none set: an empty answer
         if request.path == AZURE_INSTANCE_PATH and request.method == "GET":
             ident = self.identity
             return _json(200, {"compute": {"name": ident.name, "vmId": ident.azure_vm_id,
