@@ -11,9 +11,10 @@ Phases (each on a fresh job in one database):
 - ``throughput``: ``--agents`` async agents claim+complete ``--tasks`` tasks through the coordinator.
 - ``burst``: ``--burst`` agents start at once against a job of as many tasks; when does each hold one?
 - ``idle``: ``--idle`` agents long-poll with no work and report every ``--heartbeat`` seconds for
-  ``--idle-seconds``: the coordinator's CPU and RSS, the database connections, heartbeat latency.
+  ``--idle-seconds``: the coordinator's CPU and RSS, the database connections, and heartbeat
+  latency as 20 probe agents in a process of their own see it (one report a second each).
 
-Needs aiohttp (the ``bench`` extra). Prints a markdown table; ``--json FILE`` writes the figures.
+The simulated agents speak HTTP through ``loadgen.Connection``, a lean keep-alive client, so that\nthe load generator, which shares the cores, costs as little as it can. Prints a markdown table;\n``--json FILE`` writes the figures.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.loadgen import Connection, run  # noqa: E402
 from cio_worker.queue import NewTask  # noqa: E402
 from cio_worker.queue.postgres import PostgresQueue, init_schema  # noqa: E402
 from tests.pg_server import PostgresServer, find_bin_dir, postgres_available  # noqa: E402
@@ -140,153 +142,201 @@ def raw_phase(db_url: str, n_tasks: int, threads: int) -> Phase:
                  pct_ms(latencies, 50), pct_ms(latencies, 99), {"threads": threads})
 
 
-async def _post(session, url: str, body: dict) -> tuple[int, dict | None]:
-    async with session.post(url, json=body) as response:
-        data = await response.json() if response.status == 200 else None
-        return response.status, data
-
-
 async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tasks: int, agents: int) -> Phase:
-    import aiohttp
-
     q = PostgresQueue(db_url)
     q.create_job(JOB, tasks(n_tasks))
     q.close()
     latencies: list[float] = []
     done = 0
-    headers = {"Authorization": f"Bearer {token}"}
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(headers=headers, connector=connector) as session:
-        async def agent(i: int) -> None:
-            nonlocal done
-            name = f"tp-{i}"
-            while True:
-                t0 = time.perf_counter()
-                status, data = await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 0})
-                latencies.append(time.perf_counter() - t0)
-                if status != 200:
-                    return
-                lease = data["lease"]
-                ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
-                status, _ = await _post(session, f"{base}/v1/complete", {"lease": ref, "op_id": f"{name}-{lease['task_id']}"})
-                if status == 200:
-                    done += 1
 
-        started = time.perf_counter()
-        await asyncio.gather(*(agent(i) for i in range(agents)))
-        seconds = time.perf_counter() - started
+    async def agent(i: int) -> None:
+        nonlocal done
+        name = f"tp-{i}"
+        conn = Connection(base, token)
+        while True:
+            t0 = time.perf_counter()
+            status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 0})
+            latencies.append(time.perf_counter() - t0)
+            if status != 200:
+                break
+            lease = data["lease"]
+            ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
+            status, _ = await conn.post("/v1/complete", {"lease": ref, "op_id": f"{name}-{lease['task_id']}"})
+            if status == 200:
+                done += 1
+        conn.close()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(agent(i) for i in range(agents)))
+    seconds = time.perf_counter() - started
     return Phase("coordinator (HTTP, async agents)", done, seconds, done / seconds,
                  pct_ms(latencies, 50), pct_ms(latencies, 99), {"agents": agents})
 
 
 async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
-    import aiohttp
-
     q = PostgresQueue(db_url)
     q.create_job(JOB, tasks(agents))
     q.close()
     held: list[float] = []
     failures: dict[str, int] = {}
-    headers = {"Authorization": f"Bearer {token}"}
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(headers=headers, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
-        started = time.perf_counter()
+    started = time.perf_counter()
 
-        async def agent(i: int) -> None:
-            name = f"burst-{i}"
-            status, _ = await _post(session, f"{base}/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
+    async def agent(i: int) -> None:
+        name = f"burst-{i}"
+        conn = Connection(base, token)
+        try:
+            status, _ = await conn.post("/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
             if status != 200:
                 failures[f"register {status}"] = failures.get(f"register {status}", 0) + 1
-            status, data = await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 30})
-            if status == 200:
-                held.append(time.perf_counter() - started)
-            else:
-                failures[f"claim {status}"] = failures.get(f"claim {status}", 0) + 1
+            status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 30})
+        except OSError as exc:
+            failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
+            return
+        finally:
+            conn.close()
+        if status == 200:
+            held.append(time.perf_counter() - started)
+        else:
+            failures[f"claim {status}"] = failures.get(f"claim {status}", 0) + 1
 
-        await asyncio.gather(*(agent(i) for i in range(agents)))
+    await asyncio.gather(*(agent(i) for i in range(agents)))
     return Phase("boot burst (register + claim)", len(held), max(held) if held else 0.0, None,
                  pct_ms(held, 50), pct_ms(held, 99),
                  {"agents": agents, "every_agent_held_a_task_s": max(held) if held else None, "failures": failures})
 
 
+async def probe(base: str, token: str, agents: int, interval: float, seconds: float) -> list[float]:
+    """Heartbeat latency as a lightly loaded agent sees it: ``agents`` agents in this (separate)
+    process each report every ``interval`` seconds for ``seconds``."""
+    latencies: list[float] = []
+    end = time.perf_counter() + seconds
+
+    async def agent(i: int) -> None:
+        conn = Connection(base, token)
+        name = f"probe-{i}"
+        await conn.post("/v1/workers/register", {"worker": name, "info": {"provider": "bench-probe"}})
+        await asyncio.sleep(interval * i / agents)
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            status, _ = await conn.post("/v1/workers/report", {"worker": name, "status": {"state": "idle"}})
+            if status == 200:
+                latencies.append(time.perf_counter() - t0)
+            await asyncio.sleep(interval)
+        conn.close()
+
+    await asyncio.gather(*(agent(i) for i in range(agents)))
+    return latencies
+
+
 async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: str, agents: int,
                      heartbeat: float, seconds: float) -> Phase:
-    import aiohttp
+    """``agents`` agents long-poll and report every ``heartbeat`` seconds; heartbeat latency is
+    measured by a probe process of its own (this one is saturated by the thousands it plays) and,
+    for comparison, as this process sees it."""
     import psycopg
 
     latencies: list[float] = []
     errors: dict[str, int] = {}
     ready = [0]  # agents registered
+    sent = [0]  # reports sent in the measured window
+    measuring = [False]
     stop = asyncio.Event()
-    headers = {"Authorization": f"Bearer {token}"}
-    connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(headers=headers, connector=connector,
-                                     timeout=aiohttp.ClientTimeout(total=120)) as session:
-        async def agent(i: int) -> None:
-            name = f"idle-{i}"
-            try:
-                await _post(session, f"{base}/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
-            except Exception as exc:  # noqa: BLE001
-                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                return
-            ready[0] += 1
 
-            async def poll() -> None:
-                while not stop.is_set():
-                    try:
-                        await _post(session, f"{base}/v1/claim", {"worker": name, "wait_seconds": 20})
-                    except Exception as exc:  # noqa: BLE001
-                        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                        await asyncio.sleep(1)
+    def error(exc: BaseException) -> None:
+        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
 
-            async def beat() -> None:
-                await asyncio.sleep(heartbeat * (i % 1000) / 1000)  # spread, as real boots are
-                while not stop.is_set():
-                    t0 = time.perf_counter()
-                    try:
-                        status, _ = await _post(session, f"{base}/v1/workers/report",
-                                                {"worker": name, "status": {"state": "idle"}})
-                        if stop.is_set():
-                            return
+    # Each agent holds its long poll on a connection of its own; their reports share a pool of
+    # connections, as a proxy in front of the coordinator would (ten thousand agents with two
+    # sockets each would pass the 20,000 files a process may open here).
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(min(agents, 256)):
+        pool.put_nowait(Connection(base, token))
+
+    async def report(path: str, body: dict) -> int:
+        conn = await pool.get()
+        try:
+            status, _ = await conn.post(path, body)
+            return status
+        finally:
+            pool.put_nowait(conn)
+
+    async def agent(i: int) -> None:
+        name = f"idle-{i}"
+        polls = Connection(base, token)
+        try:
+            await report("/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
+        except OSError as exc:
+            error(exc)
+            return
+        ready[0] += 1
+
+        async def poll() -> None:
+            while not stop.is_set():
+                try:
+                    await polls.post("/v1/claim", {"worker": name, "wait_seconds": 20})
+                except OSError as exc:
+                    error(exc)
+                    await asyncio.sleep(1)
+
+        async def beat() -> None:
+            await asyncio.sleep(heartbeat * (i % 1000) / 1000)  # spread, as real boots are
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                try:
+                    status = await report("/v1/workers/report", {"worker": name, "status": {"state": "idle"}})
+                    if measuring[0]:
+                        sent[0] += 1
                         if status == 200:
                             latencies.append(time.perf_counter() - t0)
                         else:
                             errors[str(status)] = errors.get(str(status), 0) + 1
-                    except Exception as exc:  # noqa: BLE001
-                        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
-                    await asyncio.sleep(heartbeat)
+                except OSError as exc:
+                    error(exc)
+                await asyncio.sleep(heartbeat)
 
+        try:
             await asyncio.gather(poll(), beat())
+        finally:
+            polls.close()
 
-        runners = [asyncio.create_task(agent(i)) for i in range(agents)]
-        # Measure once every agent has registered and begun to poll and beat.
-        deadline = time.perf_counter() + 600
-        while ready[0] < agents and time.perf_counter() < deadline:
+    runners = [asyncio.create_task(agent(i)) for i in range(agents)]
+    # Measure once every agent has registered and begun to poll and beat.
+    deadline = time.perf_counter() + 600
+    while ready[0] < agents and time.perf_counter() < deadline:
+        await asyncio.sleep(0.5)
+    await asyncio.sleep(heartbeat)
+    measuring[0] = True
+    me = psutil.Process()
+    cpu0, t0, client0 = coordinator.cpu_seconds(), time.perf_counter(), sum(me.cpu_times()[:2])
+    prober = await asyncio.create_subprocess_exec(
+        sys.executable, str(Path(__file__).resolve()), "--probe", base, token, str(seconds),
+        stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+    rss_max, connections_max = 0, 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        while time.perf_counter() - t0 < seconds:
+            rss_max = max(rss_max, coordinator.rss())
+            n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                             " AND pid <> pg_backend_pid()").fetchone()[0]
+            connections_max = max(connections_max, n)
             await asyncio.sleep(0.5)
-        await asyncio.sleep(heartbeat)
-        latencies.clear()
-        me = psutil.Process()
-        cpu0, t0, client0 = coordinator.cpu_seconds(), time.perf_counter(), sum(me.cpu_times()[:2])
-        rss_max, connections_max = 0, 0
-        with psycopg.connect(db_url, autocommit=True) as conn:
-            while time.perf_counter() - t0 < seconds:
-                rss_max = max(rss_max, coordinator.rss())
-                n = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
-                                 " AND pid <> pg_backend_pid()").fetchone()[0]
-                connections_max = max(connections_max, n)
-                await asyncio.sleep(0.5)
-        wall = time.perf_counter() - t0
-        cpu = coordinator.cpu_seconds() - cpu0
-        client_cpu = sum(me.cpu_times()[:2]) - client0
-        stop.set()
-        for r in runners:
-            r.cancel()
-        await asyncio.gather(*runners, return_exceptions=True)
-    return Phase("idle agents (long-poll + heartbeat)", len(latencies), wall, len(latencies) / wall,
-                 pct_ms(latencies, 50), pct_ms(latencies, 99),
-                 {"agents": agents, "registered": ready[0], "coordinator_cpu_share": cpu / wall, "coordinator_rss_mb": rss_max / 2**20,
-                  "db_connections_max": connections_max, "client_cpu_share": client_cpu / wall, "errors": errors})
+    wall = time.perf_counter() - t0
+    cpu = coordinator.cpu_seconds() - cpu0
+    client_cpu = sum(me.cpu_times()[:2]) - client0
+    measuring[0] = False
+    probed = json.loads((await prober.communicate())[0] or b"[]")
+    stop.set()
+    for r in runners:
+        r.cancel()
+    await asyncio.gather(*runners, return_exceptions=True)
+    while not pool.empty():
+        pool.get_nowait().close()
+    return Phase("idle agents (long-poll + heartbeat)", sent[0], wall, sent[0] / wall,
+                 pct_ms(probed, 50), pct_ms(probed, 99),
+                 {"agents": agents, "registered": ready[0], "coordinator_cpu_share": cpu / wall,
+                  "coordinator_rss_mb": rss_max / 2**20, "db_connections_max": connections_max,
+                  "probe_reports": len(probed), "load_client_p50_ms": pct_ms(latencies, 50),
+                  "load_client_p99_ms": pct_ms(latencies, 99), "load_client_cpu_share": client_cpu / wall,
+                  "errors": errors})
 
 
 # -- main --------------------------------------------------------------------------------------------
@@ -303,7 +353,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--db-threads", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--probe", nargs=3, metavar=("URL", "TOKEN", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.probe:  # the idle phase's heartbeat probe, a process of its own
+        url, token, seconds = args.probe
+        print(json.dumps(run(probe(url, token, 20, 1.0, float(seconds)))))
+        return 0
     if args.quick:
         args.tasks, args.agents, args.burst, args.idle, args.idle_seconds, args.heartbeat = 300, 8, 50, 100, 3.0, 1.0
     reason = postgres_available()
@@ -329,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{phase.name}: {phase.count} in {phase.seconds:.1f} s", file=sys.stderr, flush=True)
 
         ran(raw_phase(db_url, args.tasks, args.raw_threads))
-        ran(asyncio.run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
-        ran(asyncio.run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
-        ran(asyncio.run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
+        ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
+        ran(run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
+        ran(run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
                                    args.heartbeat, args.idle_seconds)))
         load1 = os.getloadavg()
     finally:

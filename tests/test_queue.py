@@ -832,3 +832,36 @@ def test_a_queue_in_a_read_only_directory_is_reported_as_read_only_not_as_no_que
     q = SqliteQueue(shared / "farm.db")
     assert [j.id for j in q.jobs()] == [job_id]  # nothing lost
     q.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_touch_workers_writes_each_workers_contact_and_status_in_groups(backend: str, tmp_path: Path, request) -> None:
+    """What a coordinator gathers between writes: many workers' contact and latest status at once,
+    more of them than one statement carries."""
+    from cio_worker.queue.base import WorkerStatus
+
+    clock = Clock()
+    if backend == "sqlite":
+        q = SqliteQueue(tmp_path / "q.db", clock=clock)
+    else:
+        from cio_worker.queue.postgres import PostgresQueue
+
+        q = PostgresQueue(request.getfixturevalue("pg_url"), clock=clock)
+    try:
+        q.register_many([(f"w{i:04d}", {}) for i in range(1200)])
+        job_id = q.create_job(job_spec(), [task("1")])
+        (lease,) = q.claim_many(["w0003"], 60)
+        clock.advance(30)
+        idle = WorkerStatus("idle", None, "")
+        statuses = {f"w{i:04d}": idle for i in range(0, 1100)}
+        statuses["w0001"] = WorkerStatus("draining", 40.0, "preempted")
+        q.touch_workers([f"w{i:04d}" for i in range(1000, 1150)], statuses)
+        rows = {w.id: w for w in q.workers(gone_after=1e9)}
+        assert rows["w0001"].state == "draining" and rows["w0001"].progress == 40.0 and rows["w0001"].detail == "preempted"
+        assert rows["w0003"].state == "idle" and rows["w0003"].task_id is None  # idle clears the task it showed
+        assert all(rows[f"w{i:04d}"].last_contact == clock.now for i in range(0, 1150))
+        assert all(rows[f"w{i:04d}"].last_contact == clock.now - 30 for i in range(1150, 1200))
+        assert rows["w1120"].state == "idle" and rows["w1199"].state == "idle"
+        assert {t.id: t.state for t in q.tasks(job_id)} == {lease.task_id: "leased"}  # a task is not a worker
+    finally:
+        q.close()

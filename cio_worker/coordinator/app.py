@@ -12,12 +12,18 @@ expired leases, so work submitted through another coordinator also wakes this on
 While the queue is known to be empty, a new long poll waits without asking the database, and idle
 agents' contact and status reports are gathered in memory and written together by the watcher:
 thousands of idle agents cost a few queries a second, not one per request.
+
+The agents' hot calls (claim, heartbeat, report, complete, register) are answered by
+``FastRoutes`` ahead of the framework, and the claims, completions and registrations that arrive
+together go to the database as one transaction (``Batcher``); the framework serves the rest and
+the API document.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, TypeVar
@@ -32,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cio_worker import __version__
 from cio_worker.coordinator.batch import Batcher
 from cio_worker.coordinator.fastpath import FastRoute, FastRoutes, Reply
+from cio_worker.coordinator.metrics import CoordinatorMetrics
 from cio_worker.coordinator.signal import WorkSignal
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.queue import wire
@@ -55,6 +62,8 @@ class CoordinatorConfig:
     token_cache_seconds: float = 5.0  # a revoked token is refused within this long
     db_threads: int = 8  # queue calls at once; match the queue's connection pool
     gone_after: float = 120.0
+    metrics_token_required: bool = False  # /metrics asks for an owner token
+    metrics_cache_seconds: float = 1.0  # /metrics counts tasks and workers at most this often
 
 
 # -- request bodies --------------------------------------------------------------------------------
@@ -282,6 +291,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     token_cache: dict[str, tuple[float, TokenRow | None]] = {}
     looking: dict[str, asyncio.Future] = {}  # token lookups at the database now
     stop = asyncio.Event()
+    metrics = CoordinatorMetrics(lambda: queue.counts(config.gone_after), counts_ttl=config.metrics_cache_seconds)
 
     async def call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return await anyio.to_thread.run_sync(lambda: fn(*args, **kwargs), limiter=limiter)
@@ -311,6 +321,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         while not stop.is_set():
             try:
                 reaped = await call(queue.reap)
+                metrics.leases_expired.inc(reaped)
                 if signal.waiting:
                     found = await call(queue.pending, signal.waiting)
                     work_arrived(max(found, reaped))
@@ -347,7 +358,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         lifespan=lifespan,
         redirect_slashes=False,  # exact paths: "/v1/claim/" is a 404, not a 307 that re-sends the body
     )
-    app.state.signal = signal
+    app.state.signal, app.state.metrics = signal, metrics
 
     # -- auth ----------------------------------------------------------------------------------
 
@@ -453,16 +464,21 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def do_claim(body: ClaimBody) -> dict | None:
         lease_seconds = body.lease_seconds or config.lease_seconds
         wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
-        deadline = time.monotonic() + wait
+        # A long poll ends at a random point of its last half: a fleet that booted together would
+        # otherwise have all its polls end, and come back, in the same second, every poll.
+        deadline = time.monotonic() + (wait * random.uniform(0.5, 1.0) if wait > 2 else wait)
         seen.add(body.worker)  # its contact, written by the watcher (a no-op for an unregistered name)
+        timer = metrics.claim()
         while True:
             if not (empty["now"] and wait > 0):
                 lease = await claims.submit((body.worker, lease_seconds))
                 if lease is not None:
+                    timer.leased()
                     return {"lease": wire.lease_to_dict(lease), **settings()}
                 empty["now"] = True
             left = deadline - time.monotonic()
-            if left <= 0 or stop.is_set() or not await signal.wait(left):
+            if left <= 0 or stop.is_set() or not await timer.wait(signal.wait(left)):
+                timer.empty()
                 return None
 
     async def do_heartbeat(body: HeartbeatBody) -> dict:
@@ -475,6 +491,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         await completions.submit((lease, download, body.op_id))
+        metrics.completions.inc()
         return {"state": "done"}
 
     async def give_back(lease: Lease) -> None:
@@ -520,6 +537,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def fail(body: FailBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         state = await call(queue.fail, lease, body.reason, body.op_id)
+        metrics.failed(state)
         if state == "pending":
             work_arrived(1)
         return {"state": state}
@@ -529,6 +547,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
+        metrics.released(body.cause, state)
         if state == "pending":
             work_arrived(1)
         return {"state": state}
@@ -536,6 +555,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     @app.post("/v1/reap", tags=["agents"])
     async def reap(_: TokenRow = agent) -> dict:
         count = await call(queue.reap)
+        metrics.leases_expired.inc(count)
         work_arrived(count)
         return {"reaped": count}
 
@@ -595,6 +615,16 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         """Unauthenticated liveness: the process answers (it says nothing of the queue)."""
         return {"ok": True, "version": __version__}
 
+    @app.get("/metrics", tags=["service"], response_class=Response)
+    async def prometheus_metrics(request: Request) -> Response:
+        """The farm's figures in Prometheus's format: tasks and workers by state, requests, claims and
+        their latency, reports, retries. Open to any caller unless the coordinator runs with
+        ``--metrics-token-required`` (then an owner token)."""
+        if config.metrics_token_required:
+            await authenticate(request.headers.get("authorization", ""), "owner")
+        body, content_type = await call(metrics.render, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
+
     def limit_for(path: str) -> int:
         return MAX_BODY if path == "/v1/jobs" else MAX_SMALL_BODY
 
@@ -608,4 +638,5 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
                 "/v1/workers/register": FastRoute(RegisterBody, "agent", do_register)},
         authenticate=authenticate, refuse=refusal, invalid=invalid_body, limit=MAX_SMALL_BODY,
         too_large=lambda: (413, {"error": "too_large", "message": f"the request body is larger than {MAX_SMALL_BODY} bytes"}, {}),
+        observe=metrics.request,
     )

@@ -6,6 +6,7 @@ private address; uvicorn honours ``X-Forwarded-*`` only from ``forwarded_allow_i
 
 from __future__ import annotations
 
+import gc
 import logging
 import socket
 from dataclasses import dataclass
@@ -55,9 +56,15 @@ def serve(
     tls_key: Path | None = None,
     forwarded_allow_ips: str | None = None,
     on_ready=None,
+    on_stopping=None,
+    on_tick=None,
+    tick_seconds: float = 1.0,
+    configure_logging: bool = True,
 ) -> None:
     """Serve until SIGTERM/SIGINT (uvicorn's handlers: finish open requests, then exit).
-    ``on_ready(url)`` is called once the app has started."""
+    ``on_ready(url)`` is called once the app has started, ``on_stopping()`` when shutting down
+    begins, ``on_tick()`` every ``tick_seconds`` from uvicorn's main loop (a watchdog ping).
+    Without ``configure_logging`` uvicorn's records go to the handlers the caller has set up."""
     import uvicorn
 
     if not hasattr(queue, "authenticate"):
@@ -79,9 +86,22 @@ def serve(
         timeout_keep_alive=75,  # longer than a long poll's gap between requests
         forwarded_allow_ips=forwarded_allow_ips,
     )
+    if not configure_logging:
+        options.update(log_config=None)
     if tls_cert is not None:
         options.update(ssl_certfile=str(tls_cert), ssl_keyfile=str(tls_key))
+    if on_tick is not None:
+        async def tick() -> None:
+            on_tick()
+
+        options.update(callback_notify=tick, timeout_notify=tick_seconds)
     server = uvicorn.Server(uvicorn.Config(create_app(queue, config), **options))
+    # Ten thousand idle agents keep some hundred thousand objects alive (connections, waiting
+    # polls); with the collector's default thresholds its walks over them paused the loop for up
+    # to 2 s, which agents saw as heartbeat latency. What start-up made is frozen out of the walks,
+    # and young collections run a fourteenth as often (measured: a probe's p99 from 0.9 s to 40 ms).
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
     scheme = "https" if tls_cert else "http"
     url = f"{scheme}://{listen.host}:{port}"
 
@@ -89,6 +109,8 @@ def serve(
         def emit(self, record: logging.LogRecord) -> None:
             if on_ready is not None and "startup complete" in record.getMessage():
                 on_ready(url)
+            if on_stopping is not None and record.getMessage() == "Shutting down":
+                on_stopping()
 
     ready = _Ready()
     logging.getLogger("uvicorn.error").addHandler(ready)

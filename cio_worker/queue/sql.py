@@ -797,19 +797,32 @@ class SqlQueue(Queue):
             return
         for status in statuses.values():
             status.validate()
+        # Workers that said the same (nearly all: "idle") are written by one statement per few
+        # hundred, not one each: thousands a second would otherwise hold the coordinator's
+        # interpreter for a good part of every second.
+        groups: dict[tuple[str, float | None, str] | None, list[str]] = {}
+        for worker, st in statuses.items():
+            groups.setdefault((st.state, st.progress, st.detail), []).append(worker)
+        groups[None] = [w for w in seen if w not in statuses]  # contact only
         with self._transaction() as tx:
             now = self._now(tx)
-            if statuses:
-                tx.executemany(
-                    "UPDATE workers SET state = ?, progress = ?, detail = ?, last_contact = ?,"
-                    " job_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE job_number END,"
-                    " task_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE task_number END"
-                    " WHERE id = ?",
-                    [(st.state, st.progress, st.detail, now, st.state, st.state, w) for w, st in sorted(statuses.items())],
-                )
-            others = sorted(w for w in seen if w not in statuses)  # worker rows are locked in id order everywhere
-            if others:
-                tx.executemany("UPDATE workers SET last_contact = ? WHERE id = ?", [(now, w) for w in others])
+            for said, workers in groups.items():
+                workers.sort()
+                for start in range(0, len(workers), 500):
+                    chunk = workers[start:start + 500]
+                    # Rows are locked in id order, as every writer of worker rows locks them.
+                    which = (f" WHERE id IN (SELECT t.id FROM workers t WHERE t.id IN ({', '.join('?' * len(chunk))})"
+                             " ORDER BY t.id" + self.ROW_LOCK + ")")
+                    if said is None:
+                        tx.execute("UPDATE workers SET last_contact = ?" + which, (now, *chunk))
+                        continue
+                    state, progress, detail = said
+                    tx.execute(
+                        "UPDATE workers SET state = ?, progress = ?, detail = ?, last_contact = ?,"
+                        " job_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE job_number END,"
+                        " task_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE task_number END" + which,
+                        (state, progress, detail, now, state, state, *chunk),
+                    )
 
     @staticmethod
     def _worker_finished(tx: Tx, workers: str | Sequence[str], now: float, counter: str) -> None:
