@@ -710,17 +710,21 @@ def test_a_version_1_sqlite_queue_is_migrated_when_opened(tmp_path: Path) -> Non
     raw.close()
 
 
+def database_queue(backend: str, tmp_path: Path, request, clock: Clock | None = None):
+    """A sqlite or PostgreSQL queue of its own (the calls the coordinator makes on a database)."""
+    if backend == "sqlite":
+        return SqliteQueue(tmp_path / "q.db", clock=clock) if clock else SqliteQueue(tmp_path / "q.db")
+    from cio_worker.queue.postgres import PostgresQueue
+
+    return PostgresQueue(request.getfixturevalue("pg_url"), clock=clock)
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_claim_many_gives_each_worker_its_own_task_in_order(backend: str, tmp_path: Path, request) -> None:
     """What a coordinator does with claims that arrive together: one transaction, a distinct task
     per worker in queue order, each worker's row following its task, None for those left over;
     a task whose stored document no longer reads is failed and skipped."""
-    if backend == "sqlite":
-        q = SqliteQueue(tmp_path / "q.db")
-    else:
-        from cio_worker.queue.postgres import PostgresQueue
-
-        q = PostgresQueue(request.getfixturevalue("pg_url"))
+    q = database_queue(backend, tmp_path, request)
     try:
         job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 5)])
         for w in ("a", "b", "c", "d", "e", "f"):
@@ -750,12 +754,7 @@ def test_claim_many_gives_each_worker_its_own_task_in_order(backend: str, tmp_pa
 def test_complete_many_applies_each_report_alone(backend: str, tmp_path: Path, request) -> None:
     """Completions sent together share a transaction, but each is answered as if alone: applied,
     applied before (its op id), or refused (a lost lease, an unknown task) with nothing changed."""
-    if backend == "sqlite":
-        q = SqliteQueue(tmp_path / "q.db")
-    else:
-        from cio_worker.queue.postgres import PostgresQueue
-
-        q = PostgresQueue(request.getfixturevalue("pg_url"))
+    q = database_queue(backend, tmp_path, request)
     try:
         job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 5)])
         for w in ("a", "b", "c", "d"):
@@ -841,12 +840,7 @@ def test_touch_workers_writes_each_workers_contact_and_status_in_groups(backend:
     from cio_worker.queue.base import WorkerStatus
 
     clock = Clock()
-    if backend == "sqlite":
-        q = SqliteQueue(tmp_path / "q.db", clock=clock)
-    else:
-        from cio_worker.queue.postgres import PostgresQueue
-
-        q = PostgresQueue(request.getfixturevalue("pg_url"), clock=clock)
+    q = database_queue(backend, tmp_path, request, clock)
     try:
         q.register_many([(f"w{i:04d}", {}) for i in range(1200)])
         job_id = q.create_job(job_spec(), [task("1")])
