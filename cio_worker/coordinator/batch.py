@@ -35,6 +35,7 @@ class Batcher(Generic[Item, Result]):
         self.max_batch, self.max_inflight = max_batch, max_inflight
         self._waiting: list[tuple[Item, asyncio.Future]] = []
         self._inflight = 0
+        self._drains: set[asyncio.Task] = set()  # the loop holds tasks weakly: keep them until done
         self.batches = 0  # calls made to run_many, for tests and figures
         self.items = 0
 
@@ -44,7 +45,9 @@ class Batcher(Generic[Item, Result]):
         self._waiting.append((item, future))
         if self._inflight < self.max_inflight:
             self._inflight += 1
-            loop.create_task(self._drain())
+            drain = loop.create_task(self._drain())
+            self._drains.add(drain)
+            drain.add_done_callback(self._drains.discard)
         return await future
 
     async def _drain(self) -> None:
