@@ -662,6 +662,7 @@ def measure_scale(args: argparse.Namespace, ctx: Context, backend: FileBackend, 
         for tool in tools[run % len(tools):] + tools[: run % len(tools)]:
             dest = ctx.work / "dest" / f"{data.name}-{tool}"
             shutil.rmtree(dest, ignore_errors=True)
+            dest.parent.mkdir(parents=True, exist_ok=True)  # also when no other data set made it
             try:
                 if tool == "ours":
                     got = run_child(ctx.work / "child", backend.url(data.name), data)

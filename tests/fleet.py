@@ -347,6 +347,7 @@ ROUTES = [
     ("GET", "/v1/jobs/{job_id}/tasks", "owner"),
     ("GET", "/v1/jobs/{job_id}/events", "owner"),
     ("POST", "/v1/jobs/{job_id}/release", "owner"),
+    ("POST", "/v1/jobs/{job_id}/retry", "owner"),
     ("POST", "/v1/jobs/{job_id}/kill", "owner"),
     ("GET", "/v1/downloads", "owner"),
     ("POST", "/v1/downloads/{download_id}/downloaded", "owner"),

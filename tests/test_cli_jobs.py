@@ -275,3 +275,29 @@ def test_run_task_twice_on_one_document_starts_a_fresh_log_and_keeps_the_earlier
         text = (logs / name).read_text()
         assert text.count("==== cio_worker: start ====") == 1 and text.count("==== cio_worker: end ====") == 1, name
         assert "exit code 0" in text, text[-400:]
+
+
+def test_retry_puts_failed_tasks_back_with_fresh_budgets(tmp_path):
+    from cio_worker.job.document import JobInfo, RetryPolicy
+    from cio_worker.queue import NewTask, SqliteQueue
+
+    db = tmp_path / "queue.db"
+    backend = SqliteQueue(db)
+    info = JobInfo(id="00000", title="retry", project="default", storage=f"file://{tmp_path / 'storage'}",
+                   output_path="C:/proj/renders", autoretry_policy=RetryPolicy(preempted=1, failed=0))
+    job = backend.create_job(info, [NewTask("1", "exit 1"), NewTask("2", "exit 1"), NewTask("3", "exit 1")])
+    for worker in ("w1", "w2"):
+        assert backend.fail(backend.claim(worker, 10), "the renderer exited with status 1") == "failed"
+    queue = f"sqlite:///{db}"
+    refused = cli("retry", job, "--task", "000", "--task", "002", "--queue", queue)
+    assert_one_line_error(refused, "002", "pending", "nothing was retried")
+    assert [t.state for t in backend.tasks(job)] == ["failed", "failed", "pending"]
+    out = cli("retry", job, "--task", "001", "--queue", queue)
+    assert out.returncode == 0, out.stderr
+    assert f"job {job}: retried 1 failed tasks" in out.stdout
+    out = cli("retry", job, "--queue", queue)
+    assert out.returncode == 0 and "retried 1 failed tasks" in out.stdout, out.stderr
+    rows = backend.tasks(job)
+    assert [(t.state, t.attempts["failed"]) for t in rows] == [("pending", 0)] * 3
+    assert [e.kind for e in backend.events(job, "000")][-1] == "retried"
+    backend.close()

@@ -3,8 +3,10 @@ directory and cache, under the renderer's outputs, and under the artist's downlo
 
 A real small filesystem is mounted for each test (tmpfs with a size and inode limit; a loop-mounted
 ext4 image if tmpfs cannot be mounted); without the privilege for either the tests skip, saying so.
-For each: the task fails with a reason that names the problem, nothing half-written is left at a
-destination, no temporary file is left, the agent keeps serving once there is room again, and no
+A full disk on the render node is the node's fault, not the task's (cio_worker.node.faults): the
+task goes back to pending with a reason that names the problem and its failed budget unspent, and
+the agent gives up after ``node_fault_limit`` such tasks in a row. For each: nothing half-written is
+left at a destination, no temporary file is left, an agent serves again once there is room, and no
 process is left behind.
 """
 
@@ -111,21 +113,41 @@ def create_job(farm: Farm, command: str, *, output_path: str = "C:/proj/renders"
     return farm.queue.create_job(job, [NewTask(frames, command)])
 
 
+def wait_gave_up(running, timeout: float = 120.0):
+    """The agent's summary once it gave up after node faults in a row."""
+    running.thread.join(timeout)
+    assert not running.thread.is_alive(), "the agent did not give up"
+    assert running.error is None, running.error
+    summary = running.summary
+    assert summary is not None and summary.gave_up, summary
+    return summary
+
+
+def assert_given_back_unspent(farm: Farm, job: str):
+    """The task is pending again with its failed budget whole; returns it."""
+    task = farm.task(job)
+    assert task.state == "pending" and task.attempts["failed"] == 0, (task.state, task.attempts)
+    assert "this node's fault" in task.reason, task.reason
+    return task
+
+
 # --- inputs that do not fit ------------------------------------------------------------------------------
 
 
-def test_inputs_that_do_not_fit_fail_the_task_and_the_next_task_runs(tmp_path: Path) -> None:
+def test_inputs_that_do_not_fit_go_back_unspent_and_the_node_gives_up(tmp_path: Path) -> None:
     big = os.urandom(2200 * KiB)  # larger than the whole 2 MiB disk (the cache shares the placed copy by a link)
     with small_disk(tmp_path / "disk", 2 * MiB) as disk, closing(file_farm(tmp_path, node=disk / "node")) as farm:
-        with captured_logs() as logs, farm.agent() as running:
-            job = farm.submit("big", frames="1-2", texture=big, retries_failed=0)
-            farm.wait_finished(job, running)
-            task = farm.task(job)
-            assert task.state == "failed"
+        with captured_logs() as logs:
+            with farm.agent(node_fault_limit=2) as running:
+                job = farm.submit("big", frames="1-2", texture=big, retries_failed=0)
+                assert wait_gave_up(running).node_faults == 2
+            task = assert_given_back_unspent(farm, job)
             assert "C:/proj/tex/wood.png" in task.reason and "No space left on device" in task.reason, task.reason
             placed = Path(farm.local("C:/proj/tex/wood.png"))
             assert not placed.exists()  # not a partial copy of it either
-            # the agent keeps serving: a job that fits goes through on the same full-ish disk
+            farm.queue.kill_job(job)  # it can never fit on this node
+        with captured_logs(), farm.agent() as running:
+            # a new agent serves: a job that fits goes through on the same full-ish disk
             good = farm.submit("small", frames="5-6", texture=b"small texture\n" * 16)
             farm.wait_finished(good, running)
             assert farm.task(good).state == "done", farm.task(good).reason
@@ -134,11 +156,12 @@ def test_inputs_that_do_not_fit_fail_the_task_and_the_next_task_runs(tmp_path: P
                   agent_log_errors=logs.text.count("ERROR"))
 
 
-def test_a_full_inode_table_fails_the_task_not_the_agent(tmp_path: Path) -> None:
-    """No inode left: even the per-task directory cannot be made. That task fails; the agent lives."""
+def test_a_full_inode_table_gives_the_task_back_and_it_runs_once_there_is_room(tmp_path: Path) -> None:
+    """No inode left: even the per-task directory cannot be made. That task goes back unspent, the
+    agent gives up; once there is room a new agent runs the same task."""
     with small_disk(tmp_path / "disk", 4 * MiB, inodes=64) as disk, \
             closing(file_farm(tmp_path, node=disk / "node")) as farm:
-        with farm.agent() as running:
+        with farm.agent(node_fault_limit=2) as running:
             warm = create_job(farm, "echo warm")  # the node's directories exist
             farm.wait_finished(warm, running)
             assert farm.task(warm).state == "done"
@@ -152,14 +175,13 @@ def test_a_full_inode_table_fails_the_task_not_the_agent(tmp_path: Path) -> None
             except OSError:
                 pass
             job = create_job(farm, "echo hello")
+            wait_gave_up(running)
+        task = assert_given_back_unspent(farm, job)
+        assert "No space left on device" in task.reason, task.reason
+        shutil.rmtree(fillers)
+        with farm.agent() as running:
             farm.wait_finished(job, running)
-            task = farm.task(job)
-            assert task.state == "failed"
-            assert "No space left on device" in task.reason, task.reason
-            shutil.rmtree(fillers)
-            good = create_job(farm, "echo again")
-            farm.wait_finished(good, running)
-            assert farm.task(good).state == "done"
+            assert farm.task(job).state == "done"
         states = assert_farm_invariants(farm)
     record_figure("disk-full/inodes", injected={"enospc_inodes": 1}, outcome=states, reason=task.reason)
 
@@ -167,19 +189,22 @@ def test_a_full_inode_table_fails_the_task_not_the_agent(tmp_path: Path) -> None
 # --- outputs that do not fit ------------------------------------------------------------------------------
 
 
-def test_a_render_that_fills_the_disk_fails_its_task_and_nothing_is_offered(tmp_path: Path) -> None:
+def test_a_render_that_fills_the_disk_goes_back_unspent_and_nothing_is_offered(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", 2 * MiB) as disk, closing(file_farm(tmp_path, node=disk / "node")) as farm:
         out = f"{farm.root}/proj/renders"
         command = f"mkdir -p {out} && head -c 3000000 /dev/zero > {out}/big.0001.exr"
-        with captured_logs(), farm.agent() as running:
-            job = create_job(farm, command)
-            farm.wait_finished(job, running)
-            task = farm.task(job)
-            assert task.state == "failed" and "exited with status 1" in task.reason, task.reason
+        with captured_logs():
+            with farm.agent(node_fault_limit=1) as running:
+                job = create_job(farm, command)
+                wait_gave_up(running)
+            task = assert_given_back_unspent(farm, job)
+            assert "exited with status 1" in task.reason, task.reason
             assert farm.queue.downloads(job, state=None) == []  # the partial frame is never offered
             assert not list((tmp_path / "storage").rglob("*")) or all(
                 p.is_dir() for p in (tmp_path / "storage").rglob("*"))  # nor uploaded
+            farm.queue.kill_job(job)  # it can never fit on this node
             Path(out, "big.0001.exr").unlink()  # what an operator (or a disk-aware agent) does
+        with captured_logs(), farm.agent() as running:
             good = create_job(farm, f"echo frame > {out}/small.0001.exr")
             farm.wait_finished(good, running)
             assert farm.task(good).state == "done", farm.task(good).reason
@@ -192,10 +217,11 @@ def test_a_render_that_fills_the_disk_fails_its_task_and_nothing_is_offered(tmp_
 def test_a_render_that_fills_the_disk_says_so_in_its_reason(tmp_path: Path) -> None:
     with small_disk(tmp_path / "disk", 2 * MiB) as disk, closing(file_farm(tmp_path, node=disk / "node")) as farm:
         out = f"{farm.root}/proj/renders"
-        with farm.agent() as running:
+        with farm.agent(node_fault_limit=1) as running:
             job = create_job(farm, f"mkdir -p {out} && head -c 3000000 /dev/zero > {out}/big.0001.exr")
-            farm.wait_finished(job, running)
-        reason = farm.task(job).reason
+            wait_gave_up(running)
+        reason = assert_given_back_unspent(farm, job).reason
+        farm.queue.kill_job(job)
         assert_farm_invariants(farm)
     assert "no space left on device" in reason.lower(), reason
 

@@ -859,3 +859,50 @@ def test_touch_workers_writes_each_workers_contact_and_status_in_groups(backend:
         assert {t.id: t.state for t in q.tasks(job_id)} == {lease.task_id: "leased"}  # a task is not a worker
     finally:
         q.close()
+
+
+# -- retrying failed tasks -------------------------------------------------------------------------
+
+
+def _fail_all(queue: Queue, count: int) -> None:
+    for i in range(count):
+        lease = queue.claim(f"w{i}", 10)
+        assert queue.fail(lease, "the renderer exited with status 1") == "failed"
+
+
+def test_retry_puts_every_failed_task_back_with_fresh_budgets_and_keeps_the_history(queue: Queue) -> None:
+    job_id = queue.create_job(job_spec(failed=0), [task("1"), task("2"), task("3")])
+    _fail_all(queue, 2)  # tasks 000 and 001 fail; 002 stays pending
+    assert queue.retry_tasks(job_id) == 2
+    rows = {t.id: t for t in queue.tasks(job_id)}
+    assert {i: (t.state, t.attempts["failed"]) for i, t in rows.items()} == {
+        "000": ("pending", 0), "001": ("pending", 0), "002": ("pending", 0)}
+    assert [e.kind for e in queue.events(job_id, "000")][-2:] == ["failed", "retried"]  # history kept
+    lease = queue.claim("w9", 10)
+    assert lease.task_id == "000"
+    assert queue.fail(lease, "again") == "failed"  # a fresh budget: the job allows 0 retries, spent once more
+    assert queue.retry_tasks(job_id) == 1
+    assert queue.retry_tasks(job_id) == 0  # nothing failed is left
+
+
+def test_retry_of_named_tasks_only_and_a_task_that_is_not_failed_changes_nothing(queue: Queue) -> None:
+    job_id = queue.create_job(job_spec(failed=0), [task("1"), task("2"), task("3")])
+    _fail_all(queue, 2)
+    with pytest.raises(QueueError) as refused:
+        queue.retry_tasks(job_id, ["000", "002"])
+    assert "002" in str(refused.value) and "pending" in str(refused.value)
+    assert [t.state for t in queue.tasks(job_id)] == ["failed", "failed", "pending"]  # nothing changed
+    assert queue.retry_tasks(job_id, ["001"]) == 1
+    assert [t.state for t in queue.tasks(job_id)] == ["failed", "pending", "pending"]
+    with pytest.raises(QueueError, match="no task"):
+        queue.retry_tasks(job_id, ["042"])
+    with pytest.raises(QueueError, match="no job"):
+        queue.retry_tasks("99999")
+
+
+def test_retry_refuses_a_killed_job(queue: Queue) -> None:
+    job_id = queue.create_job(job_spec(), [task("1")])
+    queue.kill_job(job_id)
+    with pytest.raises(QueueError, match="killed"):
+        queue.retry_tasks(job_id)
+    assert [t.state for t in queue.tasks(job_id)] == ["failed"]

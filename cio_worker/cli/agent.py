@@ -64,6 +64,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tasks", type=int, default=None, metavar="N", help="exit after this many tasks")
     parser.add_argument("--stop-grace", type=float, default=20.0, metavar="SECONDS",
                         help="kill-ladder grace when stopped by a signal (default %(default)s)")
+    parser.add_argument("--node-fault-limit", type=int, default=3, metavar="N",
+                        help="give up (run --give-up-command, exit status 69) after N tasks in a row failed by "
+                        "this node (renderer missing, disk full, no licence); they go back at no cost to them "
+                        "(0: never; default %(default)s)")
     parser.add_argument("--preemption", default=env_default("PREEMPTION", "auto"),
                         choices=("auto", "gce", "ec2", "azure", "none"),
                         help="which metadata server to read the configuration from and watch for preemption "
@@ -220,6 +224,19 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     return _work(started, systemd, log)
 
 
+def _give_up_at_work(reason: str, command: str | None, systemd: "Notifier", log: logging.Logger) -> int:
+    """The node kept failing tasks (node faults in a row): the give-up command, exit status 69."""
+    from cio_worker.node.giveup import GAVE_UP_EXIT_STATUS, run_give_up_command
+
+    systemd.status(reason)
+    log.error("%s", reason)
+    if command:
+        run_give_up_command(command, reason, log)
+    else:
+        log.error("no give-up command is set (give_up_command)")
+    return GAVE_UP_EXIT_STATUS
+
+
 def _config_file(args: argparse.Namespace) -> tuple[Path, bool]:
     """The TOML file and whether it must exist (named by --config or CIO_CONFIG)."""
     named = args.config or os.environ.get("CIO_CONFIG") or None
@@ -273,6 +290,7 @@ def _work(started: _Started, systemd: "Notifier", log: logging.Logger) -> int:
             idle_exit_seconds=settings.idle_exit,
             max_tasks=settings.max_tasks,
             stop_grace=settings.stop_grace,
+            node_fault_limit=settings.node_fault_limit,
             hard_stop_margin=settings.hard_stop_margin,
             grace_share=settings.grace_share,
         ),
@@ -311,6 +329,8 @@ def _work(started: _Started, systemd: "Notifier", log: logging.Logger) -> int:
     late = [d for d in summary.drains if d.in_time is False]
     if late:
         log.error("%d drains reported after their deadline", len(late))
+    if summary.gave_up:
+        return _give_up_at_work(summary.exit_reason, settings.give_up_command, systemd, log)
     if summary.exit_reason.startswith("idle") and settings.on_idle_exit:
         log.info("running the idle-exit command: %s", settings.on_idle_exit)
         subprocess.run(settings.on_idle_exit, shell=True, check=False)

@@ -1,4 +1,4 @@
-"""Commands of the artist's side and the farm's: submit, status, release, kill, download."""
+"""Commands of the artist's side and the farm's: submit, status, release, retry, kill, download."""
 
 from __future__ import annotations
 
@@ -88,6 +88,7 @@ class JobAction(NamedTuple):
     description: str
     method: str
     report: str  # formatted with the method's count
+    takes_tasks: bool = False  # --task ID (repeatable) narrows it to those tasks
 
 
 JOB_ACTIONS = {
@@ -97,6 +98,15 @@ JOB_ACTIONS = {
         "frames look right.",
         "release_job",
         "released {count} held tasks",
+    ),
+    "retry": JobAction(
+        "put a job's failed tasks back with fresh budgets",
+        "Make the failed tasks of JOB (or only those named by --task) pending again, with their failed "
+        "and preempted budgets whole; their history stays in the events. A named task that is not failed "
+        "is an error, and then nothing changes.",
+        "retry_tasks",
+        "retried {count} failed tasks with fresh budgets",
+        takes_tasks=True,
     ),
     "kill": JobAction(
         "kill a job: waiting tasks fail, running ones are stopped",
@@ -112,6 +122,9 @@ def register_job_actions(subparsers: argparse._SubParsersAction) -> None:
     for name, action in JOB_ACTIONS.items():
         parser = add_command(subparsers, name, run_job_action, help=action.help, description=action.description)
         parser.add_argument("job", metavar="JOB", help="the job id, as `cio-worker status` lists it")
+        if action.takes_tasks:
+            parser.add_argument("--task", dest="tasks", action="append", metavar="ID",
+                                help="only this task (repeat for more; default: every failed task)")
         add_queue_argument(parser)
 
 
@@ -119,7 +132,8 @@ def run_job_action(args: argparse.Namespace, streams: Streams) -> int:
     action = JOB_ACTIONS[args.command]
     with open_existing_queue(args.queue, queue_token(args)) as queue:
         queue.job(args.job)  # an unknown job fails here, naming it
-        count = getattr(queue, action.method)(args.job)
+        method = getattr(queue, action.method)
+        count = method(args.job, args.tasks) if action.takes_tasks else method(args.job)
     print(f"job {args.job}: {action.report.format(count=count)}", file=streams.out)
     return 0
 

@@ -153,6 +153,10 @@ class NewTaskBody(_Strict):
     scout: bool = False
 
 
+class RetryBody(_Strict):
+    tasks: list[str] | None = Field(default=None, max_length=100_000)  # None: every failed task
+
+
 class CreateJobBody(_Strict):
     job: dict[str, Any]
     tasks: list[NewTaskBody] = Field(max_length=100_000)
@@ -590,6 +594,12 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         count = await call(queue.release_job, job_id)
         work_arrived(count)
         return {"released": count}
+
+    @app.post("/v1/jobs/{job_id}/retry", tags=["owners"])
+    async def retry_tasks(job_id: str, body: RetryBody | None = None, _: TokenRow = owner) -> dict:
+        count = await call(queue.retry_tasks, job_id, body.tasks if body is not None else None)
+        work_arrived(count)
+        return {"retried": count}
 
     @app.post("/v1/jobs/{job_id}/kill", tags=["owners"])
     async def kill_job(job_id: str, _: TokenRow = owner) -> dict:

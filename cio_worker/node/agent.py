@@ -22,6 +22,10 @@ notice) stops claiming, stops the render with a kill ladder fitted to the deadli
 frames already finished and releases the task with them; a hard stop releases it shortly before
 the deadline whatever the drain is doing. Each drain is logged as one ``drain {json}`` line with
 its wall times (notice, process tree gone, released), which benchmarks and tests read.
+
+A task this node failed (``faults.py``: no renderer, a full disk) is released at no cost to it;
+after ``node_fault_limit`` of them in a row (a success starts the count again) the agent stops
+claiming and exits with ``summary.gave_up`` set (the CLI then runs the give-up command, status 69).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, Callable, Mapping, Union
 
 from cio_worker.job.document import TaskDocument
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
+from cio_worker.node.faults import node_fault
 from cio_worker.node.execution import ExecutionContext, TaskControl, TaskOutcome, execute, stop_stale_renders
 from cio_worker.node.identity import InstanceIdentity, local_identity
 from cio_worker.node.outbox import Outbox, Report, is_final
@@ -71,6 +76,9 @@ class AgentConfig:
     # surely holds (lease minus one heartbeat).
     report_retry_seconds: float | None = None
     exit_report_seconds: float = 5.0  # the "stopped" report may hold the exit up this long at most
+    # After this many node faults in a row (faults.py: no renderer, full disk...) the agent stops
+    # claiming and gives up (``AgentSummary.gave_up``); 0: never.
+    node_fault_limit: int = 3
 
 
 @dataclass
@@ -86,6 +94,8 @@ class AgentSummary:
     outcomes: list[tuple[str, str, str]] = field(default_factory=list)  # (job, task, status)
     drains: list["DrainRecord"] = field(default_factory=list)
     stale_killed: list[int] = field(default_factory=list)  # pids of renders a killed agent left
+    node_faults: int = 0  # tasks given back because this node failed them (faults.py)
+    gave_up: bool = False  # stopped after node_fault_limit node faults in a row
     exit_reason: str = ""
 
 
@@ -169,6 +179,8 @@ class Agent:
         self._long_polls = _accepts_wait(queue)
         self._claimer: _ClaimThread | None = None
         self._abandoned: list[_Pending] = []  # long-poll claims left behind by a stop
+        self._node_faults_in_row = 0
+        self._gave_up: str | None = None  # why the node gave up (node faults in a row)
 
     # -- control from other threads (signals, notice watchers) ---------------------------------
 
@@ -287,6 +299,9 @@ class Agent:
             self.alive()
             if self._stop_reason:
                 self.summary.exit_reason = self._stop_reason
+                break
+            if self._gave_up:
+                self.summary.gave_up, self.summary.exit_reason = True, self._gave_up
                 break
             if self._no_new_work:
                 self.summary.exit_reason = "stopped taking work after a notice"
@@ -676,6 +691,16 @@ class Agent:
                 time.sleep(pause)
                 pause = min(pause * 2, 1.0)
 
+    def _count_node_fault(self, label: str, reason: str) -> None:
+        """One more node fault in a row; at ``node_fault_limit`` the agent stops claiming and gives up."""
+        self.summary.node_faults += 1
+        self._node_faults_in_row += 1
+        limit = self.config.node_fault_limit
+        if limit and self._node_faults_in_row >= limit:
+            self._gave_up = (f"gave up: {self._node_faults_in_row} node faults in a row, the last "
+                             f"{label}: {_short(reason)}")
+            self.log.error("%s; taking no more tasks", self._gave_up)
+
     def _drain_record(self, doc: TaskDocument, control: TaskControl | None, by: str = "drain") -> DrainRecord:
         with self._lock:
             stop_at, deadline = self._stop_at, self._deadline
@@ -715,6 +740,7 @@ class Agent:
                     drain.by = "not reported (lease lost)"
                 self.log.warning("%s: lease lost; not reporting it", label)
             elif status == "done":
+                self._node_faults_in_row = 0
                 self._deliver(Report.of("complete", lease, download=_download(doc, outcome)), control)
                 self.summary.done += 1
                 if drain is not None:  # finished (and uploaded) inside the notice
@@ -747,6 +773,15 @@ class Agent:
                     drain.frames_done, drain.files = frames, len(download.files) if download else 0
                 self.log.info("%s released (%s), frames delivered %s, now %s", label, outcome.reason,
                               outcome.frames_done or "none", state)
+            elif node_fault(outcome.error, doc.task.command):
+                status = "node fault"
+                self._count_node_fault(label, outcome.reason)
+                state = self._deliver(Report.of(
+                    "release", lease, cause="released", frames_done=doc.task.frames_done,
+                    reason=f"this node's fault, not the task's: {outcome.reason}"), control)
+                self.summary.released += 1
+                self.log.error("%s: this node failed it (%s; log %s); released at no cost to the task, now %s",
+                               label, outcome.reason, outcome.log_path, state)
             else:
                 state = self._deliver(Report.of("fail", lease, reason=outcome.reason), control)
                 self.summary.failed += 1

@@ -34,6 +34,8 @@ FATAL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("out_of_memory", re.compile(r"out of memory|std::bad_alloc|cannot allocate memory", re.I)),
     ("disk_full", re.compile(r"no space left on device|disk quota exceeded", re.I)),
 )
+# A shell's own statuses for a program it could not start (POSIX: 127 not found, 126 not executable).
+_SHELL_START_CODES = {127: "command_not_found", 126: "command_not_executable"}
 # Only lines with one of these words are matched against FATAL_PATTERNS (most lines have none).
 _FATAL_HINTS = ("error", "fatal", "no space left", "quota exceeded")
 # Every line RenderMonitor.feed can use: the runner hands it only these.
@@ -288,6 +290,10 @@ class RenderMonitor:
             return RenderError(f"the renderer reported a fatal error: {line}{ended}", code=code)
         if signal is not None:
             return RenderError(f"the renderer was killed by signal {signal}", code="render_crashed")
+        if exit_code in _SHELL_START_CODES and isinstance(self.prepared.argv, str):
+            code = _SHELL_START_CODES[exit_code]
+            return RenderError(f"the command exited with status {exit_code}: {code.replace('_', ' ')} "
+                               "(the shell could not run it on this node)", code=code)
         if exit_code != 0:
             return RenderError(f"the renderer exited with status {exit_code}", code="render_failed")
         missing = self.missing_outputs()

@@ -72,6 +72,7 @@ class AgentSettings:
     on_idle_exit: str | None = _key(None, str)
     max_tasks: int | None = _key(None, int, minimum=0)
     stop_grace: float = _key(20.0, float, minimum=0)
+    node_fault_limit: int = _key(3, int, minimum=0)
     # Which metadata server to read and watch, and where they are: never from the metadata itself.
     preemption: str = _key("auto", str, choices=PROVIDER_CHOICES, cloud=False)
     gce_metadata_url: str | None = _key(None, str, cloud=False)

@@ -22,6 +22,7 @@ from typing import Callable, Mapping
 import psutil
 
 from cio_worker.node.cache import ContentCache
+from cio_worker.node.faults import is_disk_full
 from cio_worker.node.clarisse import MONITORED_LINES, Prepared, RenderMonitor, prepare
 from cio_worker.job.document import TaskDocument
 from cio_worker.job.environment import is_secret_name, merge_environment
@@ -275,10 +276,11 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
             return _stopped(outcome, control, outcome.frames_done)
         outcome.error = exc
         return outcome
-    except OSError as exc:  # a full disk, a permission problem: the task fails, the agent lives
+    except OSError as exc:  # a full disk (the node's fault: faults.py), a permission problem; the agent lives
         if control.stopping:
             return _stopped(outcome, control, outcome.frames_done)
-        outcome.error = CioError(f"{type(exc).__name__}: {exc}", code="node_error")
+        code = "disk_full" if is_disk_full(exc) else "node_error"
+        outcome.error = CioError(f"{type(exc).__name__}: {exc}", code=code)
         return outcome
     except Exception as exc:  # a bug, or input nobody foresaw: fail this task, keep the agent
         log.exception("task %s failed unexpectedly", doc.label)

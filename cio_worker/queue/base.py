@@ -245,7 +245,7 @@ class Event:
     task_id: str | None  # None for job-level events
     time: float
     kind: str  # created, held, job_released, claimed, done, failed, retry, preempted, lease_expired,
-    #            released, cancel_requested, killed, downloaded
+    #            released, cancel_requested, killed, downloaded, retried
     worker: str
     detail: str
 
@@ -262,6 +262,13 @@ class Queue(abc.ABC):
     @abc.abstractmethod
     def release_job(self, job_id: str) -> int:
         """Holding tasks become pending; return how many."""
+
+    @abc.abstractmethod
+    def retry_tasks(self, job_id: str, task_ids: Sequence[str] | None = None) -> int:
+        """Failed tasks (all of the job's, or those named) go back to pending with fresh budgets
+        (their preempted and failed attempts start again at 0; the events keep the history, with a
+        "retried" event each); return how many. A named task that is not failed, or a killed job,
+        is an error that changes nothing."""
 
     @abc.abstractmethod
     def kill_job(self, job_id: str) -> int:

@@ -167,6 +167,10 @@ class HttpQueue(Queue):
     def release_job(self, job_id: str) -> int:
         return self._request("POST", f"/v1/jobs/{_part(job_id)}/release")["released"]
 
+    def retry_tasks(self, job_id: str, task_ids: Sequence[str] | None = None) -> int:
+        body = {} if task_ids is None else {"tasks": list(task_ids)}
+        return self._request("POST", f"/v1/jobs/{_part(job_id)}/retry", body)["retried"]
+
     def kill_job(self, job_id: str) -> int:
         return self._request("POST", f"/v1/jobs/{_part(job_id)}/kill")["killed"]
 

@@ -266,6 +266,37 @@ class SqlQueue(Queue):
             self._event(tx, number, None, now, "job_released", "", f"{count} held tasks now pending")
         return count
 
+    def retry_tasks(self, job_id: str, task_ids: Sequence[str] | None = None) -> int:
+        if task_ids is not None and (isinstance(task_ids, str) or not all(isinstance(t, str) for t in task_ids)):
+            raise DocumentError("tasks", "must be a list of task ids")
+        with self._transaction() as tx:
+            number = self._job_number(tx, job_id)
+            if tx.execute("SELECT killed FROM jobs WHERE number = ?", (number,)).fetchone()["killed"]:
+                raise QueueError(f"job {job_id_text(number)} was killed; its tasks cannot be retried",
+                                 code="job_killed")
+            if task_ids is None:
+                rows = tx.execute("SELECT number, state, attempts_preempted, attempts_failed FROM tasks t"
+                                  " WHERE job_number = ? AND state = 'failed' ORDER BY number" + self.ROW_LOCK,
+                                  (number,)).fetchall()
+            else:
+                wanted = sorted({self._task_number(tx, number, t) for t in task_ids})
+                rows = [tx.execute("SELECT number, state, attempts_preempted, attempts_failed FROM tasks t"
+                                   " WHERE job_number = ? AND number = ?" + self.ROW_LOCK, (number, t)).fetchone()
+                        for t in wanted]
+                for row in rows:
+                    if row["state"] != "failed":
+                        raise QueueError(f"job {job_id_text(number)} task {task_id_text(row['number'])} is "
+                                         f"{row['state']}, not failed; nothing was retried", code="task_not_failed")
+            now = self._now(tx)
+            for row in rows:
+                tx.execute("UPDATE tasks SET state = 'pending', attempts_preempted = 0, attempts_failed = 0,"
+                           " lease_expiries = 0, cancel = 0, updated = ? WHERE job_number = ? AND number = ?",
+                           (now, number, row["number"]))
+                self._event(tx, number, row["number"], now, "retried", "",
+                            f"fresh budgets (had failed {row['attempts_failed']}, "
+                            f"preempted {row['attempts_preempted']})")
+        return len(rows)
+
     def kill_job(self, job_id: str) -> int:
         with self._transaction() as tx:
             number = self._job_number(tx, job_id)
