@@ -534,7 +534,7 @@ class SqlQueue(Queue):
             with self._transaction() as tx:
                 for i, answer in zip(order, self._complete_in(tx, [reports[i] for i in order])):
                     answers[i] = answer
-        except QueueError as exc:
+        except CioError as exc:  # the database, or one report's stored row: each report alone then
             if len(order) == 1:
                 answers[order[0]] = exc
                 return answers
