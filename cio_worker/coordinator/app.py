@@ -180,6 +180,10 @@ def _error_response(status: int, code: str, message: str, headers: dict[str, str
     return JSONResponse({"error": code, "message": message}, status_code=status, headers=headers)
 
 
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "too_large", f"the request body is larger than {limit} bytes")
+
+
 def refusal(exc: BaseException) -> Reply:
     """The answer to an error raised while serving a request: the caller's mistakes and lost
     leases are 4xx, a queue that cannot answer 503, anything else a logged 500."""
@@ -237,7 +241,8 @@ class _BodyLimit:
             return await self.app(scope, receive, send)
         limit = self.limit(scope.get("path", ""))
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        too_big = _error_response(413, "too_large", f"the request body is larger than {limit} bytes")
+        refused = _too_large(limit)
+        too_big = _error_response(refused.status, refused.code, refused.message)
         if declared is not None:
             try:
                 if int(declared) > limit:
@@ -277,7 +282,7 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > limit:
-                    raise ApiError(413, "too_large", f"the request body is larger than {limit} bytes")
+                    raise _too_large(limit)
             return message
 
         try:
@@ -647,6 +652,6 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
                 "/v1/complete": FastRoute(CompleteBody, "agent", do_complete),
                 "/v1/workers/register": FastRoute(RegisterBody, "agent", do_register)},
         authenticate=authenticate, refuse=refusal, invalid=invalid_body, limit=MAX_SMALL_BODY,
-        too_large=lambda: (413, {"error": "too_large", "message": f"the request body is larger than {MAX_SMALL_BODY} bytes"}, {}),
+        too_large=lambda: refusal(_too_large(MAX_SMALL_BODY)),
         observe=metrics.request,
     )
