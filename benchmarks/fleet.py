@@ -13,8 +13,13 @@ Phases (each on a fresh job in one database):
 - ``idle``: ``--idle`` agents long-poll with no work and report every ``--heartbeat`` seconds for
   ``--idle-seconds``: the coordinator's CPU and RSS, the database connections, and heartbeat
   latency as 20 probe agents in a process of their own see it (one report a second each).
+- ``cost``: 32 clients send idle reports back to back for ``--cost-seconds`` (10): the coordinator's CPU per request
+  (robust to the machine's other load, unlike the rates).
+``--phases idle,cost`` runs just those.
 
-The simulated agents speak HTTP through ``loadgen.Connection``, a lean keep-alive client, so that\nthe load generator, which shares the cores, costs as little as it can. Prints a markdown table;\n``--json FILE`` writes the figures.
+The simulated agents speak HTTP through ``loadgen.Connection``, a lean keep-alive client, so that
+the load generator, which shares the cores, costs as little as it can. Prints a markdown table;
+``--json FILE`` writes the figures.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -205,6 +211,49 @@ async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
                  {"agents": agents, "every_agent_held_a_task_s": max(held) if held else None, "failures": failures})
 
 
+async def py_spy(coordinator: Coordinator, profile: Path | None, seconds: float) -> Any:
+    """py-spy recording the coordinator for ``seconds`` into ``profile`` (collapsed stacks), if asked."""
+    if profile is None:
+        return None
+    return await asyncio.create_subprocess_exec(
+        str(Path(sys.executable).with_name("py-spy")), "record", "--nonblocking", "-f", "raw", "-o", str(profile),
+        "-d", str(int(seconds)), "-p", str(coordinator.process.pid), stdout=asyncio.subprocess.DEVNULL)
+
+
+async def cost_phase(base: str, token: str, coordinator: Coordinator, connections: int, seconds: float,
+                     profile: Path | None = None) -> Phase:
+    """The coordinator's CPU for one idle worker report, the bulk of an idle fleet's traffic:
+    ``connections`` clients send reports back to back for ``seconds``. CPU time per request
+    depends little on what else the machine runs, unlike the rates of the other phases."""
+    names = [f"cost-{i}" for i in range(connections)]
+    conns = [Connection(base, token) for _ in names]
+    for conn, name in zip(conns, names):
+        await conn.post("/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
+    sent = [0]
+    end = [0.0]
+    bodies = [json.dumps({"worker": name, "status": {"state": "idle"}}).encode() for name in names]
+
+    async def client(conn: Connection, body: bytes) -> None:
+        while time.perf_counter() < end[0]:
+            status, _ = await conn.post("/v1/workers/report", body)
+            if status != 200:
+                raise RuntimeError(f"report answered {status}")
+            sent[0] += 1
+
+    spy = await py_spy(coordinator, profile, seconds)
+    cpu0, t0 = coordinator.cpu_seconds(), time.perf_counter()
+    end[0] = t0 + seconds
+    await asyncio.gather(*(client(c, b) for c, b in zip(conns, bodies)))
+    wall, cpu = time.perf_counter() - t0, coordinator.cpu_seconds() - cpu0
+    if spy is not None:
+        await spy.wait()
+    for conn in conns:
+        conn.close()
+    return Phase("report cost (coordinator CPU per request)", sent[0], wall, sent[0] / wall, None, None,
+                 {"connections": connections, "coordinator_cpu_us_per_request": 1e6 * cpu / max(1, sent[0]),
+                  "coordinator_cpu_share": cpu / wall})
+
+
 async def probe(base: str, token: str, agents: int, interval: float, seconds: float) -> list[float]:
     """Heartbeat latency as a lightly loaded agent sees it: ``agents`` agents in this (separate)
     process each report every ``interval`` seconds for ``seconds``."""
@@ -229,7 +278,7 @@ async def probe(base: str, token: str, agents: int, interval: float, seconds: fl
 
 
 async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: str, agents: int,
-                     heartbeat: float, seconds: float) -> Phase:
+                     heartbeat: float, seconds: float, profile: Path | None = None) -> Phase:
     """``agents`` agents long-poll and report every ``heartbeat`` seconds; heartbeat latency is
     measured by a probe process of its own (this one is saturated by the thousands it plays) and,
     for comparison, as this process sees it."""
@@ -311,6 +360,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
     prober = await asyncio.create_subprocess_exec(
         sys.executable, str(Path(__file__).resolve()), "--probe", base, token, str(seconds),
         stdout=asyncio.subprocess.PIPE, cwd=ROOT)
+    spy = await py_spy(coordinator, profile, seconds)
     rss_max, connections_max = 0, 0
     with psycopg.connect(db_url, autocommit=True) as conn:
         while time.perf_counter() - t0 < seconds:
@@ -324,6 +374,8 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
     client_cpu = sum(me.cpu_times()[:2]) - client0
     measuring[0] = False
     probed = json.loads((await prober.communicate())[0] or b"[]")
+    if spy is not None:
+        await spy.wait()
     stop.set()
     for r in runners:
         r.cancel()
@@ -350,8 +402,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--heartbeat", type=float, default=10.0)
+    parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--db-threads", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
+    parser.add_argument("--phases", default="raw,throughput,burst,cost,idle",
+                        help="which phases to run, comma-separated (default: all)")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="record the coordinator with py-spy (collapsed stacks) into this file during the idle phase")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--probe", nargs=3, metavar=("URL", "TOKEN", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -361,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.quick:
         args.tasks, args.agents, args.burst, args.idle, args.idle_seconds, args.heartbeat = 300, 8, 50, 100, 3.0, 1.0
+        args.cost_seconds = 1.0
     reason = postgres_available()
     if reason:
         print(f"fleet benchmark skipped: {reason}", file=sys.stderr)
@@ -383,18 +441,26 @@ def main(argv: list[str] | None = None) -> int:
             phases.append(phase)
             print(f"{phase.name}: {phase.count} in {phase.seconds:.1f} s", file=sys.stderr, flush=True)
 
-        ran(raw_phase(db_url, args.tasks, args.raw_threads))
-        ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
-        ran(run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
-        ran(run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
-                                   args.heartbeat, args.idle_seconds)))
+        chosen = {p.strip() for p in args.phases.split(",") if p.strip()}
+        if "raw" in chosen:
+            ran(raw_phase(db_url, args.tasks, args.raw_threads))
+        if "throughput" in chosen:
+            ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
+        if "burst" in chosen:
+            ran(run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
+        if "cost" in chosen:
+            ran(run(cost_phase(coordinator.url, agent_token, coordinator, 32, args.cost_seconds,
+                               args.profile.with_suffix(".cost") if args.profile else None)))
+        if "idle" in chosen:
+            ran(run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
+                               args.heartbeat, args.idle_seconds, args.profile)))
         load1 = os.getloadavg()
     finally:
         if coordinator is not None:
             coordinator.stop()
         server.stop()
-    raw, http = phases[0], phases[1]
-    ratio = http.rate / raw.rate if raw.rate else None
+    rates = {p.name.split()[0]: p.rate for p in phases}
+    ratio = rates["coordinator"] / rates["raw"] if rates.get("raw") and rates.get("coordinator") else None
     print(f"# Fleet benchmark ({time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores, load {load0[0]:.1f} -> {load1[0]:.1f})\n")
     print("| phase | count | seconds | per second | p50 ms | p99 ms | notes |")
     print("|---|---:|---:|---:|---:|---:|---|")

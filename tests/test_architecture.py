@@ -17,7 +17,8 @@ ALLOWED: dict[str, set[str]] = {
     "storage": {"errors", "job"},
     "node": {"errors", "job", "queue", "storage"},
     "artist": {"errors", "job", "queue", "storage"},
-    "coordinator": {"errors", "job", "queue"},
+    # The web view reads frame previews and stored task logs from the job's storage.
+    "coordinator": {"errors", "job", "queue", "storage"},
     "sim": {"errors", "job", "queue", "storage", "node", "artist"},
     "cli": {"errors", "job", "queue", "storage", "node", "artist", "coordinator", "sim"},
 }

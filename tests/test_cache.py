@@ -260,3 +260,40 @@ def test_adopt_link_shares_the_file_or_copies_one_not_readable_by_all(tmp_path):
     assert cache.object_path(secret).read_bytes() == b"secret"
     assert stat.S_IMODE(cache.object_path(secret).stat().st_mode) == 0o444
     assert list((tmp_path / "c" / "tmp").iterdir()) == []
+
+
+def test_eviction_counts_only_bytes_the_cache_alone_holds(tmp_path):
+    """An object hard-linked into a task directory (adopt_link) frees nothing when removed: it is not
+    counted against the budget nor evicted while the link lives; once the task's copy is gone it is."""
+    clock = FakeClock()
+    cache = ContentCache(tmp_path / "c", 150, grace_seconds=0, clock=clock)
+    placed = tmp_path / "task" / "tex.0001.exr"
+    placed.parent.mkdir()
+    placed.write_bytes(b"L" * 100)
+    os.utime(placed, (clock.now, clock.now))  # a link shares the placed file's times
+    linked = md5_b64_of_bytes(b"L" * 100)
+    cache.adopt_link(linked, placed)  # the oldest
+    clock.tick()
+    copies = []
+    for i in range(2):
+        copies.append(put(cache, bytes([i]) * 100))
+        clock.tick()
+    assert cache.usage() == 200  # the linked 100 bytes are the task's too
+    assert cache.evict_to_budget() == 1  # the oldest copy, not the older linked object
+    assert cache.has(linked) and not cache.has(copies[0]) and cache.has(copies[1])
+    placed.unlink()  # the task directory is cleaned: the object is the cache's alone now
+    assert cache.usage() == 200
+    assert cache.evict_to_budget() == 1
+    assert not cache.has(linked) and cache.has(copies[1])
+
+
+def test_held_answers_the_same_by_stats_and_by_listing_the_shards(tmp_path):
+    cache = ContentCache(tmp_path / "c", 1 << 30)
+    stored = [put(cache, f"object {i}".encode()) for i in range(40)]
+    absent = [md5_b64_of_bytes(f"absent {i}".encode()) for i in range(40)]
+    cache.discard(stored[0])  # gone again
+    wanted = stored + absent
+    expected = set(stored[1:])
+    assert cache.held(wanted) == expected  # a stat each
+    assert cache.held(wanted, list_from=1) == expected  # the shard directories listed
+    assert ContentCache(tmp_path / "empty", 1).held(wanted, list_from=1) == set()

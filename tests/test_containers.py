@@ -120,7 +120,9 @@ def test_compose_farm_renders_and_downloads_a_job(podman, tmp_path):
         renders = Path(mount) / "shot_A" / "root" / "proj" / "renders" / "shot_A"
         files = sorted(p for p in renders.rglob("*") if p.is_file())
         placed = [line for line in download_log.splitlines() if line.startswith("downloaded ")]
-        assert files and len(placed) == len(files), (placed[:5], files[:5])
+        assembled = [line for line in download_log.splitlines() if line.startswith("assembled ")]
+        assert len(placed) == 4 * len(assembled)  # 2 x 2 tiles a frame, pasted together, then removed
+        assert files and len(assembled) == len(files), (assembled[:5], files[:5])
         frames = {int(m.group(1)) for p in files if (m := re.search(r"(\d+)\.\w+$", p.name))}
         assert frames == set(range(1, 11)), sorted(frames)  # the example shot renders frames 1-10
         figures.update(job=job_id, tasks=tasks, tasks_per_agent=per_agent, files=len(files), frames=len(frames))

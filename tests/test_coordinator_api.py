@@ -75,11 +75,13 @@ class Farm:
             "/v1/fail": {"lease": lease_ref(self.lease_a), "reason": "boom", "op_id": "op-fail"},
             "/v1/release": {"lease": lease_ref(self.lease_a), "cause": "released", "op_id": "op-release"},
             "/v1/jobs": {"job": JOB, "tasks": [{"frames": "1", "command": "cnode x"}]},
+            "/v1/logs/append": {"lease": lease_ref(self.lease_a), "offset": 0, "text": "a line\n"},
         }
         return bodies.get(path) if method == "POST" else None
 
     def path_of(self, template: str) -> str:
-        return template.replace("{job_id}", self.job).replace("{download_id}", self.queue.downloads(None, None)[0].download_id)
+        return (template.replace("{job_id}", self.job).replace("{task_id}", self.lease_a.task_id)
+                .replace("{download_id}", self.queue.downloads(None, None)[0].download_id))
 
 
 def make_farm(tmp_path: Path, config: CoordinatorConfig, **uvicorn_options: Any) -> Iterator[Farm]:

@@ -172,3 +172,42 @@ def test_concurrent_claims_and_completions_each_get_their_own_answer(farm) -> No
     assert again.status_code == 200 and len([e for e in queue.events(job) if e.kind == "done"]) == len(done_events)
     # They went to the database in fewer calls than there were requests.
     assert app.state.claims.items == n and app.state.claims.batches < n
+
+
+def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path) -> None:
+    """An agent that stops (or dies) while its claim waits on the server: the work that arrives
+    after goes to an agent still waiting, not to the closed connection (where it would sit until
+    its lease expired, an attempt charged to the task)."""
+    import json
+    import socket
+    import time
+    from urllib.parse import urlsplit
+
+    queue = SqliteQueue(tmp_path / "q.db")
+    _, agent = queue.create_token("fleet", ["agent"])
+    app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
+    headers = {"Authorization": f"Bearer {agent}"}
+    with serving_app(app) as url:
+        for name in ("gone", "waiting"):
+            assert requests.post(f"{url}/v1/workers/register", json={"worker": name, "info": {}}, headers=headers).ok
+        parts = urlsplit(url)
+        body = json.dumps({"worker": "gone", "wait_seconds": 30}).encode()
+        sock = socket.create_connection((parts.hostname, parts.port))
+        sock.sendall(b"POST /v1/claim HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (agent.encode(), len(body), body))
+        time.sleep(0.5)  # the gone agent's claim is first in the line of waiters
+        answers: list = []
+        waiter = threading.Thread(target=lambda: answers.append(requests.post(
+            f"{url}/v1/claim", json={"worker": "waiting", "wait_seconds": 20}, headers=headers, timeout=30)))
+        waiter.start()
+        time.sleep(0.5)
+        sock.close()  # the agent goes away while its claim waits
+        time.sleep(0.5)
+        job = queue.create_job(JOB, [NewTask("1", "cnode a")])
+        waiter.join(30)
+        [task] = queue.tasks(job)
+        assert answers and answers[0].status_code == 200, answers
+        assert answers[0].json()["lease"]["worker"] == "waiting"
+        assert task.state == "leased" and task.worker == "waiting"
+        assert [e.worker for e in queue.events(job, task.id) if e.kind == "claimed"] == ["waiting"]
+    queue.close()

@@ -200,8 +200,8 @@ def test_a_render_that_fills_the_disk_goes_back_unspent_and_nothing_is_offered(t
             task = assert_given_back_unspent(farm, job)
             assert "exited with status 1" in task.reason, task.reason
             assert farm.queue.downloads(job, state=None) == []  # the partial frame is never offered
-            assert not list((tmp_path / "storage").rglob("*")) or all(
-                p.is_dir() for p in (tmp_path / "storage").rglob("*"))  # nor uploaded
+            stored = [p.relative_to(tmp_path / "storage") for p in (tmp_path / "storage").rglob("*") if p.is_file()]
+            assert all(p.parts[0] == "_logs" for p in stored), stored  # nor uploaded (the task log is)
             farm.queue.kill_job(job)  # it can never fit on this node
             Path(out, "big.0001.exr").unlink()  # what an operator (or a disk-aware agent) does
         with captured_logs(), farm.agent() as running:

@@ -169,3 +169,16 @@ def test_lookup_many_answers_from_stats_the_caller_took_in_a_few_queries(tmp_pat
     assert len(found) == 1999 and str(files[7]) not in found
     assert found[str(files[3])] == md5_b64_of_bytes(b"content 3")
     assert hasher.paths == []  # never hashes
+
+
+def test_record_rows_trusts_the_callers_stat_until_the_file_changes(tmp_path, cache, hasher):
+    from cio_worker.storage.md5cache import FileStamp
+
+    kept, changed = write(tmp_path / "rows" / "kept", b"kept"), write(tmp_path / "rows" / "changed", b"changed")
+    before = cache.queries
+    cache.record_rows((str(f), *FileStamp.row_of(os.stat(f)), md5_b64_of_bytes(f.read_bytes())) for f in (kept, changed))
+    assert cache.queries - before == 1  # one transaction
+    write(changed, b"CHANGED")
+    found = cache.lookup_many((str(f), os.lstat(f)) for f in (kept, changed))
+    assert found == {str(kept): md5_b64_of_bytes(b"kept")}
+    assert hasher.paths == []

@@ -111,3 +111,67 @@ def test_the_agent_command_runs_the_give_up_command_and_exits_69(tmp_path: Path)
     [task] = backend.tasks(job)
     assert task.state == "pending" and task.attempts["failed"] == 0
     backend.close()
+
+
+# -- the licence server this node cannot reach -----------------------------------------------------
+
+
+def test_a_licence_server_that_does_not_answer_is_the_nodes_fault_and_a_denied_licence_the_tasks() -> None:
+    from cio_worker.node.clarisse import Prepared, RenderMonitor
+
+    def judged(*lines: str):
+        monitor = RenderMonitor(Prepared(argv=["cnode"], cwd=Path("."), env={}))
+        for line in lines:
+            monitor.feed(line + "\n")
+        return monitor.judge(1, None)
+
+    # RLM's words, as the simulator prints them: the checkout line first, then why it failed.
+    unreachable = judged("[ERROR] License: unable to check out a cnode license from server conductor_ilise:40500",
+                         "[ERROR] RLM: Communications error with license server (-17)",
+                         "[ERROR] RLM: Connection refused at server (-111)")
+    assert unreachable.code == "licence_unreachable" and "(-17)" in str(unreachable)
+    assert node_fault(unreachable, "cnode shot.project -image_frames_list 1")
+    assert judged("[ERROR] Connection refused at server (-111)").code == "licence_unreachable"
+    denied = judged("[ERROR] License: unable to get a license from server conductor_ilise:40500")
+    assert denied.code == "licence" and not node_fault(denied)
+
+
+def _shot_fleet(fleet: Fleet, frames: str) -> str:
+    return fleet.shot_job(frames=frames, chunk_size=1, retries_failed=0)
+
+
+def test_a_node_that_cannot_reach_the_licence_server_gives_the_task_back_unspent_and_gives_up(tmp_path: Path) -> None:
+    with sqlite_fleet(tmp_path) as (fleet, queue):
+        job = _shot_fleet(fleet, "1")  # the job allows no failed attempt at all
+        agent = fleet.agent("node-a", queue=queue, node_fault_limit=2, env={"CNODE_SIM_FAIL": "license_unreachable"})
+        wait_for(lambda: _gone(fleet), 60, "the agent to give up")
+        assert agent.summary.gave_up and agent.summary.node_faults == 2, agent.summary
+        task = fleet.task(job)
+        assert task.state == "pending" and task.attempts == {"preempted": 0, "failed": 0, "released": 2}, task
+        released = [e for e in fleet.backend.events(job, "000") if e.kind == "released"]
+        assert all("this node's fault" in e.detail and "Communications error with license server" in e.detail
+                   for e in released), released
+
+
+def test_a_success_starts_the_node_fault_count_again(tmp_path: Path) -> None:
+    """node_fault_limit 3: two licence faults, a success, two more faults: the node still serves."""
+    with sqlite_fleet(tmp_path) as (fleet, queue):
+        job = _shot_fleet(fleet, "1-3")
+        # Runs 1, 2, 4 and 5 of the renderer on this node cannot reach the licence server.
+        wrap = tmp_path / "wrap"
+        wrap.mkdir()
+        counter = tmp_path / "runs"
+        (wrap / "cnode").write_text(
+            "#!/bin/sh\n"
+            f'n=$(( $(cat "{counter}" 2>/dev/null || echo 0) + 1 )); echo "$n" > "{counter}"\n'
+            'case "$n" in 1|2|4|5) CNODE_SIM_FAIL=license_unreachable; export CNODE_SIM_FAIL ;; esac\n'
+            f'exec "{fleet.bin / "cnode"}" "$@"\n')
+        (wrap / "cnode").chmod(0o755)
+        agent = fleet.agent("node-a", queue=queue, node_fault_limit=3, idle_exit_seconds=1.0,
+                            env={"PATH": f"{wrap}{os.pathsep}{fleet.env['PATH']}"})
+        wait_for(lambda: _gone(fleet), 120, "the agent to finish the job and exit idle")
+        assert int(counter.read_text()) == 7
+        assert not agent.summary.gave_up and agent.summary.node_faults == 4, agent.summary
+        tasks = fleet.backend.tasks(job)
+        assert [t.state for t in tasks] == ["done"] * 3
+        assert [t.attempts["released"] for t in tasks] == [2, 2, 0] and all(t.attempts["failed"] == 0 for t in tasks)

@@ -30,8 +30,12 @@ from tests.test_faults_storage import (
 SECRET_FILE_TEXT = b"root:$6$not-for-the-render-farm$:0:0:root:/root:/bin/sh\n"
 
 
-def stored_contents(storage_root: Path) -> list[bytes]:
-    return [p.read_bytes() for p in storage_root.rglob("*") if p.is_file()]
+AGENT_WRITTEN = ("_logs", "_previews")  # the task logs and previews the agent stores beside the outputs
+
+
+def stored_contents(storage_root: Path, outputs_only: bool = True) -> list[bytes]:
+    return [p.read_bytes() for p in storage_root.rglob("*")
+            if p.is_file() and not (outputs_only and p.relative_to(storage_root).parts[0] in AGENT_WRITTEN)]
 
 
 # --- symbolic links among the outputs -----------------------------------------------------------
@@ -62,7 +66,7 @@ def test_outputs_that_are_symlinks_are_never_uploaded_or_downloaded(tmp_path: Pa
     [record] = farm.queue.downloads(job, state=None)
     assert sorted(f.relative_path for f in record.files) == ["beauty.0001.exr", "sub/fx.0001.exr"]
     contents = stored_contents(tmp_path / "storage")
-    assert all(SECRET_FILE_TEXT not in data for data in contents)
+    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage", outputs_only=False))
     assert sorted(contents) == sorted([b"frame\n", b"nested\n"])
     # the artist gets the two real files, and no link
     artist = tmp_path / "artist-download"
@@ -97,7 +101,7 @@ def test_run_task_says_which_outputs_were_not_uploaded_because_they_are_links(tm
     assert code == 0, stdout.getvalue() + stderr.getvalue()
     assert f"not uploaded ({reason}): b.exr" in stdout.getvalue()
     assert "output a.exr" in stdout.getvalue() and "output b.exr" not in stdout.getvalue()
-    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage"))
+    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage", outputs_only=False))
     assert secret.read_bytes() == SECRET_FILE_TEXT
 
 
@@ -132,7 +136,7 @@ def test_a_renderer_that_leaves_a_link_to_an_outside_file_never_gets_it_uploaded
         farm.wait_finished(job, running)
     offered = [f.relative_path for r in farm.queue.downloads(job, state=None) for f in r.files]
     assert "beauty.0002.png" not in offered
-    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage"))
+    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage", outputs_only=False))
     assert_farm_invariants(farm)
     farm.close()
 
@@ -146,7 +150,7 @@ def test_a_frame_the_renderer_left_as_a_link_is_judged_missing(tmp_path: Path, l
     task = farm.task(job)
     farm.close()
     assert task.state == "failed" and "beauty.0002.png" in task.reason, (task.state, task.reason)
-    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage"))
+    assert all(SECRET_FILE_TEXT not in data for data in stored_contents(tmp_path / "storage", outputs_only=False))
 
 
 @pytest.fixture(params=["file", "s3", "gcs"])

@@ -179,3 +179,15 @@ def test_path_map_longest_prefix_wins_whatever_the_stored_order() -> None:
     pm = PathMap.from_dict({"rules": [["/proj", "/mnt/a"], ["/proj/tex", "/mnt/t"]], "root": None})
     assert pm.apply("/proj/tex/x") == "/mnt/t/x"
     assert PathMap((("/proj", "/mnt/a"), ("/proj/tex", "/mnt/t"))).apply("/proj/tex/x") == "/mnt/t/x"
+
+
+def test_path_map_sorts_its_rules_once_when_built_not_on_every_apply(monkeypatch) -> None:
+    pm = PathMap((("/proj", "/mnt/a"), ("/proj/tex", "/mnt/t"), ("/lib", "/mnt/l")))
+    assert pm.rules == (("/proj/tex", "/mnt/t"), ("/proj", "/mnt/a"), ("/lib", "/mnt/l"))  # longest first, ties kept
+    import builtins
+
+    def no_sorting(*args, **kwargs):
+        raise AssertionError("apply sorted the rules again")
+
+    monkeypatch.setattr(builtins, "sorted", no_sorting)
+    assert pm.apply("/proj/tex/x") == "/mnt/t/x" and pm.apply("/lib/y") == "/mnt/l/y"

@@ -906,3 +906,199 @@ def test_retry_refuses_a_killed_job(queue: Queue) -> None:
     with pytest.raises(QueueError, match="killed"):
         queue.retry_tasks(job_id)
     assert [t.state for t in queue.tasks(job_id)] == ["failed"]
+
+
+# -- who failed a task: distinct workers, the per-job blocklist ------------------------------------
+
+
+def blocking_spec(failed: int = 1, workers: int = 2, block_after: int = 3) -> dict:
+    spec = job_spec(failed=failed)
+    spec["autoretry_policy"]["failed"].update(distinct_workers=workers, block_worker_after=block_after)
+    return spec
+
+
+def fail_on(queue: Queue, worker: str, reason: str = "cnode exited with status 1") -> tuple[str, str]:
+    lease = queue.claim(worker, 10)
+    assert lease is not None, f"{worker} found nothing to claim"
+    return lease.task_id, queue.fail(lease, reason)
+
+
+def test_a_task_whose_budget_is_spent_waits_for_a_worker_that_has_not_failed_it(queue: Queue) -> None:
+    for worker in ("bad", "good"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=1, workers=2), [task("1")])
+    assert fail_on(queue, "bad") == ("000", "pending")  # retry 1 of 1: anyone may take it
+    assert fail_on(queue, "bad") == ("000", "pending")  # budget spent on one worker: not final
+    (row,) = queue.tasks(job_id)
+    assert row.kept_from == ("bad",) and row.attempts["failed"] == 2
+    assert queue.claim("bad", 10) is None  # the worker that failed it may not take it again
+    assert "waits for a worker that has not failed it (not bad)" in format_status(queue, job_id)
+    lease = queue.claim("good", 10)
+    assert lease.task_id == "000"
+    queue.complete(lease)
+    assert [t.state for t in queue.tasks(job_id)] == ["done"]
+
+
+def test_a_task_fails_for_real_once_its_failures_span_k_workers(queue: Queue) -> None:
+    for worker in ("w1", "w2", "w3"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=2), [task("1")])
+    assert fail_on(queue, "w1") == ("000", "pending")
+    assert fail_on(queue, "w2") == ("000", "failed")
+    (row,) = queue.tasks(job_id)
+    assert row.attempts["failed"] == 2 and row.kept_from == ()
+    final = [e for e in queue.events(job_id, "000") if e.kind == "failed"][-1]
+    assert "on 2 workers" in final.detail
+
+
+def test_a_farm_of_one_does_not_wait_for_a_second_worker(queue: Queue, clock: Clock) -> None:
+    queue.register_worker("only", {})
+    job_id = queue.create_job(blocking_spec(failed=1, workers=3), [task("1")])
+    assert fail_on(queue, "only") == ("000", "pending")
+    assert fail_on(queue, "only") == ("000", "failed")  # no other worker there: final, as with K = 1
+    assert "no other worker was there" in [e for e in queue.events(job_id, "000") if e.kind == "failed"][-1].detail
+    # A worker not heard from for longer than LIVE_WORKER_SECONDS is not there either.
+    queue.register_worker("silent", {})
+    clock.advance(500)
+    queue.register_worker("only", {})
+    other = queue.create_job(blocking_spec(failed=0, workers=2), [task("2")])
+    assert fail_on(queue, "only") == ("000", "failed")
+    assert queue.tasks(other)[0].state == "failed"
+
+
+def test_a_worker_that_fails_m_tasks_of_a_job_is_blocked_from_it_and_retry_clears_it(queue: Queue) -> None:
+    for worker in ("bad", "good"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=1, block_after=2), [task(str(i)) for i in range(1, 5)])
+    later = queue.create_job(blocking_spec(), [task("9")])
+    assert fail_on(queue, "bad") == ("000", "failed")
+    assert queue.jobs()[0].blocked == ()
+    assert fail_on(queue, "bad") == ("001", "failed")
+    [summary, _] = queue.jobs()
+    assert [(b.worker, b.failures) for b in summary.blocked] == [("bad", 2)]
+    blocked = [e for e in queue.events(job_id) if e.kind == "blocked"]
+    assert [(e.task_id, e.worker) for e in blocked] == [(None, "bad")]
+    assert "worker bad blocked from job after 2 failures" in blocked[0].detail
+    assert "worker bad blocked from job after 2 failures" in format_status(queue, job_id)
+    # The blocked worker skips the job's tasks and takes the next job's; others still take them.
+    lease = queue.claim("bad", 10)
+    assert (lease.job_id, lease.task_id) == (later, "000")
+    assert queue.claim("good", 10).task_id == "002"
+    # retry: fresh budgets and a fresh start, the block gone.
+    assert queue.retry_tasks(job_id) == 2
+    assert queue.jobs()[0].blocked == ()
+    assert [e.kind for e in queue.events(job_id) if e.task_id is None][-1] == "unblocked"
+    assert queue.claim("bad", 10).task_id == "000"
+
+
+def test_the_only_worker_is_not_blocked(queue: Queue) -> None:
+    queue.register_worker("only", {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=1, block_after=1), [task("1"), task("2")])
+    assert fail_on(queue, "only") == ("000", "failed")
+    assert queue.jobs()[0].blocked == ()
+    assert queue.claim("only", 10).task_id == "001"
+
+
+def test_claims_that_arrive_together_each_get_a_task_they_may_take(queue: Queue) -> None:
+    if not hasattr(queue, "claim_many"):
+        pytest.skip("claim_many is the engines' (the coordinator batches claims into it)")
+    for worker in ("bad", "w1", "w2"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=1, block_after=1), [task(str(i)) for i in range(1, 4)])
+    assert fail_on(queue, "bad") == ("000", "failed")  # bad is now blocked from the job
+    leases = queue.claim_many(["bad", "w1", "bad", "w2"], 10)
+    assert [lease and lease.task_id for lease in leases] == [None, "001", None, "002"]
+    assert [lease.worker for lease in leases if lease] == ["w1", "w2"]
+    assert [t.state for t in queue.tasks(job_id)] == ["failed", "leased", "leased"]
+
+
+def strand_a_task(queue: Queue) -> str:
+    """The stall a browser test found, with a third worker c that goes on to stop: a failed task
+    000 (it waits for a worker that has not failed it), b failed 001 and 002 and is blocked from
+    the job (c could still take 000), a then renders 001 and 002. Only 000 is left, pending."""
+    for worker in ("a", "b", "c"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=2, block_after=2), [task("1"), task("2"), task("3")])
+    leases = [queue.claim("a", 10), queue.claim("b", 10), queue.claim("b", 10)]
+    assert [lease.task_id for lease in leases] == ["000", "001", "002"]
+    assert [queue.fail(lease, "cnode exited with status 1") for lease in leases] == ["pending"] * 3
+    assert [b.worker for b in queue.jobs()[0].blocked] == ["b"]
+    for _ in range(2):
+        queue.complete(queue.claim("a", 10))
+    assert [(t.state, t.kept_from) for t in queue.tasks(job_id)] == [("pending", ("a",)), ("done", ()), ("done", ())]
+    return job_id
+
+
+def test_a_blocked_worker_gets_nothing_while_an_eligible_worker_is_there(queue: Queue) -> None:
+    job_id = strand_a_task(queue)
+    assert queue.claim("a", 10) is None and queue.claim("b", 10) is None  # c may take 000
+    assert queue.claim("c", 10).task_id == "000"
+    assert "block_overridden" not in [e.kind for e in queue.events(job_id)]
+
+
+@pytest.mark.parametrize("claimer, other", [("b", "a"), ("a", "b")])
+def test_a_task_no_other_live_worker_may_take_goes_to_a_blocked_worker_anyway(
+        queue: Queue, claimer: str, other: str) -> None:
+    from cio_worker.queue import WorkerStatus
+
+    job_id = strand_a_task(queue)
+    queue.worker_report("c", WorkerStatus("stopped"))
+    # b is blocked from the job, a is kept from 000: whichever claims takes it, the other one alive
+    # or not; then the other gets nothing.
+    if other == "a":
+        queue.worker_report("a", WorkerStatus("stopped"))
+    lease = queue.claim(claimer, 10)
+    assert lease is not None and (lease.job_id, lease.task_id) == (job_id, "000")
+    assert queue.claim(other, 10) is None
+    (event,) = [e for e in queue.events(job_id, "000") if e.kind == "block_overridden"]
+    assert event.worker == claimer
+    assert event.detail == f"worker {claimer} takes task 000 despite its block: no other worker may"
+    queue.complete(lease)
+    assert queue.is_finished(job_id)
+
+
+def test_a_worker_is_not_blocked_when_that_would_leave_a_kept_task_with_no_taker(queue: Queue) -> None:
+    for worker in ("a", "b"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=2, block_after=2), [task("1"), task("2"), task("3")])
+    leases = [queue.claim("a", 10), queue.claim("b", 10), queue.claim("b", 10)]
+    assert [queue.fail(lease, "cnode exited with status 1") for lease in leases] == ["pending"] * 3
+    # a is kept from 000: blocking b would leave 000 to nobody, though a is not blocked from the job.
+    assert queue.jobs()[0].blocked == ()
+    assert [t.kept_from for t in queue.tasks(job_id)] == [("a",), ("b",), ("b",)]
+    assert queue.claim("b", 10).task_id == "000"
+    assert queue.claim("a", 10).task_id == "001"
+
+
+def test_a_task_failing_on_every_worker_ends_failed_within_the_cap(queue: Queue) -> None:
+    from cio_worker.queue import WorkerStatus
+
+    for worker in ("a", "b", "c"):
+        queue.register_worker(worker, {})
+    job_id = queue.create_job(blocking_spec(failed=0, workers=3, block_after=0), [task("1")])
+    assert fail_on(queue, "a") == ("000", "pending")
+    assert fail_on(queue, "b") == ("000", "pending")  # on 2 of 3 workers: it waits for c
+    queue.worker_report("c", WorkerStatus("stopped"))
+    lease = queue.claim("a", 10)  # kept from it, but no other live worker may take it
+    assert lease.task_id == "000"
+    # c is back before a's attempt ends: c has not failed it, yet this is the last attempt allowed.
+    queue.register_worker("c", {})
+    assert [w.state for w in queue.workers() if w.id == "c"] == ["idle"]
+    assert queue.fail(lease, "cnode exited with status 1") == "failed"
+    (row,) = queue.tasks(job_id)
+    assert row.attempts["failed"] == 3  # max_retries 0 + distinct_workers 3
+    final = [e for e in queue.events(job_id, "000") if e.kind == "failed"][-1]
+    assert "the most the job allows: max_retries 0 + distinct_workers 3" in final.detail
+    assert queue.claim("c", 10) is None
+
+
+def test_claims_that_arrive_together_take_a_task_no_other_may_take_once(queue: Queue) -> None:
+    if not hasattr(queue, "claim_many"):
+        pytest.skip("claim_many is the engines' (the coordinator batches claims into it)")
+    from cio_worker.queue import WorkerStatus
+
+    job_id = strand_a_task(queue)
+    queue.worker_report("c", WorkerStatus("stopped"))
+    leases = queue.claim_many(["b", "a", "b"], 10)
+    assert [lease and (lease.worker, lease.task_id) for lease in leases] == [("b", "000"), None, None]
+    assert [e.worker for e in queue.events(job_id, "000") if e.kind == "block_overridden"] == ["b"]

@@ -72,7 +72,10 @@ def test_a_job_finishes_through_frequent_preemptions(tmp_path):
     # Every notice that stopped a task costs a retry; one that came as the task was completing, or
     # to an agent between tasks, does not.
     assert summary.retries >= sum(1 for r in chaos.reactions if r.by in ("drain", "hard stop"))
-    assert chaos.instances == 2 + chaos.notices  # each preempted instance was replaced
+    # Each preempted instance was replaced once it was gone; one noticed as the job ended may still
+    # have been draining when the simulation stopped (at most the two running then).
+    ended = chaos.drained + chaos.powered_off
+    assert chaos.instances == 2 + ended and 0 <= chaos.notices - ended <= 2, chaos
     assert all(r.in_time for r in chaos.reactions), chaos.reactions
     assert chaos.left_after_drain == 0
     check_frames(summary, range(1, 25))

@@ -289,3 +289,38 @@ def test_logging_progress_logs_every_n_seconds(caplog: pytest.LogCaptureFixture)
     assert len(messages) == 1 + 2 + 1  # start, at 12 s and 24 s, the end
     assert messages[1] == "inputs: 3/10 files  4.0 MiB/10.0 MiB  341.3 KiB/s  ETA 0:18"
     assert messages[-1] == "inputs: 10/10 files  10.0 MiB/10.0 MiB  341.3 KiB/s  done in 0:30"
+
+
+def test_a_batch_whose_items_stop_moving_fails_as_stalled_and_starts_no_more() -> None:
+    release = threading.Event()
+    done: list[int] = []
+
+    def work(n: int) -> None:
+        if n == 3:
+            release.wait(30)  # a store that stopped answering
+            return
+        done.append(n)
+
+    activity = Activity()
+    try:
+        with pytest.raises(TransferError) as caught:
+            run_batch("test", list(range(50)), str, work, concurrency=1, activity=activity, stall_seconds=0.5)
+    finally:
+        release.set()
+    assert caught.value.code == "stalled"
+    assert [f.key for f in caught.value.failures] == sorted(str(n) for n in range(3, 50))
+    assert done == [0, 1, 2]
+
+
+def test_a_download_makes_the_missing_directory_of_its_destination(tmp_path: Path) -> None:
+    from cio_worker.job.hashing import md5_b64_of_bytes
+    from cio_worker.storage.base import DownloadItem, StorageOptions
+    from cio_worker.storage.file import FileStorage
+
+    (tmp_path / "store" / "hashstore").mkdir(parents=True)
+    for i in range(64):
+        (tmp_path / "store" / "hashstore" / f"k{i}").write_bytes(b"content %d" % i)
+    dest = tmp_path / "not" / "yet" / "there"  # every thread finds it missing at first
+    FileStorage(f"file://{tmp_path / 'store'}", StorageOptions(concurrency=8)).download(
+        [DownloadItem(f"hashstore/k{i}", str(dest / f"{i}"), md5_b64_of_bytes(b"content %d" % i)) for i in range(64)])
+    assert sorted(p.read_bytes() for p in dest.iterdir()) == sorted(b"content %d" % i for i in range(64))

@@ -432,3 +432,20 @@ def test_processes_syncing_at_once_into_one_cache_all_succeed(farm, tmp_path):
             assert stat.S_IMODE(path.stat().st_mode) == f.mode & 0o777
     assert all(farm.cache.has(f.md5) for f in files)
     assert leftovers(*set(roots), farm.cache.root) == []
+
+
+def test_destinations_mapped_once_per_directory_still_meet_every_rule(farm: Farm, tmp_path: Path) -> None:
+    # Destinations are mapped once per directory: a rule naming one file of that directory must
+    # still apply to it (and, as before, a file's own rule is refused: nothing is written).
+    farm.path_map = PathMap.parse([f"/proj={tmp_path / 'a'}", f"/proj/tex/special.exr={tmp_path / 'b' / 'special.exr'}"])
+    files = [farm.put(f"C:/proj/tex/{name}.exr", name.encode()) for name in ("one", "special", "two")]
+    with pytest.raises(PathError, match="special.exr"):
+        farm.sync(files)
+    assert not (tmp_path / "a" / "tex" / "special.exr").exists()
+
+    farm.path_map = PathMap.parse([f"/proj={tmp_path / 'a'}"])
+    files = [farm.put(f"C:/proj/tex/{name}.exr", name.encode()) for name in ("one", "two")]
+    files.append(farm.put("C:/proj/tex\\three.exr", b"three"))  # a backslash: its directory is tex too
+    farm.sync(files)
+    for name in ("one", "two", "three"):
+        assert (tmp_path / "a" / "tex" / f"{name}.exr").read_bytes() == name.encode()

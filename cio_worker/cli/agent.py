@@ -64,6 +64,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-tasks", type=int, default=None, metavar="N", help="exit after this many tasks")
     parser.add_argument("--stop-grace", type=float, default=20.0, metavar="SECONDS",
                         help="kill-ladder grace when stopped by a signal (default %(default)s)")
+    parser.add_argument("--prices", default=None, metavar="FILE",
+                        help="hourly prices of instance types (TOML, as cio_worker/job/prices.toml) for each "
+                        "attempt's cost (default: the packaged list prices)")
     parser.add_argument("--node-fault-limit", type=int, default=3, metavar="N",
                         help="give up (run --give-up-command, exit status 69) after N tasks in a row failed by "
                         "this node (renderer missing, disk full, no licence); they go back at no cost to them "
@@ -246,11 +249,13 @@ def _config_file(args: argparse.Namespace) -> tuple[Path, bool]:
 def _start(resolved: "Resolved", log: logging.Logger) -> _Started:
     """One attempt at everything work needs: the queue (a coordinator that answers and takes our
     token), the node's directories, the renderer, this instance's identity."""
+    from cio_worker.job.prices import load_prices
     from cio_worker.node.identity import read_identity
     from cio_worker.node.readiness import check_node
     from cio_worker.storage.progress import LoggingProgress
 
     settings = resolved.settings
+    load_prices(settings.prices)  # an unreadable price table is a bad configuration: found before any work
     token = queue_token(settings) if settings.token_file else settings.token  # type: ignore[arg-type]
     # A mistyped sqlite --queue fails here, before any directory is made.
     queue = open_existing_queue(settings.queue, token)  # type: ignore[arg-type]
@@ -276,6 +281,7 @@ def _start(resolved: "Resolved", log: logging.Logger) -> _Started:
 
 
 def _work(started: _Started, systemd: "Notifier", log: logging.Logger) -> int:
+    from cio_worker.job.prices import load_prices
     from cio_worker.node.agent import Agent, AgentConfig
     from cio_worker.node.preemption import start_watchers
 
@@ -293,6 +299,7 @@ def _work(started: _Started, systemd: "Notifier", log: logging.Logger) -> int:
             node_fault_limit=settings.node_fault_limit,
             hard_stop_margin=settings.hard_stop_margin,
             grace_share=settings.grace_share,
+            prices=load_prices(settings.prices),
         ),
         queue,
         started.ctx,

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from cio_worker.cli.common import add_queue_argument, check_new_queue, open_existing_queue, queue_token
-from cio_worker.cli.main import Streams, add_command, add_path_map_arguments, path_map_from_args
+from cio_worker.cli.main import CliError, Streams, add_command, add_path_map_arguments, path_map_from_args
 
 
 def _md5cache_argument(parser: argparse.ArgumentParser) -> None:
@@ -65,19 +65,76 @@ def run_submit(args: argparse.Namespace, streams: Streams) -> int:
 def register_status(subparsers: argparse._SubParsersAction) -> None:
     parser = add_command(subparsers, "status", run_status)
     parser.add_argument("job", nargs="?", metavar="JOB", help="the job whose tasks to show (default: list the jobs)")
+    parser.add_argument("--task", default=None, metavar="ID",
+                        help="with JOB: every attempt of this task, with its figures, log location and reason")
+    parser.add_argument("--prices", default=None, metavar="FILE",
+                        help="re-price the attempts with this price table (TOML, as the packaged job/prices.toml) "
+                        "instead of the prices their agents used")
     add_queue_argument(parser)
 
 
 def run_status(args: argparse.Namespace, streams: Streams) -> int:
-    """show jobs, or one job's tasks
+    """show jobs, or one job's tasks and cost
 
     Without JOB, list the queue's jobs with their task counts per state. With JOB, list its tasks:
-    state, frames, tile, attempts (per cause), frames done, worker and reason.
+    state, frames, tile, attempts (per cause), frames done, worker, the last attempt's figures (wall,
+    CPU, peak RSS, synced and uploaded bytes, cost) and reason, and the job's total cost. With JOB
+    --task ID, every attempt of that task.
     """
     from cio_worker.artist.status_view import format_status
+    from cio_worker.job.prices import load_prices
+
+    if args.task is not None and args.job is None:
+        raise CliError("--task needs a JOB (cio-worker status JOB --task ID)")
+    prices = load_prices(args.prices) if args.prices else None
+    with open_existing_queue(args.queue, queue_token(args)) as queue:
+        streams.out.write(format_status(queue, args.job, args.task, prices) + "\n")
+    return 0
+
+
+def register_logs(subparsers: argparse._SubParsersAction) -> None:
+    parser = add_command(subparsers, "logs", run_logs)
+    parser.add_argument("job", metavar="JOB", help="the job id, as `cio-worker status` lists it")
+    parser.add_argument("task", metavar="TASK", help="the task id (000, 001, ...)")
+    parser.add_argument("--attempt", type=int, default=None, metavar="N",
+                        help="this attempt (`status JOB --task TASK` lists them; default: the running one, else "
+                        "the last)")
+    parser.add_argument("--follow", "-f", action="store_true",
+                        help="print the running attempt's lines as they come until it ends (waits for a task "
+                        "that has not started)")
+    parser.add_argument("--poll-seconds", type=float, default=1.0, metavar="SECONDS",
+                        help="with --follow, the wait between looks at the queue (default %(default)s)")
+    add_queue_argument(parser)
+
+
+def run_logs(args: argparse.Namespace, streams: Streams) -> int:
+    """print a task's log, from anywhere
+
+    Print the log of an attempt of TASK: an ended attempt's whole log from the job's storage
+    (uploaded by its agent when it ended), a running one's newest lines from the queue. --follow
+    prints a running attempt's lines as its agent ships them (every few seconds) until it ends.
+    """
+    from cio_worker.artist.task_logs import follow, target, whole_log
+    from cio_worker.storage import open_storage
 
     with open_existing_queue(args.queue, queue_token(args)) as queue:
-        streams.out.write(format_status(queue, args.job) + "\n")
+        queue.job(args.job)  # an unknown job fails here, naming it
+        if not args.follow:
+            streams.out.write(whole_log(queue, open_storage, args.job, target(queue, args.job, args.task,
+                                                                                   args.attempt)))
+            streams.out.flush()
+            return 0
+
+        def write(text: str) -> None:
+            streams.out.write(text)
+            streams.out.flush()
+
+        ended = follow(queue, args.job, args.task, args.attempt, write, lambda line: print(line, file=streams.err),
+                       poll=args.poll_seconds)
+    record = ended.ended
+    if record is not None:
+        where = f"; its whole log: {record.figures.log}" if record.figures.log else ""
+        print(f"attempt {ended.attempt} ended: {record.outcome}{where}", file=streams.err)
     return 0
 
 
@@ -145,6 +202,9 @@ def register_download(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--watch", action="store_true", help="keep going until the job (or every job) is finished")
     parser.add_argument("--poll-seconds", type=float, default=2.0, metavar="SECONDS",
                         help="with --watch, the wait between looks at the queue (default %(default)s)")
+    parser.add_argument("--keep-tiles", action="store_true",
+                        help="keep a tiled frame's tiles beside the frame pasted together from them "
+                        "(default: remove them once the frame is written and verified)")
     add_path_map_arguments(parser)
     _md5cache_argument(parser)
 
@@ -154,7 +214,8 @@ def run_download(args: argparse.Namespace, streams: Streams) -> int:
 
     Download the outputs of finished tasks to output_path/relative_path on this machine (located
     with --root / --path-map), verified by MD5 and renamed into place; a record that would write
-    outside the output path is refused.
+    outside the output path is refused. Once every tile of a frame is there, the tiles are pasted
+    into the frame's own file (verified against them) and removed, unless --keep-tiles.
     """
     from cio_worker.artist.downloader import Downloader
     from cio_worker.storage import open_storage
@@ -165,13 +226,18 @@ def run_download(args: argparse.Namespace, streams: Streams) -> int:
             queue.job(args.job)
         cache_path = Path(args.md5_cache).expanduser()
         cache_path.parent.mkdir(parents=True, exist_ok=True)
-        downloader = Downloader(queue, open_storage, path_map_from_args(args), Md5Cache(cache_path))
+        downloader = Downloader(queue, open_storage, path_map_from_args(args), Md5Cache(cache_path),
+                                keep_tiles=args.keep_tiles)
 
         def show(report) -> None:
             for path in report.placed:
                 print(f"downloaded {path}", file=streams.out)
             for line in report.refused:
                 print(f"refused {line}", file=streams.err)
+            for path in report.assembled:
+                print(f"assembled {path}", file=streams.out)
+            for line in report.not_assembled:
+                print(f"not assembled {line}", file=streams.err)
 
         if args.watch:
             report = downloader.watch(args.job, poll=args.poll_seconds, on_report=show)
@@ -179,5 +245,6 @@ def run_download(args: argparse.Namespace, streams: Streams) -> int:
             report = downloader.run_once(args.job)
             show(report)
     print(f"{report.files_written} files written, {report.files_skipped} already in place, "
-          f"{len(report.refused)} records refused", file=streams.err)
+          f"{len(report.refused)} records refused, {len(report.assembled)} frames assembled from tiles",
+          file=streams.err)
     return 2 if report.refused else 0

@@ -49,6 +49,7 @@ COMMANDS: tuple[str, ...] = (
     "cio_worker.cli.agent:register",
     "cio_worker.cli.run_task:register",
     "cio_worker.cli.jobs:register_status",
+    "cio_worker.cli.jobs:register_logs",
     "cio_worker.cli.jobs:register_job_actions",
     "cio_worker.cli.jobs:register_download",
     "cio_worker.cli.simulate:register",

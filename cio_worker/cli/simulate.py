@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import threading
 from pathlib import Path
 
 from cio_worker.cli.main import CliError, Streams, add_command
@@ -31,6 +32,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--no-release", action="store_true", help="leave held tasks held (scouts only)")
     parser.add_argument("--timeout", type=float, default=900.0, metavar="SECONDS",
                         help="give up on the job after this long (default %(default)s)")
+    parser.add_argument("--keep-open", action="store_true",
+                        help="leave the coordinator and its web view up after the job ends, until Ctrl-C")
     chaos = parser.add_argument_group(
         "chaos",
         "Each agent plays a cloud instance with its own GCE metadata server. Rates are Poisson: mean "
@@ -63,10 +66,11 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     Start a coordinator on a queue (default: a sqlite file in a temporary directory), submit a job
     (default: the shipped example shot) through it, run N agent processes that speak HTTP to it with
     the cnode simulator, release the scouts once they are done, download the frames and print a
-    summary.
+    summary. The coordinator's web view is open while the job runs (its address and how to sign in
+    are printed first); --keep-open leaves it up after the job ends, until Ctrl-C.
     """
     from cio_worker.sim.examples import example_job_path, example_root
-    from cio_worker.sim.simulate import Simulation, SimulationConfig
+    from cio_worker.sim.simulate import Simulation, SimulationConfig, SimulationSummary  # noqa: F401
 
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
@@ -79,6 +83,8 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
     heartbeat = args.heartbeat_seconds if args.heartbeat_seconds is not None else (1.0 if args.kill_rate > 0 else 2.0)
     if heartbeat >= lease:
         raise CliError(f"--heartbeat-seconds ({heartbeat:g}) must be shorter than --lease-seconds ({lease:g})")
+    if args.keep_open and args.no_coordinator:
+        raise CliError("--keep-open keeps the coordinator's web view up; it needs the coordinator (drop --no-coordinator)")
     if args.job_spec and not args.root:
         raise CliError("with a JOB_SPEC, give --root: the directory that holds its artist paths")
     spec = Path(args.job_spec) if args.job_spec else example_job_path()
@@ -104,7 +110,23 @@ def run(args: argparse.Namespace, streams: Streams) -> int:
         lease_seconds=lease,
         heartbeat_seconds=heartbeat,
     )
-    summary = Simulation(config, out=streams.out).run()
-    for line in summary.lines():
-        print(line, file=streams.out)
+    printed = []
+
+    def report(summary: "SimulationSummary") -> None:
+        for line in summary.lines():
+            print(line, file=streams.out)
+        printed.append(True)
+
+    def hold(summary: "SimulationSummary") -> None:
+        report(summary)
+        print(f"the web view stays open at {simulation.web_url}/ ; Ctrl-C to stop", file=streams.out, flush=True)
+        try:
+            threading.Event().wait()
+        except KeyboardInterrupt:
+            print("stopping the coordinator", file=streams.out)
+
+    simulation = Simulation(config, out=streams.out)
+    summary = simulation.run(keep_open=hold if args.keep_open and config.coordinator else None)
+    if not printed:
+        report(summary)
     return 0 if summary.failed == 0 and summary.done == summary.tasks and not summary.orphans else 1

@@ -4,5 +4,9 @@ Agents register, long-poll for claims, heartbeat and report; owners submit, read
 kill and download. Stateless: every fact lives in the queue's database, so several coordinators can
 serve one PostgreSQL behind a load balancer; with ``sqlite:///`` it is the one-machine farm.
 
-May import: ``errors``, ``job``, ``queue``. Needs the ``coordinator`` extra (FastAPI, uvicorn, prometheus_client).
+Its web view (``web/``) shows jobs, tasks, frames and workers to a person signed in with an owner
+token, reading frame previews and stored task logs from each job's storage.
+
+May import: ``errors``, ``job``, ``queue``, ``storage``. Needs the ``coordinator`` extra (FastAPI, uvicorn,
+prometheus_client, Jinja2).
 """

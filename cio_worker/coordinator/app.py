@@ -40,9 +40,10 @@ from cio_worker.coordinator.batch import Batcher
 from cio_worker.coordinator.fastpath import FastRoute, FastRoutes, Reply
 from cio_worker.coordinator.metrics import CoordinatorMetrics
 from cio_worker.coordinator.signal import WorkSignal
+from cio_worker.coordinator.web.routes import WebView, mount as mount_web
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.queue import wire
-from cio_worker.queue.base import Lease
+from cio_worker.queue.base import LOG_SHIPMENT_CAP, Lease, WorkerStatus
 from cio_worker.queue.credentials import TokenRow
 from cio_worker.queue.sql import Completion, SqlQueue
 
@@ -101,6 +102,13 @@ class StatusBody(_Strict):
     detail: str = Field(default="", max_length=500)
 
 
+def worker_status(body: StatusBody) -> WorkerStatus:
+    """The queue's status from a validated body (the queue's own rules checked too)."""
+    status = WorkerStatus(body.state, body.progress, body.detail)
+    status.validate()
+    return status
+
+
 class HeartbeatBody(_Strict):
     lease: LeaseRef
     lease_seconds: float | None = Field(default=None, gt=0, le=86_400)
@@ -119,16 +127,47 @@ class DownloadBody(_Strict):
     files: list[DownloadFileBody] = Field(default_factory=list, max_length=100_000)
 
 
+Figure = Field(default=None, ge=0)
+FigureText = Field(default="", max_length=2048)
+
+
+class FiguresBody(_Strict):
+    """What the attempt took (``AttemptFigures``); every figure may be null (not measured)."""
+
+    wall_seconds: float | None = Figure
+    cpu_seconds: float | None = Figure
+    peak_rss_bytes: int | None = Figure
+    sync_bytes: int | None = Figure
+    sync_seconds: float | None = Figure
+    upload_bytes: int | None = Figure
+    upload_seconds: float | None = Figure
+    instance_type: str = FigureText
+    hourly_price: float | None = Figure
+    cost: float | None = Figure
+    currency: str = FigureText
+    log: str = FigureText
+    drain_seconds: float | None = Figure
+    storage_scheme: str = FigureText
+
+
 class CompleteBody(_Strict):
     lease: LeaseRef
     download: DownloadBody | None = None
     op_id: str | None = OpId
+    figures: FiguresBody | None = None
 
 
 class FailBody(_Strict):
     lease: LeaseRef
     reason: str = Field(max_length=10_000)
     op_id: str | None = OpId
+    figures: FiguresBody | None = None
+
+
+class AppendLogBody(_Strict):
+    lease: LeaseRef
+    offset: int = Field(ge=0)
+    text: str = Field(max_length=LOG_SHIPMENT_CAP)  # characters; the queue checks the bytes
 
 
 class ReleaseBody(_Strict):
@@ -138,6 +177,7 @@ class ReleaseBody(_Strict):
     download: DownloadBody | None = None
     reason: str = Field(default="", max_length=10_000)
     op_id: str | None = OpId
+    figures: FiguresBody | None = None
 
 
 class WorkerReportBody(_Strict):
@@ -346,12 +386,15 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     from contextlib import asynccontextmanager
 
+    web = WebView(queue, call, refusal, gone_after=config.gone_after, before_workers=flush_contacts)
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         task = asyncio.create_task(watch())
         try:
             yield
         finally:
+            web.close()
             stop.set()
             signal.notify(signal.waiting)
             await task
@@ -461,7 +504,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         return {"worker": body.worker, "server_time": time.time(), **settings()}
 
     async def do_report(body: WorkerReportBody) -> dict:
-        status = wire.status_from_dict(body.status.model_dump())
+        status = worker_status(body.status)
         if body.worker in known_workers and status.state == "idle":
             statuses[body.worker] = status
         else:
@@ -492,16 +535,25 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     async def do_heartbeat(body: HeartbeatBody) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
-        status = None if body.status is None else wire.status_from_dict(body.status.model_dump())
+        status = None if body.status is None else worker_status(body.status)
         reply = await call(queue.heartbeat, lease, body.lease_seconds or config.lease_seconds, status)
         return {**wire.reply_to_dict(reply), **settings()}
+
+    def figures_of(body: CompleteBody | FailBody | ReleaseBody) -> Any:
+        return None if body.figures is None else wire.figures_from_dict(body.figures.model_dump())
 
     async def do_complete(body: CompleteBody) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        await completions.submit((lease, download, body.op_id))
+        figures = figures_of(body)
+        await completions.submit((lease, download, body.op_id, figures))
         metrics.completions.inc()
+        metrics.attempt("done", figures)
         return {"state": "done"}
+
+    async def undelivered_claim(answer: dict) -> None:
+        """A claim answered as its agent went away: the lease goes back at no cost to the task."""
+        await give_back(wire.lease_from_dict(answer["lease"]))
 
     async def give_back(lease: Lease) -> None:
         await call(queue.release, lease, "released", "", None, "claimed for a request that went away", None)
@@ -545,8 +597,10 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     @app.post("/v1/fail", tags=["agents"])
     async def fail(body: FailBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
-        state = await call(queue.fail, lease, body.reason, body.op_id)
+        figures = figures_of(body)
+        state = await call(queue.fail, lease, body.reason, body.op_id, figures)
         metrics.failed(state)
+        metrics.attempt("failed", figures)
         if state == "pending":
             work_arrived(1)
         return {"state": state}
@@ -555,11 +609,21 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     async def release(body: ReleaseBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
-        state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id)
+        figures = figures_of(body)
+        state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id,
+                           figures)
         metrics.released(body.cause, state)
+        metrics.attempt(body.cause, figures)
         if state == "pending":
             work_arrived(1)
         return {"state": state}
+
+    @app.post("/v1/logs/append", tags=["agents"])
+    async def append_log(body: AppendLogBody, _: TokenRow = agent) -> dict:
+        """The next lines of a running task's log, for ``cio-worker logs --follow`` (the queue keeps
+        the newest 256 KiB of each attempt); answers the offset the queue now has up to."""
+        lease = wire.lease_ref_from_dict(body.lease.model_dump())
+        return {"end": await call(queue.append_log, lease, body.offset, body.text)}
 
     @app.post("/v1/reap", tags=["agents"])
     async def reap(_: TokenRow = agent) -> dict:
@@ -593,6 +657,18 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     @app.get("/v1/jobs/{job_id}/events", tags=["owners"])
     async def events(job_id: str, task: str | None = None, _: TokenRow = owner) -> dict:
         return {"events": [wire.event_to_dict(e) for e in await call(queue.events, job_id, task)]}
+
+    @app.get("/v1/jobs/{job_id}/attempts", tags=["owners"])
+    async def attempts(job_id: str, task: str | None = None, _: TokenRow = owner) -> dict:
+        """Every ended attempt of the job's tasks (or of ``task``) with its figures and log location."""
+        return {"attempts": [wire.attempt_row_to_dict(a) for a in await call(queue.attempts, job_id, task)]}
+
+    @app.get("/v1/jobs/{job_id}/tasks/{task_id}/log", tags=["owners"])
+    async def task_log(job_id: str, task_id: str, attempt: int | None = None, after: int = 0,
+                       _: TokenRow = owner) -> dict:
+        """What the queue holds of a task attempt's live log after byte ``after`` (the latest
+        attempt unless ``attempt`` is named)."""
+        return wire.log_chunk_to_dict(await call(queue.task_log, job_id, task_id, attempt, after))
 
     @app.post("/v1/jobs/{job_id}/release", tags=["owners"])
     async def release_job(job_id: str, _: TokenRow = owner) -> dict:
@@ -640,13 +716,15 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         body, content_type = await call(metrics.render, request.headers.get("accept"))
         return Response(body, media_type=content_type)
 
+    mount_web(app, web)  # the web view: pages at /, never under /v1/ (coordinator/web)
+
     def limit_for(path: str) -> int:
         return MAX_BODY if path == "/v1/jobs" else MAX_SMALL_BODY
 
     app.add_middleware(_BodyLimit, limit=limit_for)
     return FastRoutes(
         app,
-        routes={"/v1/claim": FastRoute(ClaimBody, "agent", do_claim),
+        routes={"/v1/claim": FastRoute(ClaimBody, "agent", do_claim, undelivered=undelivered_claim),
                 "/v1/heartbeat": FastRoute(HeartbeatBody, "agent", do_heartbeat),
                 "/v1/workers/report": FastRoute(WorkerReportBody, "agent", do_report),
                 "/v1/complete": FastRoute(CompleteBody, "agent", do_complete),

@@ -10,6 +10,7 @@ stay declared there for ``/openapi.json`` and for every other method).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -28,10 +29,17 @@ class FastRoute:
     model: type[BaseModel]
     scope: str  # the token scope the route needs
     handler: Callable[[Any], Awaitable[dict[str, Any] | None]]  # None: 204 No Content
+    # A long wait (a claim's long poll): the handler is cancelled when the client goes away
+    # meanwhile, and an answer it made that can no longer be delivered is handed here (a lease
+    # given back) rather than sent to nobody.
+    undelivered: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
 
 class BodyTooLarge(Exception):
     pass
+
+
+_GONE = object()  # the client went away before its answer was ready
 
 
 def is_json(media_type: bytes) -> bool:
@@ -129,13 +137,44 @@ class FastRoutes:
                 except ValidationError as exc:
                     reply = (422, self.invalid(exc.errors()), {})
                 else:
-                    payload = await route.handler(model)
+                    if route.undelivered is None:
+                        payload = await route.handler(model)
+                    else:
+                        payload = await self._unless_gone(route, model, receive)
+                        if payload is _GONE:
+                            return
                     reply = (204, None, {}) if payload is None else (200, payload, {})
         except BodyTooLarge:
             reply = self.too_large()
         except Exception as exc:  # noqa: BLE001 - every error is answered; refuse() logs the unexpected
             reply = self.refuse(exc)
         await send_reply(send, reply)
+
+    async def _unless_gone(self, route: FastRoute, model: BaseModel, receive: Callable) -> Any:
+        """The handler's answer, or ``_GONE`` when the client disconnected first (the handler is
+        then cancelled; an answer it had already made goes to ``route.undelivered``). With the
+        body read whole, the server's next message is the disconnect."""
+        work = asyncio.ensure_future(route.handler(model))
+        gone = asyncio.ensure_future(receive())
+        try:
+            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not work.done() and not gone.done():  # this request itself was cancelled
+                work.cancel()
+                gone.cancel()
+        if not gone.done() or gone.result().get("type") != "http.disconnect":
+            gone.cancel()
+            return await work
+        if not work.done():
+            work.cancel()
+            try:
+                await work
+            except asyncio.CancelledError:
+                return _GONE
+        if not work.cancelled() and work.exception() is None and work.result() is not None:
+            assert route.undelivered is not None
+            await route.undelivered(work.result())
+        return _GONE
 
     async def _body(self, receive: Callable) -> bytes | None:
         chunks: list[bytes] = []

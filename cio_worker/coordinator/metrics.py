@@ -3,8 +3,9 @@
 Requests, claims and reports are counted where the coordinator answers them. Tasks and workers by
 state are read from the queue when scraped, at most once a ``ttl``: however many scrape at once,
 that is one query a second. Each app has its own registry, so two coordinators in one process
-count apart. What only agents know (bytes synced and uploaded, drain times) is declared with no
-samples until their reports carry it.
+count apart. What only agents know (bytes synced and uploaded, drain times, each attempt's wall
+time and cost) comes with their final reports (the figures of complete, fail, release): counted as
+the reports arrive, never read back from the queue; a family has no samples until a report carries it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from prometheus_client.metrics_core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from cio_worker.errors import CioError
+from cio_worker.queue.base import AttemptFigures
 
 log = logging.getLogger("cio_worker.coordinator")
 
@@ -29,6 +31,7 @@ Counts = tuple[dict[str, int], dict[str, int]]  # tasks by state, workers by sta
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 DRAIN_BUCKETS = (1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 120)
+ATTEMPT_BUCKETS = (1, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 # Any other method a client makes up is counted as "other", so it cannot add series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
@@ -141,13 +144,20 @@ class CoordinatorMetrics:
                 self.releases.labels(cause, outcome)
         for cause in ("failed", "preempted", "released"):
             self.retries.labels(cause)
-        # Only agents know these; their reports do not carry them yet, so no samples are served.
-        self.bytes_synced = Counter("cio_agent_bytes_synced", "bytes agents downloaded for their tasks (not "
-                                    "reported by agents yet)", ["scheme"], registry=r)
-        self.bytes_uploaded = Counter("cio_agent_bytes_uploaded", "bytes of outputs agents uploaded (not reported "
-                                      "by agents yet)", ["scheme"], registry=r)
-        self.drain_seconds = Histogram("cio_agent_drain_seconds", "from a preemption notice to the agent's release "
-                                       "(not reported by agents yet)", ["outcome"], registry=r, buckets=DRAIN_BUCKETS)
+        # Only agents know these: from the figures their final reports carry.
+        self.bytes_synced = Counter("cio_agent_bytes_synced", "bytes agents downloaded for their tasks, by "
+                                    "storage scheme", ["scheme"], registry=r)
+        self.bytes_uploaded = Counter("cio_agent_bytes_uploaded", "bytes of outputs agents uploaded, by storage "
+                                      "scheme", ["scheme"], registry=r)
+        self.drain_seconds = Histogram("cio_agent_drain_seconds", "from a stop (preemption notice, signal, kill) "
+                                       "to the agent's report, by how the attempt ended", ["outcome"], registry=r,
+                                       buckets=DRAIN_BUCKETS)
+        self.attempt_seconds = Histogram("cio_attempt_wall_seconds", "wall time of attempts on their agents, by "
+                                         "how they ended", ["outcome"], registry=r, buckets=ATTEMPT_BUCKETS)
+        self.attempt_cost = Counter("cio_attempt_cost", "what attempts cost (wall time x the instance type's "
+                                    "hourly price), by currency", ["currency"], registry=r)
+        self.attempts_unpriced = Counter("cio_attempts_unpriced", "attempts whose instance type the price table "
+                                         "does not know (their cost is not in cio_attempt_cost)", registry=r)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -171,6 +181,25 @@ class CoordinatorMetrics:
         self.releases.labels(cause, "retry" if state == "pending" else "final").inc()
         if state == "pending":
             self.retries.labels(cause).inc()
+
+    def attempt(self, outcome: str, figures: AttemptFigures | None) -> None:
+        """An attempt ended (a report was applied) with these figures (None: the agent sent none).
+        A report resent after a lost answer counts again here (the queue records it once)."""
+        if figures is None:
+            return
+        scheme = figures.storage_scheme or "unknown"
+        if figures.sync_bytes:
+            self.bytes_synced.labels(scheme).inc(figures.sync_bytes)
+        if figures.upload_bytes:
+            self.bytes_uploaded.labels(scheme).inc(figures.upload_bytes)
+        if figures.drain_seconds is not None:
+            self.drain_seconds.labels(outcome).observe(figures.drain_seconds)
+        if figures.wall_seconds is not None:
+            self.attempt_seconds.labels(outcome).observe(figures.wall_seconds)
+            if figures.cost is not None:
+                self.attempt_cost.labels(figures.currency or "unknown").inc(figures.cost)
+            else:
+                self.attempts_unpriced.inc()
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition the scraper asked for (``Accept``): the body and its content type. Reads

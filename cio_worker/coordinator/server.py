@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cio_worker.coordinator.app import CoordinatorConfig, create_app
+from cio_worker.coordinator.transport import coalescing_protocol
 from cio_worker.errors import CioError, QueueError
 from cio_worker.queue.sql import SqlQueue
 
@@ -82,9 +83,13 @@ def serve(
         access_log=False,  # one line per claim and heartbeat drowns the log; errors are logged
         lifespan="on",
         loop="auto",  # uvloop where installed
-        http="auto",  # httptools where installed
+        http=coalescing_protocol() or "auto",  # httptools where installed
         timeout_keep_alive=75,  # longer than a long poll's gap between requests
+        # X-Forwarded-* is read only when a proxy is named: the middleware that reads it costs
+        # every request, and with nobody to trust it has nothing to do.
+        proxy_headers=forwarded_allow_ips is not None,
         forwarded_allow_ips=forwarded_allow_ips,
+        server_header=False,
     )
     if not configure_logging:
         options.update(log_config=None)

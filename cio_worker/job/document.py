@@ -22,6 +22,11 @@ from cio_worker.job.paths import node_path
 DOCUMENT_VERSION = 1
 RETRY_CAUSES = ("preempted", "failed")
 MAX_RETRIES = 5
+# The failed cause's settings besides max_retries (RetryPolicy): how many workers a task must fail
+# on before it fails for real, and after how many of a job's tasks a worker fails it is blocked.
+FAILED_SETTINGS = ("max_retries", "distinct_workers", "block_worker_after")
+MAX_DISTINCT_WORKERS = 10
+MAX_BLOCK_WORKER_AFTER = 1000
 # Matched with fullmatch: '$' would accept a trailing newline, '\d' other scripts' digits.
 _JOB_ID = re.compile(r"[0-9]{5,}")
 _TASK_ID = re.compile(r"[0-9]{3,}")
@@ -56,14 +61,29 @@ class UploadFile:
 
 @dataclass(frozen=True)
 class RetryPolicy:
+    """Retry budgets per cause, and who may retry a failed task (the queue applies them):
+
+    - ``distinct_workers`` (K): a task whose failed budget is spent fails for real only once its
+      failures span K different workers; until then it waits for a worker that has not failed it
+      (when no other worker that may take it is there, it fails at once: a farm of one).
+    - ``block_worker_after`` (M): a worker that fails M of the job's tasks gets no more of them
+      (0: never blocked), unless no other worker that may take them is there.
+    """
+
     preempted: int = 3
     failed: int = 1
+    distinct_workers: int = 2
+    block_worker_after: int = 3
 
     def budget(self, cause: str) -> int:
         return self.preempted if cause == "preempted" else self.failed
 
     def to_dict(self) -> dict[str, Any]:
-        return {"preempted": {"max_retries": self.preempted}, "failed": {"max_retries": self.failed}}
+        failed: dict[str, int] = {"max_retries": self.failed}
+        for name in ("distinct_workers", "block_worker_after"):  # written when not the default
+            if getattr(self, name) != getattr(RetryPolicy, name):
+                failed[name] = getattr(self, name)
+        return {"preempted": {"max_retries": self.preempted}, "failed": failed}
 
 
 @dataclass(frozen=True)
@@ -215,13 +235,22 @@ def parse_task(t: "_Reader") -> TaskInfo:
 def parse_retry_policy(p: "_Reader | None") -> RetryPolicy:
     if p is None:
         return RetryPolicy()
-    budgets = {}
+    budgets: dict[str, int] = {}
     for cause in RETRY_CAUSES:
         entry = p.optional_mapping(cause)
         budgets[cause] = 0 if entry is None else entry.integer("max_retries", minimum=0, maximum=MAX_RETRIES)
     unknown = set(p.data) - set(RETRY_CAUSES)
     if unknown:
         raise DocumentError(p.path(sorted(unknown)[0]), f"is not a retry cause (use {', '.join(RETRY_CAUSES)})")
+    failed = p.optional_mapping("failed")
+    if failed is not None:
+        extra = sorted(set(failed.data) - set(FAILED_SETTINGS))
+        if extra:
+            raise DocumentError(failed.path(extra[0]), f"is not a setting of the failed cause (use {', '.join(FAILED_SETTINGS)})")
+        budgets["distinct_workers"] = failed.integer("distinct_workers", default=RetryPolicy.distinct_workers,
+                                                     minimum=1, maximum=MAX_DISTINCT_WORKERS)
+        budgets["block_worker_after"] = failed.integer("block_worker_after", default=RetryPolicy.block_worker_after,
+                                                       minimum=0, maximum=MAX_BLOCK_WORKER_AFTER)
     return RetryPolicy(**budgets)
 
 

@@ -30,7 +30,9 @@ Layout (every key optional unless marked; unknown keys and tables are errors)::
 
     [autoretry_policy]                      # optional, overrides retries per cause
     preempted = 3                           # or {max_retries = 3}
-    failed = 1
+    failed = 1                              # or {max_retries = 1, distinct_workers = 2, block_worker_after = 3}:
+    #   a task fails for real once its failures span distinct_workers workers (1-10, default 2); a
+    #   worker that fails block_worker_after of the job's tasks gets no more of them (0: never; default 3)
 
     [[environment]]                         # user entries, applied after the software's
     name = "PATH"
@@ -52,7 +54,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from cio_worker.job.document import MAX_RETRIES, RetryPolicy
+from cio_worker.job.document import (
+    FAILED_SETTINGS, MAX_BLOCK_WORKER_AFTER, MAX_DISTINCT_WORKERS, MAX_RETRIES, RetryPolicy,
+)
 from cio_worker.job.environment import EnvEntry, MERGE_POLICIES
 from cio_worker.errors import CioError, DocumentError, TokenError
 from cio_worker.job.frames import FrameSet
@@ -299,8 +303,15 @@ def _retry_policy(raw: Any, source: Path, retries: int) -> RetryPolicy:
     for cause in ("preempted", "failed"):
         value = table.data.get(cause)
         if isinstance(value, Mapping):
-            inner = _Table(value, source, f"[autoretry_policy] {cause}", ("max_retries",))
+            allowed = FAILED_SETTINGS if cause == "failed" else ("max_retries",)
+            inner = _Table(value, source, f"[autoretry_policy] {cause}", allowed)
             budgets[cause] = inner.integer("max_retries", default=None, minimum=0, maximum=MAX_RETRIES, required=True)
+            if cause == "failed":
+                budgets["distinct_workers"] = inner.integer(
+                    "distinct_workers", default=RetryPolicy.distinct_workers, minimum=1, maximum=MAX_DISTINCT_WORKERS)
+                budgets["block_worker_after"] = inner.integer(
+                    "block_worker_after", default=RetryPolicy.block_worker_after, minimum=0,
+                    maximum=MAX_BLOCK_WORKER_AFTER)
         elif value is None:
             budgets[cause] = retries
         else:

@@ -81,6 +81,11 @@ class PathMap:
     rules: tuple[tuple[str, str], ...] = ()
     root: str | None = field(default=None)
 
+    def __post_init__(self) -> None:
+        # Longest prefix first, whatever order the rules came in (parse, from_dict, direct
+        # construction); sorted once here, not on every apply. Equal lengths keep their order.
+        object.__setattr__(self, "rules", tuple(sorted(self.rules, key=lambda r: -len(r[0]))))
+
     @classmethod
     def parse(cls, specs: list[str] | tuple[str, ...] | None, root: str | None = None) -> "PathMap":
         rules = []
@@ -94,7 +99,7 @@ class PathMap:
             rules.append((source, posixpath.normpath(target)))
         if root is not None and not root.startswith("/"):
             raise PathError(f"path map root {root!r} must be absolute")
-        return cls(tuple(sorted(rules, key=lambda r: -len(r[0]))), root)
+        return cls(tuple(rules), root)
 
     @classmethod
     def rooted(cls, root: str) -> "PathMap":
@@ -111,8 +116,7 @@ class PathMap:
 
     def apply(self, path: str) -> str:
         """Map a node path (already drive-stripped, absolute)."""
-        # Longest prefix first, whatever order the rules came in (from_dict, direct construction).
-        for source, target in sorted(self.rules, key=lambda r: -len(r[0])):
+        for source, target in self.rules:
             if path == source or path.startswith(source.rstrip("/") + "/"):
                 return posixpath.normpath(target + path[len(source.rstrip("/")) :])
         if self.root:

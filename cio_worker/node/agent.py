@@ -41,12 +41,15 @@ from typing import Any, Callable, Mapping, Union
 
 from cio_worker.job.document import TaskDocument
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
+from cio_worker.job.prices import PriceTable, load_prices
 from cio_worker.node.faults import node_fault
 from cio_worker.node.execution import ExecutionContext, TaskControl, TaskOutcome, execute, stop_stale_renders
+from cio_worker.node.figures import attempt_figures
+from cio_worker.node.logship import LogShipper, log_key, log_location, upload_log
 from cio_worker.node.identity import InstanceIdentity, local_identity
 from cio_worker.node.outbox import Outbox, Report, is_final
 from cio_worker.queue import DownloadFile, Lease, NewDownload, Queue
-from cio_worker.queue.base import WORKER_STATES, WorkerStatus
+from cio_worker.queue.base import WORKER_STATES, AttemptFigures, WorkerStatus
 
 # What the agent registers with: an identity, its dict, or something that reads one when the agent starts.
 IdentitySource = Union[InstanceIdentity, Mapping[str, Any], Callable[[], Any], None]
@@ -79,6 +82,13 @@ class AgentConfig:
     # After this many node faults in a row (faults.py: no renderer, full disk...) the agent stops
     # claiming and gives up (``AgentSummary.gave_up``); 0: never.
     node_fault_limit: int = 3
+    # Each attempt's cost: wall time x its instance type's hourly price in this table.
+    prices: PriceTable = field(default_factory=load_prices)
+    # How often a running task's new log lines go to the queue (``cio-worker logs --follow``); 0: only
+    # the last ones, as the attempt ends.
+    log_ship_seconds: float = 5.0
+    # How long the upload of an ended attempt's log may hold its report up (a drain: what its deadline leaves).
+    log_upload_seconds: float = 15.0
 
 
 @dataclass
@@ -518,13 +528,19 @@ class Agent:
             target=self._heartbeat, args=(lease, doc, control, lost, beat_stop), name="heartbeat", daemon=True
         )
         beater.start()
+        shipper = LogShipper(self.queue, lease, lambda: control.log_path, interval=self.config.log_ship_seconds,
+                             log=self.log).start()
         self.summary.tasks += 1
         self.log.info("claimed %s frames %s tile %s/%s attempt %s%s", doc.label, doc.task.frames,
                       doc.task.tile, doc.task.tiles, doc.task.attempt,
                       f" (frames {doc.task.frames_done} already delivered)" if doc.task.frames_done else "")
+        figures: AttemptFigures | None = None
         try:
             outcome = execute(doc, self.ctx, control)
+            # Heartbeats go on meanwhile: the lease holds while the log leaves the instance.
+            figures = self._close_attempt(lease, doc, control, outcome, shipper, lost.is_set())
         finally:
+            shipper.stop(final=False, timeout=1.0)
             beat_stop.set()
             with self._lock:
                 self._control = None
@@ -539,7 +555,7 @@ class Agent:
                     self._log_drain(current.drain)
             else:
                 current.reported = True
-                self._report(lease, doc, outcome, lost.is_set(), control)
+                self._report(lease, doc, outcome, lost.is_set(), control, figures)
         beater.join(timeout=max(5.0, self._heartbeat_seconds()))  # a hung heartbeat call is left behind
         with self._lock:
             self._current = None
@@ -721,9 +737,50 @@ class Agent:
                       "" if drain.deadline_at is None or drain.released_at is None
                       else f", {drain.deadline_at - drain.released_at:.2f} s before the deadline")
 
-    def _report(self, lease, doc: TaskDocument, outcome: TaskOutcome, lost: bool, control: TaskControl) -> None:
+    def _close_attempt(self, lease: Lease, doc: TaskDocument, control: TaskControl, outcome: TaskOutcome,
+                       shipper: LogShipper, lost: bool) -> AttemptFigures | None:
+        """Ship the log's last lines, upload the whole log to the job's storage, and measure the
+        attempt; never raises (the report goes on without what failed)."""
+        try:
+            window = self.config.log_upload_seconds
+            if control.report_by is not None:  # a drain: the release comes first
+                window = min(window, control.report_by - self.clock() - 1.0)
+            shipper.stop(final=not lost, timeout=max(0.0, min(5.0, window / 2)))
+            if lost or (outcome.error is not None and outcome.error.code == "lease_lost"):
+                return None  # nobody will record this attempt
+            location = self._upload_log(lease, doc, control, outcome, window)
+            drain = None if control.requested_at is None else time.time() - control.requested_at
+            return attempt_figures(doc, outcome, self.config.prices, self._identity_info(), log=location,
+                                   drain_seconds=drain)
+        except Exception:  # noqa: BLE001 - figures and logs never cost the report
+            self.log.exception("%s: measuring the attempt or uploading its log failed", doc.label)
+            return None
+
+    def _upload_log(self, lease: Lease, doc: TaskDocument, control: TaskControl, outcome: TaskOutcome,
+                    window: float) -> str:
+        """The task log in the job's storage (a short one saying so when no render ran): its URL, or ""."""
+        path = control.log_path or outcome.log_path
+        if path is None or window <= 0:
+            return ""
+        try:
+            if not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"cio-worker: {doc.label} attempt {doc.task.attempt} on {self.config.worker_id}: "
+                                f"no render ran\n{outcome.status}: {outcome.reason or 'nothing left to render'}\n",
+                                encoding="utf-8")
+        except OSError as exc:
+            self.log.warning("%s: cannot write the task log %s: %s", doc.label, path, exc)
+            return ""
+        key = log_key(doc.job.id, doc.task.id, doc.task.attempt, lease.token)
+        if not upload_log(lambda: self.ctx.open_storage(doc.job.storage), key, path, window, self.log):
+            return ""
+        return log_location(doc.job.storage, key)
+
+    def _report(self, lease, doc: TaskDocument, outcome: TaskOutcome, lost: bool, control: TaskControl,
+                figures: AttemptFigures | None = None) -> None:
         label = doc.label
         status = outcome.status
+        where = f" (log: {figures.log})" if figures is not None and figures.log else ""
         drain: DrainRecord | None = None
         if status == "stopped" or lost or control.stopping:
             drain = self._drain_record(doc, control)
@@ -741,7 +798,8 @@ class Agent:
                 self.log.warning("%s: lease lost; not reporting it", label)
             elif status == "done":
                 self._node_faults_in_row = 0
-                self._deliver(Report.of("complete", lease, download=_download(doc, outcome)), control)
+                self._deliver(Report.of("complete", lease, download=_download(doc, outcome), figures=figures),
+                              control)
                 self.summary.done += 1
                 if drain is not None:  # finished (and uploaded) inside the notice
                     drain.by, drain.state, drain.released_at = "completed", "done", time.time()
@@ -750,7 +808,8 @@ class Agent:
                 self.log.info("%s done: %d outputs, log %s", label, len(outcome.outputs.files) if outcome.outputs else 0,
                               outcome.log_path)
             elif status == "stopped" and outcome.error is not None and outcome.error.code == "cancelled":
-                state = self._deliver(Report.of("fail", lease, reason=outcome.reason), control)
+                state = self._deliver(Report.of("fail", lease, reason=outcome.reason + where, figures=figures),
+                                      control)
                 self.summary.failed += 1
                 if drain is not None:
                     drain.released_at, drain.state = time.time(), state
@@ -766,6 +825,7 @@ class Agent:
                     frames_done=frames,
                     download=download,
                     reason=outcome.reason,
+                    figures=figures,
                 ), control)
                 self.summary.released += 1
                 if drain is not None:
@@ -778,12 +838,13 @@ class Agent:
                 self._count_node_fault(label, outcome.reason)
                 state = self._deliver(Report.of(
                     "release", lease, cause="released", frames_done=doc.task.frames_done,
-                    reason=f"this node's fault, not the task's: {outcome.reason}"), control)
+                    reason=f"this node's fault, not the task's: {outcome.reason}{where}", figures=figures), control)
                 self.summary.released += 1
                 self.log.error("%s: this node failed it (%s; log %s); released at no cost to the task, now %s",
                                label, outcome.reason, outcome.log_path, state)
             else:
-                state = self._deliver(Report.of("fail", lease, reason=outcome.reason), control)
+                state = self._deliver(Report.of("fail", lease, reason=outcome.reason + where, figures=figures),
+                                      control)
                 self.summary.failed += 1
                 self.log.error("%s failed: %s (log %s); now %s", label, outcome.reason, outcome.log_path, state)
         except LeaseLost:  # logged by _deliver, with the op id

@@ -34,11 +34,11 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator
 
 from cio_worker.errors import CioError
 from cio_worker.job.hashing import check_md5_b64, md5_hex
-from cio_worker.storage.common import copy_stream, remove_quietly
+from cio_worker.storage.common import copy_to_new_file, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,13 @@ class _Entry:
     size: int
     path: Path
     hex: str
+    nlink: int = 1
+
+    @property
+    def held(self) -> int:
+        """Bytes that removing the object frees: none while it is also hard-linked elsewhere
+        (``adopt_link``: a task's placed input holds the same blocks)."""
+        return self.size if self.nlink <= 1 else 0
 
 
 class ContentCache:
@@ -87,6 +94,7 @@ class ContentCache:
         self.damaged = 0  # objects found damaged and removed by this instance
         self._clock = clock
         self._objects = self.root / "objects"
+        self._objects_str = str(self._objects)
         self._tmp = self.root / "tmp"
         self._lock_path = self.root / "evict.lock"
         self._pins: Counter[str] = Counter()
@@ -101,11 +109,32 @@ class ContentCache:
 
     def object_path(self, md5: str) -> Path:
         """Where the content with ``md5`` lives (whether or not it is there)."""
+        return Path(self._object(md5))
+
+    def _object(self, md5: str) -> str:
+        """``object_path`` as a string (no Path per object of a large batch)."""
         hex_digest = md5_hex(check_md5_b64(md5))
-        return self._objects / hex_digest[:2] / hex_digest
+        return f"{self._objects_str}/{hex_digest[:2]}/{hex_digest}"
 
     def has(self, md5: str) -> bool:
-        return self.object_path(md5).is_file()
+        return os.path.isfile(self._object(md5))
+
+    def held(self, md5s: Collection[str], *, list_from: int = 4096) -> set[str]:
+        """Which of ``md5s`` the cache holds: a stat each for a few, for ``list_from`` or more a
+        listing of the shard directories (names only: 256 directory reads, not 50,000 stats)."""
+        if len(md5s) < list_from:
+            return {md5 for md5 in md5s if self.has(md5)}
+        names: set[str] = set()
+        try:
+            shards = [entry.path for entry in os.scandir(self._objects_str) if entry.is_dir(follow_symlinks=False)]
+        except FileNotFoundError:
+            return set()
+        for shard in shards:
+            try:
+                names.update(os.listdir(shard))
+            except FileNotFoundError:
+                pass
+        return {md5 for md5 in md5s if md5_hex(check_md5_b64(md5)) in names}
 
     def path(self, md5: str) -> Path | None:
         """The object's path, marked as used; None when the cache does not hold it."""
@@ -147,13 +176,13 @@ class ContentCache:
         a hard link to it, so the object shares ``file``'s mode and times, and ``copy_out``'s check
         catches a later write through ``file``. A copy instead where no link can be made, or when
         not ``shareable`` (``file``'s mode does not let every agent sharing the cache read it)."""
-        target = self.object_path(md5)
+        target = self._object(md5)
         if shareable:
             try:
                 try:
                     os.link(file, target)
                 except FileNotFoundError:
-                    target.parent.mkdir(exist_ok=True)
+                    os.makedirs(os.path.dirname(target), exist_ok=True)
                     os.link(file, target)
                 return
             except FileExistsError:
@@ -177,30 +206,35 @@ class ContentCache:
         The bytes are hashed as they are copied: a damaged object raises ``DamagedObject``
         (removed from the cache, nothing left at ``dest``).
         """
-        source = self.object_path(md5)
+        source = self._object(md5)
         try:
-            src = open(source, "rb", buffering=0)
+            src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return False
-        with src:
+        try:
             self._touch(source)
             try:
-                with open(dest, "wb") as out:
-                    if self.verify:
-                        got = copy_stream(src, out)
-                    else:
-                        copy_fd(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
-                        got = md5
+                if self.verify:
+                    got = copy_to_new_file(src, dest)
+                else:
+                    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+                    try:
+                        copy_fd(src, out, os.fstat(src).st_size)
+                    finally:
+                        os.close(out)
+                    got = md5
                 if got == md5:
                     return True
-                self._discard_damaged(md5, source, os.fstat(src.fileno()), got)
+                self._discard_damaged(md5, source, os.fstat(src), got)
             except BaseException:
-                remove_quietly(Path(dest))
+                remove_quietly(dest)
                 raise
-        remove_quietly(Path(dest))
+        finally:
+            os.close(src)
+        remove_quietly(dest)
         raise DamagedObject(f"the cached copy of {md5} at {source} has MD5 {got}; removed from the cache")
 
-    def _discard_damaged(self, md5: str, source: Path, read: os.stat_result, got: str) -> None:
+    def _discard_damaged(self, md5: str, source: str, read: os.stat_result, got: str) -> None:
         log.warning("content cache: %s holds MD5 %s, not %s (disk fault or tampering); removing it", source, got, md5)
         with self._pins_lock:
             self.damaged += 1
@@ -231,15 +265,16 @@ class ContentCache:
     # -- budget -------------------------------------------------------------------------------
 
     def usage(self) -> int:
-        """Bytes held by the cache's objects."""
-        return sum(e.size for e in self._scan())
+        """Bytes held by the cache's objects alone (what the budget limits): an object also
+        hard-linked elsewhere costs the disk nothing more and counts once the other link goes."""
+        return sum(e.held for e in self._scan())
 
     def evict_to_budget(self) -> int:
         """Remove least recently used objects until within budget; return how many were removed."""
         with self._evict_lock():
             self._remove_stale_temps()
             entries = self._scan()
-            total = sum(e.size for e in entries)
+            total = sum(e.held for e in entries)
             if total <= self.budget_bytes:
                 return 0
             with self._pins_lock:
@@ -249,8 +284,8 @@ class ContentCache:
             for entry in sorted(entries, key=lambda e: (e.mtime_ns, e.hex)):
                 if total <= self.budget_bytes:
                     break
-                if entry.hex in pinned or entry.mtime_ns >= protected_from:
-                    continue
+                if entry.hex in pinned or entry.mtime_ns >= protected_from or not entry.held:
+                    continue  # (removing one that is linked elsewhere would free nothing)
                 try:
                     if os.stat(entry.path).st_mtime_ns != entry.mtime_ns:
                         continue  # used since the scan
@@ -258,19 +293,19 @@ class ContentCache:
                     removed += 1
                 except FileNotFoundError:
                     pass
-                total -= entry.size
+                total -= entry.held
             return removed
 
     # -- internals ----------------------------------------------------------------------------
 
-    def _touch(self, target: Path) -> bool:
+    def _touch(self, target: str | Path) -> bool:
         now = int(self._clock() * 1e9)
         try:
             os.utime(target, ns=(now, now))
         except FileNotFoundError:
             return False
         except PermissionError:  # another user's object: usable, just not re-dated
-            return target.is_file()
+            return os.path.isfile(target)
         return True
 
     def _scan(self) -> list[_Entry]:
@@ -292,7 +327,7 @@ class ContentCache:
                 except FileNotFoundError:
                     continue
                 if item.is_file(follow_symlinks=False):
-                    entries.append(_Entry(st.st_mtime_ns, st.st_size, Path(item.path), item.name))
+                    entries.append(_Entry(st.st_mtime_ns, st.st_size, Path(item.path), item.name, st.st_nlink))
         return entries
 
     def _remove_stale_temps(self) -> None:

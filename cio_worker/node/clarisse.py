@@ -29,7 +29,15 @@ _PROGRESS = re.compile(r"^Progress for '([^']+)'\s*:\s*([0-9.]+)\s*%")
 _SAVED = re.compile(r"^Saved image '([^']+)' frame (-?\d+) to '(.+)'\s*$")
 # Known fatal lines -> reason code. Checked in order; the first match names the failure.
 FATAL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
-    ("licence", re.compile(r"licen[sc]e.*(unable|fail|error|denied|expired|no .*available)|unable to get a licen[sc]e", re.I)),
+    # The licence server did not answer this node (RLM's -17, -111, -112...): the node's fault.
+    ("licence_unreachable", re.compile(
+        r"communications? error with licen[sc]e server|connection refused at server|no server to connect to"
+        r"|(cannot|can't|unable to|could not|failed to) (connect|reach)\b.*licen[sc]e server"
+        r"|licen[sc]e server\b.*\b(unreachable|not responding|timed out)", re.I)),
+    ("licence", re.compile(r"licen[sc]e\b.{0,40}?\b(unable|fail(s|ed|ure)?|errors?|denied|expired|no .{0,30}available)\b"
+                           r"|unable to get a licen[sc]e"
+                           r"|no authorization for product|authorization has expired|wrong host for authorization"
+                           r"|all licen[sc]es in use", re.I)),  # the last four: RLM's checkout errors
     ("missing_input", re.compile(r"(cannot|can't|unable to) (open|read|find|load) (file|image|texture|project)|no such file", re.I)),
     ("out_of_memory", re.compile(r"out of memory|std::bad_alloc|cannot allocate memory", re.I)),
     ("disk_full", re.compile(r"no space left on device|disk quota exceeded", re.I)),
@@ -37,7 +45,11 @@ FATAL_PATTERNS: tuple[tuple[str, re.Pattern[str]], ...] = (
 # A shell's own statuses for a program it could not start (POSIX: 127 not found, 126 not executable).
 _SHELL_START_CODES = {127: "command_not_found", 126: "command_not_executable"}
 # Only lines with one of these words are matched against FATAL_PATTERNS (most lines have none).
-_FATAL_HINTS = ("error", "fatal", "no space left", "quota exceeded")
+_FATAL_HINTS = ("error", "fatal", "no space left", "quota exceeded", "refused at server", "no server to connect",
+                "unreachable", "not responding", "out of memory", "bad_alloc", "cannot allocate memory", "licen",
+                "authorization")
+# A fatal line that a later line may tell more precisely: RLM prints why a checkout failed after it.
+_REFINED_BY = {"licence": ("licence_unreachable",)}
 # Every line RenderMonitor.feed can use: the runner hands it only these.
 MONITORED_LINES = LineFilter(prefixes=("Progress for '", "Saved image '"), words=_FATAL_HINTS)
 
@@ -238,10 +250,13 @@ class RenderMonitor:
                 self.saved.add((match.group(1), int(match.group(2))))
                 return
             lowered = text.lower()
-            if self.fatal is None and any(hint in lowered for hint in _FATAL_HINTS):
+            if "command line:" in lowered:  # cnode's echo of its own arguments (-license_server, paths) says nothing
+                return
+            if (self.fatal is None or self.fatal[0] in _REFINED_BY) and any(hint in lowered for hint in _FATAL_HINTS):
                 for code, pattern in FATAL_PATTERNS:
                     if pattern.search(text):
-                        self.fatal = (code, text.strip())
+                        if self.fatal is None or code in _REFINED_BY[self.fatal[0]]:
+                            self.fatal = (code, text.strip())
                         break
 
     def _tell_percent(self) -> None:

@@ -64,6 +64,7 @@ class AgentSettings:
     task_timeout: float | None = _key(None, float, above=0)
     kill_grace: float = _key(10.0, float, minimum=0)
     log_cap_mb: float = _key(64.0, float, above=0)
+    prices: str | None = _key(None, str)  # a price table (TOML) for attempts' costs; None: the packaged one
     storage_concurrency: int = _key(0, int, minimum=0)
     lease_seconds: float = _key(60.0, float, above=0)
     heartbeat_seconds: float = _key(10.0, float, above=0)

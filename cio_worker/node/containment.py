@@ -9,9 +9,16 @@ init's, so it stays visible by ancestry and is reaped by the runner. Where no cg
 the subreaper and the runner's sampling (session, group, ancestry, an environment marker) are
 what is left; ``describe()`` says which containment is in use, for the task log.
 
-Task cgroups are named ``cio-<owner hash>-<agent pid>-<agent start>-<n>`` under the agent's own
-cgroup, so a restarted agent finds the groups its dead predecessor left (``stale_groups``) and
-leaves alone those of live agents and of other work roots.
+Where systemd is PID 1 (``/run/systemd/system`` exists, as sd_booted(3) checks) the cgroup tree
+is systemd's: each task is then a transient scope unit, ``systemd-run --scope`` in the slice
+``cio-tasks.slice`` (systemd makes the cgroup and moves the command into it before exec), and
+the agent lists and kills through the scope's cgroup (v2). It is used only when a probe scope
+works and lands where expected; otherwise the agent's own cgroups, as without systemd.
+
+Task cgroups are named ``cio-<owner hash>-<agent pid>-<agent start>-<n>`` (``.scope`` under
+systemd) under the agent's own cgroup (the task slice), so a restarted agent finds the groups its
+dead predecessor left (``stale_groups``) and leaves alone those of live agents and of other work
+roots.
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import hashlib
 import itertools
 import logging
 import os
+import shutil
 import signal
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +47,8 @@ PROC_MOUNTS = Path("/proc/self/mounts")
 PROC_CGROUP = Path("/proc/self/cgroup")
 GROUP_PREFIX = "cio-"
 V1_CONTROLLERS = ("freezer", "pids")  # in order of preference: both can stop a forking tree
+SYSTEMD_RUN_DIR = Path("/run/systemd/system")
+TASK_SLICE = "cio-tasks.slice"
 _FREEZE_WAIT = 2.0
 
 
@@ -154,29 +165,90 @@ def _read(path: Path, needle: str) -> bool:
         return False
 
 
+# ---------------------------------------------------------------- systemd scopes
+
+
+@dataclass(frozen=True)
+class SystemdScopes:
+    """Tasks as transient scope units: ``command`` wraps a task's argv so that systemd puts it
+    into the group's scope before it runs; ``slice_dir`` is the task slice's cgroup (v2)."""
+
+    program: str  # systemd-run
+    slice_dir: Path
+
+    def command(self, group: TaskGroup, argv: Sequence[str], ids: tuple[int, int] | None = None) -> list[str]:
+        """``ids``: (uid, gid) to run as; systemd-run itself must run as root to ask for a scope."""
+        user = [f"--uid={ids[0]}", f"--gid={ids[1]}"] if ids is not None else []
+        return [self.program, "--scope", "--quiet", "--collect", f"--slice={self.slice_dir.name}",
+                f"--unit={group.path.name}", *user, "--", *argv]
+
+
+def systemd_booted(run_dir: Path = SYSTEMD_RUN_DIR) -> bool:
+    """Whether systemd is this machine's init (sd_booted(3))."""
+    return run_dir.is_dir()
+
+
+def _systemd_scopes(run_dir: Path, program: str | None, mounts: Path) -> tuple[SystemdScopes | None, str]:
+    """Scopes if systemd runs and a probe scope lands in the task slice; else None and why not."""
+    if not systemd_booted(run_dir):
+        return None, "systemd is not PID 1"
+    program = program or shutil.which("systemd-run")
+    if program is None:
+        return None, "systemd-run not found"
+    try:
+        unified = next(Path(f[1]) for f in map(str.split, mounts.read_text().splitlines())
+                       if len(f) > 2 and f[2] == "cgroup2")
+    except (OSError, StopIteration):
+        return None, "no cgroup v2 hierarchy"
+    scopes = SystemdScopes(program, unified / TASK_SLICE)
+    probe = TaskGroup(CgroupHierarchy(2, "", scopes.slice_dir), scopes.slice_dir / f"{GROUP_PREFIX}probe-{os.getpid()}-{time.monotonic_ns()}.scope")
+    try:
+        done = subprocess.run(scopes.command(probe, ["cat", "/proc/self/cgroup"]), capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return None, f"systemd-run failed: {exc}"
+    where = f"/{TASK_SLICE}/{probe.path.name}"
+    if done.returncode != 0 or not any(l.startswith("0::") and l.rstrip().endswith(where) for l in done.stdout.splitlines()):
+        why = (done.stderr.strip().splitlines() or [f"exit {done.returncode}"])[-1]
+        return None, f"systemd-run --scope unusable ({why})"
+    return scopes, ""
+
+
 # ---------------------------------------------------------------- the machine's containment
 
 
 @dataclass
 class Containment:
-    """How this agent contains its tasks. ``hierarchy`` None: subreaper and sampling only."""
+    """How this agent contains its tasks. ``hierarchy`` None: subreaper and sampling only.
+    ``scopes``: tasks are systemd scopes (``hierarchy`` is then the task slice); ``note``: why a
+    better containment was not used."""
 
     hierarchy: CgroupHierarchy | None
     subreaper: bool
+    scopes: SystemdScopes | None = None
+    note: str = ""
     _seq: "itertools.count[int]" = field(default_factory=lambda: itertools.count(1), repr=False)
 
     def describe(self) -> str:
-        parts = [f"{self.hierarchy.label} per task" if self.hierarchy else "no cgroup (none usable)"]
+        if self.scopes is not None:
+            parts = [f"systemd scope per task ({TASK_SLICE}, cgroup v2)"]
+        else:
+            parts = [f"{self.hierarchy.label} per task" if self.hierarchy else "no cgroup (none usable)"]
         parts.append("agent is child subreaper" if self.subreaper else "agent is not a subreaper")
         if self.hierarchy is None:
             parts.append("process sampling")
+        if self.note:
+            parts.append(self.note)
         return ", ".join(parts)
 
     def new_group(self, owner: str) -> TaskGroup | None:
-        """A fresh cgroup for one task of ``owner`` (the agent's work root); None without one."""
+        """A fresh cgroup for one task of ``owner`` (the agent's work root); None without one.
+        A scope's cgroup is made by systemd when the task starts (``scopes.command``)."""
         if self.hierarchy is None:
             return None
         name = f"{_owner_prefix(owner)}{os.getpid()}-{_start_stamp(os.getpid())}-{next(self._seq)}"
+        if self.scopes is not None:
+            return self.hierarchy.group(name + ".scope")
         group = self.hierarchy.group(name)
         try:
             group.create()
@@ -244,21 +316,30 @@ def _start_stamp(pid: int) -> str:
         return "gone"
 
 
-def detect(prefer: Sequence[str] = ("v2", "v1"), *, subreaper: bool = True,
-           mounts: Path = PROC_MOUNTS, own: Path = PROC_CGROUP) -> Containment:
-    """The best containment this process may use: the first of ``prefer`` ("v2", "v1", or one v1
-    controller: "v1:freezer", "v1:pids") whose hierarchy is mounted and lets us make a child of
-    our own cgroup. ``prefer=()``: no cgroup."""
+def detect(prefer: Sequence[str] = ("systemd", "v2", "v1"), *, subreaper: bool = True,
+           mounts: Path = PROC_MOUNTS, own: Path = PROC_CGROUP, systemd_dir: Path = SYSTEMD_RUN_DIR,
+           systemd_run: str | None = None) -> Containment:
+    """The best containment this process may use: the first of ``prefer`` ("systemd": scopes
+    where systemd is PID 1; "v2", "v1", or one v1 controller: "v1:freezer", "v1:pids") whose
+    hierarchy is mounted and lets us make a child of our own cgroup. ``prefer=()``: no cgroup."""
+    reaper = become_subreaper() if subreaper else is_subreaper()
+    note = ""
+    if "systemd" in prefer:
+        scopes, why = _systemd_scopes(systemd_dir, systemd_run, mounts)
+        if scopes is not None:
+            return Containment(CgroupHierarchy(2, "", scopes.slice_dir), reaper, scopes)
+        if systemd_booted(systemd_dir):
+            log.warning("systemd runs but its scopes cannot hold tasks (%s): the agent makes its own cgroups", why)
+            note = f"not a systemd scope: {why}"
     hierarchy = None
-    for kind in prefer:
+    for kind in (k for k in prefer if k != "systemd"):
         for candidate in _candidates(kind, mounts, own):
             if _writable(candidate):
                 hierarchy = candidate
                 break
         if hierarchy is not None:
             break
-    reaper = become_subreaper() if subreaper else is_subreaper()
-    return Containment(hierarchy, reaper)
+    return Containment(hierarchy, reaper, note=note)
 
 
 def _candidates(kind: str, mounts: Path, own: Path) -> Iterable[CgroupHierarchy]:

@@ -22,7 +22,7 @@ from typing import Callable, Mapping
 import psutil
 
 from cio_worker.node.cache import ContentCache
-from cio_worker.node.faults import is_disk_full
+from cio_worker.node.faults import NODE_FAULT_CODES, full_filesystem, is_disk_full
 from cio_worker.node.clarisse import MONITORED_LINES, Prepared, RenderMonitor, prepare
 from cio_worker.job.document import TaskDocument
 from cio_worker.job.environment import is_secret_name, merge_environment
@@ -30,6 +30,7 @@ from cio_worker.errors import CioError, RenderError
 from cio_worker.job.frames import FrameSet
 from cio_worker.storage.md5cache import Md5Cache
 from cio_worker.node.outputs import OutputScan, changed_since, snapshot, upload_outputs
+from cio_worker.node.previews import PreviewReport, publish_previews
 from cio_worker.job.paths import PathMap
 from cio_worker.node.render_user import RenderUser
 from cio_worker.node.logscan import LineFilter
@@ -92,6 +93,7 @@ class TaskControl:
         self.deadline: float | None = None  # when the instance is gone (the context's clock)
         self.report_by: float | None = None  # when the outcome must be reported (the hard stop)
         self.requested_at: float | None = None  # wall time of the first request
+        self.log_path: Path | None = None  # the task log, once execute() has settled its name
         self._process = None
         # What the task is doing, for the agent's heartbeats: syncing, rendering, uploading; and
         # how far the render is (read when asked, from the render's own progress lines).
@@ -172,6 +174,9 @@ class TaskOutcome:
     tree_gone_at: float | None = None
     salvaged_at: float | None = None
     salvage_cut: bool = False  # the upload of finished frames was cut short by the deadline
+    upload_bytes: int = 0  # bytes of outputs this attempt moved into storage
+    upload_seconds: float | None = None  # time the upload took (None: nothing was uploaded)
+    previews: PreviewReport | None = None  # the outputs' previews (node/previews.py), when made
 
     @property
     def reason(self) -> str:
@@ -195,6 +200,7 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         tmp_dir.mkdir(parents=True)  # a full disk (no inode left) fails the task here
         log_path.parent.mkdir(parents=True, exist_ok=True)
         _keep_earlier_log(log_path)
+        control.log_path = log_path
         render_user: RenderUser | None = getattr(ctx.runner, "render_user", None)
         if render_user is not None:
             render_user.reachable(ctx.work_root, task_dir.parent)
@@ -247,6 +253,11 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
                 f"({result.describe_exit()})", code="timeout")
         else:
             error = monitor.judge(result.exit_code, result.signal)
+        if error is not None and error.code not in NODE_FAULT_CODES:
+            full = full_filesystem(output_root, log_path.parent)
+            if full is not None:  # its own words may be lost: nothing more could be written there
+                error = RenderError(f"{error} — no space left on device: the filesystem of {full} is full",
+                                    code="disk_full")
         if control.stopping and (error is not None or control.cause in NO_SALVAGE_CAUSES):
             # The render was stopped (or its result is no longer wanted): keep what is finished.
             finished = monitor.frames_finished()
@@ -262,6 +273,9 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         delivered = _upload_guarded(storage, scan, ctx, control, outcome)
         if len(delivered) == len(scan.files):
             # Every output is in storage: done, even if a stop came meanwhile.
+            if not control.stopping:  # previews never fail the task; a drain has no time for them
+                outcome.previews = publish_previews(storage, job.id, outcome.outputs.files, tmp_dir / "previews",
+                                                    log_path, say=ctx.say)
             outcome.frames_done = task.frame_set
             outcome.status = "done"
             return outcome
@@ -320,6 +334,7 @@ def _upload_guarded(storage: Storage, scan: OutputScan, ctx: ExecutionContext, c
         return set()
     progress = _UploadGuard(ctx.progress("upload"), control, ctx.clock)
     control.set_phase("uploading", progress.percent)
+    began = ctx.clock()
     try:
         upload_outputs(storage, scan, progress)
     except CioError as exc:
@@ -330,6 +345,9 @@ def _upload_guarded(storage: Storage, scan: OutputScan, ctx: ExecutionContext, c
         present = progress.done_keys | _exists(storage, {f.key for f in scan.files} - progress.done_keys)
     else:
         present = {f.key for f in scan.files}
+    finally:
+        outcome.upload_seconds = ctx.clock() - began
+        outcome.upload_bytes = progress.moved()
     delivered = [f for f in scan.files if f.key in present]
     outcome.outputs = OutputScan(delivered, list(scan.skipped))
     if control.stopping:
@@ -369,6 +387,11 @@ class _Relay:
         self._lock = threading.Lock()
         self._total = 0
         self._moved = 0
+
+    def moved(self) -> int:
+        """Bytes moved so far."""
+        with self._lock:
+            return self._moved
 
     def percent(self) -> float:
         """Bytes moved of the bytes to move, in percent (0 until the transfer says its size)."""

@@ -18,6 +18,7 @@ the agent is still sending itself (``sending``) is left alone by ``flush``.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any, Iterator, Mapping
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.queue import Lease, NewDownload, Queue, RELEASE_CAUSES
 from cio_worker.queue import wire
+from cio_worker.queue.base import AttemptFigures
 
 FORMAT = 1
 KINDS = ("complete", "fail", "release")
@@ -64,6 +66,7 @@ class Report:
     cause: str = ""  # release: preempted | released
     reason: str = ""
     created: float = field(default_factory=time.time)
+    figures: AttemptFigures | None = None  # what the attempt took; the queue records it once
 
     @classmethod
     def of(cls, kind: str, lease: Lease, **values: Any) -> "Report":
@@ -85,13 +88,16 @@ class Report:
 
     def send(self, queue: Queue) -> str:
         """Make the report on ``queue`` with this report's op id; the task's state after it."""
+        method = getattr(queue, self.kind)
+        # A stand-in queue that predates figures (a wrapper in a test or benchmark) gets none.
+        extra = {"figures": self.figures} if self.figures is not None and accepts(method, "figures") else {}
         if self.kind == "complete":
-            queue.complete(self.lease, self.download, op_id=self.op_id)
+            method(self.lease, self.download, op_id=self.op_id, **extra)
             return "done"
         if self.kind == "fail":
-            return queue.fail(self.lease, self.reason, op_id=self.op_id)
-        return queue.release(self.lease, cause=self.cause, frames_done=self.frames_done, download=self.download,
-                             reason=self.reason, op_id=self.op_id)
+            return method(self.lease, self.reason, op_id=self.op_id, **extra)
+        return method(self.lease, cause=self.cause, frames_done=self.frames_done, download=self.download,
+                      reason=self.reason, op_id=self.op_id, **extra)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -104,6 +110,7 @@ class Report:
             "cause": self.cause,
             "reason": self.reason,
             "created": self.created,
+            "figures": wire.figures_to_dict(self.figures),
         }
 
     @classmethod
@@ -142,9 +149,10 @@ class Report:
         if raw is not None:
             download = wire.new_download_from_dict(raw, "report.download")
             download.validate()
+        figures = wire.figures_from_dict(data.get("figures"), "report.figures")
         return cls(op_id=texts["op_id"], kind=texts["kind"], job_id=texts["job_id"], task_id=texts["task_id"],
                    token=texts["token"], worker=texts["worker"], download=download, created=float(created),
-                   **optional)
+                   figures=figures, **optional)
 
 
 @dataclass
@@ -304,6 +312,15 @@ class Outbox:
                     self.log.info("outbox: delivered %s; the task is now %s", report.describe(), state)
                     result.delivered.append((report, state))
         return result
+
+
+def accepts(method: Any, name: str) -> bool:
+    """Whether ``method`` takes the keyword argument ``name``."""
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
 def is_final(exc: BaseException) -> bool:

@@ -17,29 +17,32 @@ Orphans reparented to the agent are reaped by the supervisor, only when they bel
 Stopping is a ladder: SIGTERM to the group and every known member, a grace, SIGKILL to the group
 and every member still alive (rescanning for new ones), then verification that none is left.
 When the direct child exits on its own, members still alive ("strays", e.g. a ``cmd &`` that
-holds the log pipe open) are stopped with the same ladder: nothing of a task outlives it.
+keeps writing to the log) are stopped with the same ladder: nothing of a task outlives it.
 
 Threads per running process: a waiter (reaps the direct child with ``os.wait4``), a reader
-(pipe to log and ``on_line``) and a supervisor (sampling, timeout, ladder, reaping, footer). All
+(spool to log and ``on_line``) and a supervisor (sampling, timeout, ladder, reaping, footer). All
 end before the result is published.
 
-The reader never makes the command wait: it reads the pipe in 1 MiB chunks into one buffer, scans
-each once for secrets and for the lines a ``LineFilter`` selects (``logscan.py``: Hyperscan, in C,
-without the GIL), writes the whole chunk to the log (a masked copy only when it holds a secret), and
-decodes and hands to ``on_line`` only the selected lines (every line without a filter). Past the
-cap it stops storing and keeps draining.
+The reader never makes the command wait: the command's stdout and stderr are a write-only,
+append-only descriptor of an unnamed spool file (``spool.py``), not a pipe, so it writes at the
+speed of a plain file however far behind the reader is. The reader tails the spool (polling, from
+5 to 100 ms when idle) in 1 MiB chunks into one buffer, scans each once for secrets and for the
+lines a ``LineFilter`` selects (``logscan.py``: Hyperscan, in C, without the GIL), writes the whole
+chunk to the log (a masked copy only when it holds a secret), decodes and hands to ``on_line``
+only the selected lines (every line without a filter), and frees the spool behind it. Past the cap
+it stops storing and keeps scanning. Nothing unmasked has a name on disk: the spool has none.
+When the command gets more than ``spool_lag_bytes`` ahead (a disk-filling flood), the reader skips
+to the newest output and counts what it skipped as dropped (never stored, never scanned). Once
+the tree is gone the reader finishes what is left, then the footer is written.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import logging
 import math
-import io
 import os
 import resource
-import select
 import shlex
 import signal
 import socket
@@ -58,17 +61,18 @@ from cio_worker.errors import RenderError
 from cio_worker.node.containment import Containment, TaskGroup, detect
 from cio_worker.node.logscan import LineFilter, OutputScanner, SecretMasker
 from cio_worker.node.render_user import RenderUser, current_user
+from cio_worker.node.spool import OutputSpool
 
 log = logging.getLogger(__name__)
 
 MiB = 1024 * 1024
 SHELL = "/bin/sh"
 _MAX_LINE = 1 * MiB  # a longer run of bytes without a newline is written as several lines
-_READ_POLL = 0.1
+_TAIL_WAIT = (0.005, 0.1)  # the reader's pause when it has caught up: first, and at most (doubling)
 _READ_CHUNK = 1 * MiB
 _IOV_MAX = os.sysconf("SC_IOV_MAX") if "SC_IOV_MAX" in os.sysconf_names else 1024
-_PIPE_SIZE = 1 * MiB  # F_SETPIPE_SZ: fewer, larger reads; the kernel may allow less
-_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_RELEASE_EVERY = 16 * MiB  # read spool bytes between two hole punches
+_LAG_CHECK_EVERY = 64 * MiB  # read bytes between two checks of how far the command is ahead
 RUN_MARK_ENV = "CIO_RUN_MARK"  # finds the run's orphans reparented to the agent (no cgroup)
 # Holds the command until its pid is in its cgroup: nothing it forks can start outside.
 _GATE = ("/bin/sh", "-c", 'read -r go || exit 125; exec "$@" </dev/null', "cio-gate")
@@ -215,6 +219,8 @@ class TaskLog:
         self._mask = masker
         self.written = 0
         self.dropped = 0
+        self.skipped = 0  # part of dropped: never read (the command outran the reader)
+        self._full = False
         self._broken = False
 
     def section(self, title: str, lines: Iterable[str]) -> None:
@@ -225,7 +231,7 @@ class TaskLog:
         """Whole lines of (masked) output, as consecutive pieces; past the cap, whole lines are
         dropped and counted."""
         size = sum(map(len, pieces))
-        if self.dropped or self._broken:
+        if self._full or self._broken:
             self.dropped += size
             return
         room = self._cap - self.written
@@ -242,12 +248,21 @@ class TaskLog:
         elif keep:
             self.dropped += size
             return
+        self._full = True
         self._write([f"[cio_worker] log cap of {self._cap} bytes reached: further output is dropped "
                      "(the footer says how much)\n".encode()])
         self.dropped += size - keep
 
+    def skip(self, size: int) -> None:
+        """``size`` bytes of output the reader jumped over: counted, noted once, never stored."""
+        if not self.skipped and not self._full:
+            self._write([f"[cio_worker] the command is writing faster than the agent reads: unread output is "
+                         "skipped (the footer says how much)\n".encode()])
+        self.skipped += size
+        self.dropped += size
+
     def _write(self, pieces: Sequence[bytes | memoryview]) -> bool:
-        # A full disk must not stop the reader: the child would block on a full pipe.
+        # A full disk must not stop the reader: on_line still needs the lines, the spool its release.
         if self._broken:
             return False
         try:
@@ -475,7 +490,8 @@ class RunningProcess:
         started: float,
         wall_clock: Callable[[], datetime],
         verify_timeout: float,
-        drain_timeout: float,
+        spool: OutputSpool,
+        spool_lag_bytes: int,
         line_filter: LineFilter | None = None,
         group: TaskGroup | None = None,
         mark: str | None = None,
@@ -496,7 +512,8 @@ class RunningProcess:
         self._started = started
         self._wall_clock = wall_clock
         self._verify_timeout = verify_timeout
-        self._drain_timeout = drain_timeout
+        self._spool = spool
+        self._spool_lag_bytes = spool_lag_bytes
         self._tree = ProcessTree(psutil.Process(popen.pid), group, mark)  # not yet reaped: the pid is ours
 
         self._cond = threading.Condition(threading.RLock())  # re-entrant: stop() may run in a signal handler
@@ -513,7 +530,7 @@ class RunningProcess:
         self._termed: set[int] = set()
         self._group_termed = False
         self._stray_pids: list[int] = []
-        self._drain_until: float | None = None
+        self._tree_gone = threading.Event()  # set once no member can write more output
         self._on_line_failed = False
 
         self._result: RunResult | None = None
@@ -620,31 +637,42 @@ class RunningProcess:
             self._notify_locked()
 
     def _read_output(self) -> None:
-        assert self._popen.stdout is not None
-        fd = self._popen.stdout.fileno()
-        try:
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_SIZE)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size for this user: the default size works too
-        poller = select.poll()
-        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+        spool = self._spool
         # Reads land after the unfinished last line of the previous read; only whole lines go on.
         buf = bytearray(_MAX_LINE + _READ_CHUNK)
         have = 0
-        pipe = io.FileIO(fd, "rb", closefd=False)
+        offset = 0  # spool bytes read
+        resync = False  # after a skip into a line: its rest is dropped too
+        check_every = max(_READ_CHUNK, min(_LAG_CHECK_EVERY, self._spool_lag_bytes // 4))
+        next_check = next_release = 0
+        stop_at: int | None = None  # the spool's size once the tree is gone: a leftover cannot keep us
+        pause = _TAIL_WAIT[0]
         try:
             with memoryview(buf) as view:
                 while True:
-                    drain_until = self._drain_until
-                    if drain_until is not None and self._clock() >= drain_until:
-                        break  # something outside the tree holds the pipe: stop waiting for EOF
-                    if not poller.poll(_READ_POLL * 1000):
-                        continue
-                    with view[have:have + _READ_CHUNK] as room:
-                        n = pipe.readinto(room)
-                    if not n:
+                    if stop_at is None and self._tree_gone.is_set():
+                        stop_at = spool.size()
+                    if stop_at is not None and offset >= stop_at:
                         break
+                    with view[have:have + _READ_CHUNK] as room:
+                        n = spool.read_into(room, offset)
+                    if not n:
+                        if stop_at is not None:
+                            break
+                        offset = min(offset, spool.size())  # the command truncated its own output
+                        self._tree_gone.wait(pause)
+                        pause = min(2 * pause, _TAIL_WAIT[1])
+                        continue
+                    pause = _TAIL_WAIT[0]
+                    offset += n
                     end = have + n
+                    if resync:
+                        newline = buf.find(b"\n", 0, end)
+                        drop = end if newline < 0 else newline + 1
+                        self._log.skip(drop)
+                        resync = newline < 0
+                        end -= drop
+                        buf[:end] = bytes(view[drop:drop + end])
                     cut = buf.rfind(b"\n", have, end) + 1
                     if cut:
                         self._lines(buf, cut)
@@ -654,13 +682,21 @@ class RunningProcess:
                     have = end - cut
                     if have and cut:
                         buf[:have] = bytes(view[cut:end])  # a copy: the regions may overlap
+                    if offset >= next_check:
+                        next_check = offset + check_every
+                        ahead = spool.size() - offset
+                        if ahead > self._spool_lag_bytes:
+                            self._log.skip(ahead + have)
+                            offset += ahead
+                            resync = spool.read_into(view[:1], offset - 1) == 1 and buf[0] != ord("\n")
+                            have = 0
+                    if offset >= next_release:
+                        next_release = offset + _RELEASE_EVERY
+                        spool.release(offset)
                 if have:
                     self._lines(bytes(view[:have]) + b"\n")
         except Exception:
             log.exception("reading the output of process %s failed", self.pid)
-        finally:
-            pipe.close()
-            self._popen.stdout.close()
 
     def _lines(self, data: bytes | bytearray, end: int | None = None) -> None:
         """``data[:end]``, whole lines of output each ending in a newline: mask, log, hand to ``on_line``."""
@@ -765,8 +801,9 @@ class RunningProcess:
             leftovers = sorted([*leftovers, self.pid])
         if self._group is not None and not in_group and not self._group.remove():
             log.warning("the empty cgroup %s could not be removed", self._group.path)
-        self._drain_until = self._clock() + self._drain_timeout
+        self._tree_gone.set()
         self._reader.join()
+        self._spool.close()
         if reaped:
             self._waiter.join()
         with self._cond:
@@ -816,7 +853,9 @@ class RunningProcess:
             if r.peak_rss_bytes else "peak rss: not sampled (the command ended at once)",
             f"timed out: {'yes, after ' + format(self.spec.timeout, 'g') + ' s' if r.timed_out else 'no'}",
             f"stopped: {r.stopped or 'no'}",
-            f"output bytes: {self._log.written} written, {r.log_bytes_dropped} dropped (cap {self.spec.log_cap_bytes})",
+            f"output bytes: {self._log.written} written, {r.log_bytes_dropped} dropped (cap {self.spec.log_cap_bytes})"
+            + (f", {self._log.skipped} of them unread: the command outran the reader by more than "
+               f"{_human_bytes(self._spool_lag_bytes)}" if self._log.skipped else ""),
             f"stray processes stopped: {', '.join(map(str, r.stray_pids)) or 'none'}",
             f"leftover processes: {', '.join(map(str, r.leftover_pids)) or 'none'}",
             f"containment: {self._containment}",
@@ -832,7 +871,9 @@ class ProcessRunner:
     ``clock`` is monotonic seconds that track real time (deadlines are waited for in real
     time); ``wall_clock`` gives the UTC times written in the log. ``containment`` is how tasks
     are kept together (default: detected, which also makes this process a child subreaper);
-    ``render_user`` runs commands as that unprivileged user (the agent must be root).
+    ``render_user`` runs commands as that unprivileged user (the agent must be root);
+    ``spool_lag_bytes`` is how far a command's output may run ahead of the reader (on the log's
+    disk) before the reader skips to the newest output.
     """
 
     def __init__(
@@ -842,7 +883,7 @@ class ProcessRunner:
         wall_clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
         hostname: str | None = None,
         verify_timeout: float = 10.0,
-        drain_timeout: float = 2.0,
+        spool_lag_bytes: int = 1 << 30,
         containment: Containment | None = None,
         render_user: RenderUser | None = None,
     ) -> None:
@@ -850,7 +891,7 @@ class ProcessRunner:
         self._wall_clock = wall_clock
         self._hostname = hostname
         self._verify_timeout = verify_timeout  # after SIGKILL, how long to wait for the tree to vanish
-        self._drain_timeout = drain_timeout  # after the tree is gone, how long to wait for the pipe's EOF
+        self._spool_lag_bytes = spool_lag_bytes  # unread output the disk may hold before the reader skips it
         self.containment = containment if containment is not None else detect()
         self.render_user = render_user
         self._runs = 0
@@ -878,28 +919,42 @@ class ProcessRunner:
         masker = SecretMasker.for_env(spec.env, spec.secret_names)
         task_log = TaskLog(spec.log_path, spec.log_cap_bytes, masker)
         group = self.containment.new_group(spec.owner)
+        spool: OutputSpool | None = None
         try:
             task_log.section("start", self._header(spec, self._wall_clock(), self._describe(group)))
+            spool = OutputSpool(spec.log_path.parent)
+            writer = spool.writer()
         except OSError as exc:
             task_log.close()
+            if spool is not None:
+                spool.close()
             if group is not None:
                 group.remove()
-            raise RenderError(f"cannot write the task log {spec.log_path}: {exc.strerror or exc}", code="bad_log_path") from exc
+            raise RenderError(f"cannot write the task log {spec.log_path} or its output spool beside it: "
+                              f"{exc.strerror or exc}", code="bad_log_path") from exc
+        assert spool is not None
         try:
             if group is not None:
                 _check_program(spec)  # behind the gate an exec failure would only be a status 127
+            scopes = self.containment.scopes if group is not None else None
+            gated = group is not None and scopes is None
+            user = self.render_user
+            if scopes is not None:  # systemd-run (as root) enters the scope, then becomes the user
+                argv = scopes.command(group, spec.argv, (user.uid, user.gid) if user is not None else None)
+            else:
+                argv = [*_GATE, *spec.argv] if gated else spec.argv
             started = self._clock()
             popen = subprocess.Popen(
-                [*_GATE, *spec.argv] if group is not None else spec.argv,
+                argv,
                 cwd=spec.cwd,
                 env=env,
-                stdin=subprocess.PIPE if group is not None else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
+                stdin=subprocess.PIPE if gated else subprocess.DEVNULL,
+                stdout=writer,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
                 bufsize=0,
-                **(self.render_user.popen_args() if self.render_user is not None else {}),
+                **(user.popen_args() if user is not None and scopes is None else {}),
             )
         except OSError as exc:
             error = _start_error(spec, exc)
@@ -909,15 +964,19 @@ class ProcessRunner:
                 pass
             finally:
                 task_log.close()
+                spool.close()
                 if group is not None:
                     group.remove()
             raise error from exc
         except BaseException:
             task_log.close()
+            spool.close()
             if group is not None:
                 group.remove()
             raise
-        if group is not None:
+        finally:
+            os.close(writer)
+        if gated:
             group = self._enter(group, popen)
         try:
             task_log.section("output", [f"pid: {popen.pid}"])
@@ -933,7 +992,8 @@ class ProcessRunner:
             started=started,
             wall_clock=self._wall_clock,
             verify_timeout=self._verify_timeout,
-            drain_timeout=self._drain_timeout,
+            spool=spool,
+            spool_lag_bytes=self._spool_lag_bytes,
             line_filter=line_filter,
             group=group,
             mark=mark,

@@ -38,7 +38,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Callable, Sequence
 
 from cio_worker.errors import ChecksumError, CioError, DocumentError, PathError, StorageError
@@ -47,8 +46,8 @@ from cio_worker.job.hashing import check_md5_b64, hashstore_key, md5_b64_of_file
 from cio_worker.job.paths import PathMap, node_path
 from cio_worker.node.cache import ContentCache, DamagedObject, copy_fd
 from cio_worker.storage.base import DownloadItem, NullProgress, Progress, Storage, TransferError
-from cio_worker.storage.common import remove_quietly, temp_sibling, temp_sibling_str
-from cio_worker.storage.md5cache import Md5Cache, Md5CacheError
+from cio_worker.storage.common import remove_quietly, temp_sibling_str
+from cio_worker.storage.md5cache import FileStamp, Md5Cache, Md5CacheError
 
 log = logging.getLogger(__name__)
 _SHOWN = 3  # failures spelled out in one error message
@@ -73,6 +72,9 @@ class _Target:
     size: int
     mode: int  # permission bits only
     root: str  # where the path map sends it; it must stay inside (see module doc)
+
+
+_Record = tuple[str, int, int, int, int, int, str]  # (path, *FileStamp.row_of(its stat once placed), md5)
 
 
 @dataclass
@@ -123,8 +125,8 @@ class _PlaceOnArrival:
 
 
 class _DownloadItems(Sequence[DownloadItem]):
-    """The download batch, each item made when the backend gets to it (a Path per item in flight,
-    not one per item of a batch of tens of thousands)."""
+    """The download batch, each item made when the backend gets to it (not one per item of a
+    batch of tens of thousands held at once)."""
 
     def __init__(self, keys: list[tuple[str, str]], temps: dict[str, str], groups: dict[str, list[_Target]]) -> None:
         self.keys = keys  # (hashstore key, md5)
@@ -136,7 +138,7 @@ class _DownloadItems(Sequence[DownloadItem]):
 
     def __getitem__(self, index: int) -> DownloadItem:  # type: ignore[override]
         key, md5 = self.keys[index]
-        return DownloadItem(key, Path(self.temps[md5]), md5, self.groups[md5][0].size)
+        return DownloadItem(key, self.temps[md5], md5, self.groups[md5][0].size)
 
 
 class InputSync:
@@ -155,14 +157,15 @@ class InputSync:
         self.md5cache = md5cache
         self.path_map = path_map
         self.progress = progress
-        self.workers = concurrency if concurrency > 0 else min(32, (os.cpu_count() or 2) * 4)
+        # Local copies and hashing: a thread a core (more only contend for the GIL and directory locks).
+        self.workers = concurrency if concurrency > 0 else max(2, os.cpu_count() or 2)
         self.clock = clock
 
     def sync(self, files: Sequence[UploadFile]) -> SyncResult:
         started = self.clock()
         targets, stats = self._plan(files)
         result = SyncResult()
-        records: list[tuple[str, str]] = []  # (path, md5) of files placed or fixed: one batch at the end
+        records: list[_Record] = []  # files placed or fixed, stat'ed after their last change: one batch at the end
         failures: list[_Failure] = []
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool:
             try:
@@ -194,8 +197,9 @@ class InputSync:
 
     def _plan(self, files: Sequence[UploadFile]) -> tuple[list[_Target], dict[str, os.stat_result]]:
         by_path: dict[str, _Target] = {}
+        mapper = _Mapper(self.path_map)
         for entry in files:
-            target = self._target(entry)
+            target = self._target(entry, mapper)
             other = by_path.setdefault(target.path, target)
             if other is target:
                 continue
@@ -215,8 +219,8 @@ class InputSync:
                 stats[target.path] = st
         return list(by_path.values()), stats
 
-    def _target(self, entry: UploadFile) -> _Target:
-        node = node_path(entry.destination, what="destination")
+    def _target(self, entry: UploadFile, mapper: _Mapper) -> _Target:
+        path, root = mapper(entry.destination)
         try:
             md5 = check_md5_b64(entry.md5, "md5")
         except DocumentError as exc:
@@ -224,8 +228,7 @@ class InputSync:
         size, mode = entry.size, entry.mode
         if size.__class__ is not int or size < 0 or mode.__class__ is not int or mode >> 12 not in (0, 8):
             _refuse_size_or_mode(entry)
-        return _Target(entry.destination, self.path_map.apply(node), md5, size, mode & 0o777,
-                       _placement_root(self.path_map, node))  # fmt: skip
+        return _Target(entry.destination, path, md5, size, mode & 0o777, root)
 
     @staticmethod
     def _check_nesting(by_path: dict[str, _Target]) -> None:
@@ -282,7 +285,7 @@ class InputSync:
 
     def _not_present(
         self, targets: list[_Target], stats: dict[str, os.stat_result], pool: ThreadPoolExecutor,
-        records: list[tuple[str, str]],
+        records: list[_Record],
     ) -> list[_Target]:  # fmt: skip
         todo: list[_Target] = []
         candidates: list[_Target] = []
@@ -308,59 +311,50 @@ class InputSync:
                 todo.append(target)
         return todo
 
-    def _holds(self, target: _Target, records: list[tuple[str, str]]) -> bool:
+    def _holds(self, target: _Target, records: list[_Record]) -> bool:
         try:
             md5 = self.md5cache.md5_of(target.path) if self.md5cache else md5_b64_of_file(target.path)
             return md5 == target.md5 and self._fix_mode(target, os.lstat(target.path), records)
         except OSError:
             return False
 
-    def _fix_mode(self, target: _Target, st: os.stat_result, records: list[tuple[str, str]]) -> bool:
+    def _fix_mode(self, target: _Target, st: os.stat_result, records: list[_Record]) -> bool:
         if stat.S_IMODE(st.st_mode) == target.mode:
             return True
         try:
             os.chmod(target.path, target.mode)
         except OSError:
             return False  # not ours to chmod: replace it instead
-        records.append((target.path, target.md5))  # chmod changed ctime
+        _note(records, target)  # chmod changed ctime
         return True
 
-    def _record(self, records: list[tuple[str, str]]) -> None:
-        """The MD5 records of what this sync placed or fixed, in one batch (one by one if a file
-        went away meanwhile); a failure only costs hashing next time, it never fails the sync."""
+    def _record(self, records: list[_Record]) -> None:
+        """The MD5 records of what this sync placed or fixed, in one batch; a failure only costs
+        hashing next time, it never fails the sync."""
         if self.md5cache is None or not records:
             return
         try:
-            self.md5cache.record_many(records)
-            return
-        except OSError:
-            pass
+            self.md5cache.record_rows(records)
         except Md5CacheError as exc:
             log.warning("%s", exc)
-            return
-        for path, md5 in records:
-            try:
-                self.md5cache.record(path, md5)
-            except (OSError, Md5CacheError):
-                pass
 
     # -- 3 and 4. fetch and place -------------------------------------------------------------
 
     def _round(
         self, groups: dict[str, list[_Target]], via_cache: bool, result: SyncResult, pool: ThreadPoolExecutor,
-        records: list[tuple[str, str]], failures: list[_Failure],
+        records: list[_Record], failures: list[_Failure],
     ) -> dict[str, list[_Target]]:  # fmt: skip
         """Place every group, from the cache (``via_cache``) or from storage; return the groups to
         fetch again from storage (the cache lost or held a damaged copy)."""
         if not groups:
             return {}
         cache = self.cache if via_cache else None
-        cached = [md5 for md5 in groups if cache is not None and cache.has(md5)]
+        held = cache.held(groups) if cache is not None else set()
+        cached = [md5 for md5 in groups if md5 in held]
         outcomes: list[_Placed] = []  # appended from several threads (list.append is atomic)
         chunk = max(1, -(-len(cached) // (self.workers * 4)))
         jobs = [pool.submit(self._place_cached, [(md5, groups[md5]) for md5 in cached[i : i + chunk]], outcomes.append,
                             records) for i in range(0, len(cached), chunk)]  # fmt: skip
-        held = set(cached)
         fetch = {md5: targets for md5, targets in groups.items() if md5 not in held} if held else groups
         self._download(fetch, outcomes, records, failures)
         for job in jobs:
@@ -379,7 +373,7 @@ class InputSync:
         return again
 
     def _download(
-        self, groups: dict[str, list[_Target]], outcomes: list[_Placed], records: list[tuple[str, str]],
+        self, groups: dict[str, list[_Target]], outcomes: list[_Placed], records: list[_Record],
         failures: list[_Failure],
     ) -> None:  # fmt: skip
         """Fetch every group's content in one batch, each beside its first destination, placing
@@ -422,7 +416,7 @@ class InputSync:
                 remove_quietly(temps[md5])
                 failures.append(_Failure(groups[md5], key, error))
 
-    def _place_download(self, targets: list[_Target], temp: str, records: list[tuple[str, str]]) -> _Placed:
+    def _place_download(self, targets: list[_Target], temp: str, records: list[_Record]) -> _Placed:
         """A verified download at ``temp`` becomes the first destination (the cache links it);
         the other destinations of the same content copy it."""
         outcome = _Placed()
@@ -433,32 +427,31 @@ class InputSync:
             _check_size(first, st.st_size)
             if stat.S_IMODE(st.st_mode) != first.mode:
                 os.chmod(temp, first.mode)
+            if self.cache is not None:
+                try:  # linked before the rename: the placed file needs no further change, nor stat after it
+                    self.cache.adopt_link(first.md5, temp, shareable=first.mode & 0o444 == 0o444)
+                except OSError as exc:  # the input is placed all the same; only the cache misses it
+                    log.warning("content cache: cannot adopt %s: %s", first.path, exc)
             os.replace(temp, first.path)
         except Exception as exc:
             remove_quietly(temp)
             outcome.failures.append(_Failure(targets, hashstore_key(first.md5) if _is_storage(exc) else None, exc))
             return outcome
         outcome.placed += 1
-        records.append((first.path, first.md5))
-        if self.cache is not None:
-            try:
-                self.cache.adopt_link(first.md5, first.path, shareable=first.mode & 0o444 == 0o444)
-            except OSError as exc:  # the input is in place; only the cache misses it
-                log.warning("content cache: cannot adopt %s: %s", first.path, exc)
+        _note(records, first)
         self._place_rest(targets, first.path, outcome, records)
         return outcome
 
     def _place_cached(
-        self, groups: list[tuple[str, list[_Target]]], done: Callable[[_Placed], None], records: list[tuple[str, str]]
+        self, groups: list[tuple[str, list[_Target]]], done: Callable[[_Placed], None], records: list[_Record]
     ) -> None:
         assert self.cache is not None
         for md5, targets in groups:
             outcome = _Placed()
             first = targets[0]
             try:
-                self._place(first, partial(self.cache.copy_out, md5))
+                self._place(first, partial(self.cache.copy_out, md5), records)
                 outcome.placed = 1
-                records.append((first.path, md5))
                 self._place_rest(targets, first.path, outcome, records)
             except DamagedObject:
                 outcome.damaged = True
@@ -470,18 +463,17 @@ class InputSync:
             outcome.from_cache = outcome.placed
             done(outcome)
 
-    def _place_rest(self, targets: list[_Target], source: str, outcome: _Placed, records: list[tuple[str, str]]) -> None:
+    def _place_rest(self, targets: list[_Target], source: str, outcome: _Placed, records: list[_Record]) -> None:
         """Copy the placed first destination ``source`` to the others of its content."""
         for target in targets[1:]:
             try:
-                self._place(target, partial(_copy_file, source))
+                self._place(target, partial(_copy_file, source), records)
                 outcome.placed += 1
-                records.append((target.path, target.md5))
             except Exception as exc:
                 outcome.failures.append(_Failure([target], hashstore_key(target.md5) if _is_storage(exc) else None, exc))
 
-    def _place(self, target: _Target, fill: Callable[[Path], bool]) -> None:
-        temp = temp_sibling(Path(target.path))
+    def _place(self, target: _Target, fill: Callable[[str], bool], records: list[_Record]) -> None:
+        temp = temp_sibling_str(target.path)
         try:
             if not fill(temp):
                 raise _Vanished()
@@ -490,8 +482,10 @@ class InputSync:
             if stat.S_IMODE(st.st_mode) != target.mode:
                 os.chmod(temp, target.mode)
             os.replace(temp, target.path)
-        finally:
+        except BaseException:
             remove_quietly(temp)
+            raise
+        _note(records, target)
 
     def _evict(self) -> None:
         assert self.cache is not None
@@ -518,6 +512,34 @@ def _check_size(target: _Target, size: int) -> None:
         raise StorageError(f"the content has {size} bytes but the manifest says {target.size}", code="size_mismatch")
 
 
+class _Mapper:
+    """A destination's mapped path and placement root (``node_path``, ``PathMap.apply``,
+    ``_placement_root``), worked out once per directory of the manifest: ``dir/name``, where
+    ``name`` is one plain component, maps to the mapped form of ``dir`` plus ``/name``, unless a
+    rule's source lies below ``dir`` (it could name that very file): then each is worked out."""
+
+    def __init__(self, path_map: PathMap) -> None:
+        self.path_map = path_map
+        self.sources = [source.rstrip("/") for source, _ in path_map.rules]
+        self.dirs: dict[str, tuple[str, str] | None] = {}  # artist directory -> (mapped directory, root)
+
+    def __call__(self, destination: str) -> tuple[str, str]:
+        head, _, name = destination.rpartition("/")
+        plain = name not in ("", ".", "..") and "\\" not in name and "\x00" not in name
+        known = self.dirs.get(head) if plain else None
+        if known is not None:
+            return f"{known[0]}/{name}", known[1]
+        node = node_path(destination, what="destination")
+        path, root = self.path_map.apply(node), _placement_root(self.path_map, node)
+        if plain and head not in self.dirs:
+            node_dir = node.rpartition("/")[0]
+            below = node_dir + "/"
+            mapped_dir, _, mapped_name = path.rpartition("/")
+            same = mapped_name == name and node.endswith("/" + name) and not any(s.startswith(below) for s in self.sources)
+            self.dirs[head] = (mapped_dir, root) if same and node_dir else None
+        return path, root
+
+
 def _placement_root(path_map: PathMap, node: str) -> str:
     """The directory a node path's mapped form must stay inside: the target of the rule that
     maps it (same matching as PathMap.apply), else the map's root, else ``/``."""
@@ -531,7 +553,15 @@ def _within(path: str, root: str) -> bool:
     return root == "/" or path == root or path.startswith(root.rstrip("/") + "/")
 
 
-def _copy_file(source: str, dest: Path) -> bool:
+def _note(records: list[_Record], target: _Target) -> None:
+    """Record ``target``, just placed or fixed, with its stat (one gone already is hashed next time)."""
+    try:
+        records.append((target.path, *FileStamp.row_of(os.stat(target.path)), target.md5))
+    except OSError:
+        pass
+
+
+def _copy_file(source: str, dest: str) -> bool:
     with open(source, "rb") as src, open(dest, "wb") as out:
         copy_fd(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
     return True

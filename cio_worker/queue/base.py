@@ -17,10 +17,32 @@ Attempts are counted per cause:
 
 ``max_retries = N`` allows N retries, so the N+1th attempt of a cause that ends that way is final.
 
+Who fails a task matters too (the job's ``RetryPolicy``): a task whose failed budget is spent fails
+for real only once its failures span ``distinct_workers`` (K) different workers; until then it goes
+back to pending for a worker that has not failed it (``TaskRow.kept_from`` names those that may
+not take it), so one bad node cannot fail a task alone. When no other worker that could take it
+is there (registered, heard from within ``LIVE_WORKER_SECONDS``, not stopping, not blocked from the
+job), it fails at once, as with K = 1: a farm of one never waits for a second worker, and a task
+fails after at most max_retries + K failed attempts. A worker that has failed ``block_worker_after``
+(M) of a job's tasks is blocked from the job (a "blocked" event; ``JobSummary.blocked``) and claims
+none of its tasks again, unless it is the only worker there or blocking it would leave a pending
+task that the others are kept from to nobody. ``retry_tasks`` clears the job's blocks.
+
+A pending task is never left with no live worker allowed to take it while one is there: when the
+workers that could take it go away, a claim that finds nothing else it may take takes such a task
+despite its worker's block (a "block_overridden" event: "worker X takes task T despite its block:
+no other worker may"). That attempt's failure counts like any other, and the task's
+max_retries + K-th failed attempt is final whoever is there, so the bound holds.
+
 Reports (``complete``, ``fail``, ``release``) may carry an operation id: a report whose id the queue
 has already applied is answered with the first answer and changes nothing, so a client may resend a
 report whose answer it never got. Workers register (``register_worker``) with what they run on, and
 their heartbeats and ``worker_report`` keep their state (``WORKER_STATES``) and progress current.
+
+Every attempt that ends (a report, or a reaped lease) is recorded once in ``attempts`` with the
+figures its final report carried (``AttemptFigures``: wall, CPU, memory, transfers, cost, where its
+log was uploaded). While an attempt runs its agent may ship its log's new lines (``append_log``);
+the queue keeps the newest ``LOG_TAIL_CAP`` bytes of each, which ``task_log`` reads from anywhere.
 
 A lease holds until its expiry has passed *and* the queue has reaped it (every ``claim`` reaps
 first); a late heartbeat before that renews it. A killed job asks its leased tasks to stop
@@ -51,6 +73,8 @@ GONE = "gone"
 KILLED_REASON = "killed by owner"
 # Stands in for the job id while a job spec is validated, before the queue allocates the real one.
 PLACEHOLDER_JOB_ID = "00000"
+# A worker heard from within this many seconds counts as there to take a task (RetryPolicy's rules).
+LIVE_WORKER_SECONDS = 120.0
 
 
 @dataclass(frozen=True)
@@ -144,6 +168,121 @@ class DownloadRecord:
             "state": self.state,
         }
 
+    def previews(self) -> dict[str, str]:
+        """Each file's preview key in the job's storage (``preview_key``), by relative path."""
+        return {f.relative_path: preview_key(self.job_id, f.relative_path) for f in self.files}
+
+
+# Where the agent puts the small sRGB preview of each output it uploads (node/previews.py), in the
+# job's storage beside ``_logs/``: found from a download record's files without a field of its own.
+# A preview that could not be made is simply absent. Never downloaded as an output.
+PREVIEW_PREFIX = "_previews"
+
+
+def preview_key(job_id: str, relative_path: str) -> str:
+    """``_previews/<job>/<relative_path>.jpg``: the preview of one output (frame or tile)."""
+    return f"{PREVIEW_PREFIX}/{job_id}/{relative_path}.jpg"
+
+
+# Live task logs (``append_log``): the queue keeps at most this much of an attempt's log (its
+# newest lines), and one shipment carries at most this much; both in bytes of UTF-8.
+LOG_TAIL_CAP = 256 * 1024
+LOG_SHIPMENT_CAP = 64 * 1024
+# What ended an attempt, as the attempts table records it.
+ATTEMPT_OUTCOMES = ("done", "failed", "preempted", "released", "lease_expired")
+_FIGURE_NUMBERS = ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "sync_bytes", "sync_seconds", "upload_bytes",
+                   "upload_seconds", "hourly_price", "cost", "drain_seconds")
+_FIGURE_TEXTS = ("instance_type", "currency", "log", "storage_scheme")
+
+
+@dataclass(frozen=True)
+class AttemptFigures:
+    """What one attempt took, measured by its agent and carried by its final report (complete,
+    fail, release). A figure that was not measured is None (a render that never started has no
+    CPU seconds); ``cost`` is None when the price table does not know the instance type."""
+
+    wall_seconds: float | None = None  # the attempt on the agent, sync to upload
+    cpu_seconds: float | None = None  # the render's process tree, user + system
+    peak_rss_bytes: int | None = None  # the render's process tree, at its highest sample
+    sync_bytes: int | None = None  # inputs downloaded from storage
+    sync_seconds: float | None = None
+    upload_bytes: int | None = None  # outputs uploaded to storage
+    upload_seconds: float | None = None
+    instance_type: str = ""
+    hourly_price: float | None = None
+    cost: float | None = None  # wall_seconds x hourly_price
+    currency: str = ""
+    log: str = ""  # where the attempt's task log was uploaded (a storage URL); "" when it was not
+    drain_seconds: float | None = None  # from the stop (notice, signal) to the report, when one came
+    storage_scheme: str = ""  # file, s3, gs: for the coordinator's transfer figures
+
+    def validate(self, where: str = "figures") -> None:
+        for name in _FIGURE_NUMBERS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or value == float("inf"):
+                raise DocumentError(f"{where}.{name}", f"must be a number >= 0 or null, not {value!r}")
+        for name in _FIGURE_TEXTS:
+            value = getattr(self, name)
+            if not isinstance(value, str) or len(value) > 2048:
+                raise DocumentError(f"{where}.{name}", "must be text of at most 2048 characters")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in (*_FIGURE_NUMBERS, *_FIGURE_TEXTS)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "figures") -> "AttemptFigures":
+        if not isinstance(data, Mapping):
+            raise DocumentError(where, f"must be an object, not {type(data).__name__}")
+        known = {*_FIGURE_NUMBERS, *_FIGURE_TEXTS}
+        extra = sorted(set(data) - known)
+        if extra:
+            raise DocumentError(f"{where}.{extra[0]}", f"is not a figure (known: {', '.join(sorted(known))})")
+        values = {k: v for k, v in data.items() if not (k in _FIGURE_TEXTS and v is None)}
+        for name in ("peak_rss_bytes", "sync_bytes", "upload_bytes"):
+            value = values.get(name)
+            if isinstance(value, float) and value.is_integer():
+                values[name] = int(value)
+        figures = cls(**values)
+        figures.validate(where)
+        return figures
+
+
+@dataclass(frozen=True)
+class AttemptRow:
+    """One attempt of a task as the queue recorded it when it ended."""
+
+    job_id: str
+    task_id: str
+    attempt: int  # the attempt number the agent was given (it starts again after ``retry``)
+    worker: str
+    outcome: str  # one of ATTEMPT_OUTCOMES
+    reason: str
+    started: float | None  # when the task was leased for it (the queue's clock)
+    ended: float
+    figures: AttemptFigures
+
+
+@dataclass(frozen=True)
+class TaskLogChunk:
+    """What the queue holds of an attempt's live log after byte offset ``after`` (``task_log``).
+
+    Offsets count bytes of the log as shipped (UTF-8); the queue keeps only the newest
+    ``LOG_TAIL_CAP`` bytes, so ``start`` is where what it holds begins and ``skipped`` says that
+    lines between ``after`` and ``start`` are no longer there (``text`` then starts at ``start``)."""
+
+    job_id: str
+    task_id: str
+    attempt: int | None  # None: no attempt of the task has shipped a line
+    worker: str
+    start: int
+    end: int
+    text: str
+    skipped: bool
+    running: bool  # the attempt still holds the task: more may come
+    log: str  # where the attempt's whole log was uploaded once it ended ("" until then, or if not)
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -200,6 +339,15 @@ class WorkerRow:
 
 
 @dataclass(frozen=True)
+class WorkerBlock:
+    """A worker blocked from a job: it failed ``failures`` of the job's tasks (RetryPolicy.block_worker_after)."""
+
+    worker: str
+    failures: int
+    since: float
+
+
+@dataclass(frozen=True)
 class JobSummary:
     id: str
     title: str
@@ -207,6 +355,7 @@ class JobSummary:
     created: float
     scout: bool
     killed: bool
+    blocked: tuple[WorkerBlock, ...] = ()  # workers that claim none of its tasks, oldest block first
 
     @property
     def total(self) -> int:
@@ -233,6 +382,9 @@ class TaskRow:
     cancel_requested: bool
     lease_expires: float | None
     updated: float
+    # The workers that failed it and may not take it again: its failed budget is spent and it waits
+    # for a worker that has not failed it (RetryPolicy.distinct_workers); () for any other task.
+    kept_from: tuple[str, ...] = ()
 
     @property
     def attempt_count(self) -> int:
@@ -245,7 +397,8 @@ class Event:
     task_id: str | None  # None for job-level events
     time: float
     kind: str  # created, held, job_released, claimed, done, failed, retry, preempted, lease_expired,
-    #            released, cancel_requested, killed, downloaded, retried
+    #            released, cancel_requested, killed, downloaded, retried, blocked (job-level: the
+    #            event's worker is blocked from the job), unblocked (job-level: retry cleared them)
     worker: str
     detail: str
 
@@ -267,8 +420,9 @@ class Queue(abc.ABC):
     def retry_tasks(self, job_id: str, task_ids: Sequence[str] | None = None) -> int:
         """Failed tasks (all of the job's, or those named) go back to pending with fresh budgets
         (their preempted and failed attempts start again at 0; the events keep the history, with a
-        "retried" event each); return how many. A named task that is not failed, or a killed job,
-        is an error that changes nothing."""
+        "retried" event each); return how many. The job's blocks go too, and which workers failed
+        its tasks (a fresh start: any worker may take any of its tasks). A named task that is not
+        failed, or a killed job, is an error that changes nothing."""
 
     @abc.abstractmethod
     def kill_job(self, job_id: str) -> int:
@@ -304,10 +458,11 @@ class Queue(abc.ABC):
     def heartbeat(self, lease: Lease, lease_seconds: float, status: WorkerStatus | None = None) -> HeartbeatReply: ...
 
     @abc.abstractmethod
-    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None) -> None: ...
+    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
+                 figures: AttemptFigures | None = None) -> None: ...
 
     @abc.abstractmethod
-    def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
+    def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:
         """Count a failed attempt; return the new state (pending or failed)."""
 
     @abc.abstractmethod
@@ -319,8 +474,27 @@ class Queue(abc.ABC):
         download: NewDownload | None = None,
         reason: str = "",
         op_id: str | None = None,
+        figures: AttemptFigures | None = None,
     ) -> str:
         """Give the task back (see module doc for causes); return the new state."""
+
+    # -- attempts and their logs ------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def attempts(self, job_id: str, task_id: str | None = None) -> list[AttemptRow]:
+        """Every ended attempt of the job's tasks (or of one task), oldest first, with its figures."""
+
+    @abc.abstractmethod
+    def append_log(self, lease: Lease, offset: int, text: str) -> int:
+        """Add the next lines of the lease's task log: ``text`` (at most LOG_SHIPMENT_CAP bytes)
+        begins at byte ``offset`` of the log. Bytes the queue has already (a resent shipment) are
+        skipped; the queue keeps the newest LOG_TAIL_CAP bytes. Returns the offset the queue now
+        has up to. LeaseLost when the lease no longer holds the task."""
+
+    @abc.abstractmethod
+    def task_log(self, job_id: str, task_id: str, attempt: int | None = None, after: int = 0) -> TaskLogChunk:
+        """The live log the queue holds of the task's attempt ``attempt`` (None: the latest one
+        that shipped lines) after byte ``after``."""
 
     # -- workers --------------------------------------------------------------------------------
 

@@ -22,6 +22,9 @@ from cio_worker.errors import DocumentError, LeaseLost, QueueError
 from cio_worker.job.document import JobInfo
 from cio_worker.queue import wire
 from cio_worker.queue.base import (
+    AttemptFigures,
+    AttemptRow,
+    TaskLogChunk,
     DownloadRecord,
     Event,
     HeartbeatReply,
@@ -216,13 +219,18 @@ class HttpQueue(Queue):
         self._remember_settings(answer)
         return wire.reply_from_dict(answer)
 
-    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None) -> None:
+    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
+                 figures: AttemptFigures | None = None) -> None:
         body = {"lease": wire.lease_to_dict(lease, with_document=False), "op_id": op_id or new_op_id(),
                 "download": None if download is None else wire.new_download_to_dict(download)}
+        if figures is not None:
+            body["figures"] = wire.figures_to_dict(figures)
         self._request("POST", "/v1/complete", body)
 
-    def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
+    def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:
         body = {"lease": wire.lease_to_dict(lease, with_document=False), "reason": reason, "op_id": op_id or new_op_id()}
+        if figures is not None:
+            body["figures"] = wire.figures_to_dict(figures)
         return self._request("POST", "/v1/fail", body)["state"]
 
     def release(
@@ -233,11 +241,31 @@ class HttpQueue(Queue):
         download: NewDownload | None = None,
         reason: str = "",
         op_id: str | None = None,
+        figures: AttemptFigures | None = None,
     ) -> str:
         body = {"lease": wire.lease_to_dict(lease, with_document=False), "cause": cause, "frames_done": frames_done,
                 "reason": reason, "op_id": op_id or new_op_id(),
                 "download": None if download is None else wire.new_download_to_dict(download)}
+        if figures is not None:
+            body["figures"] = wire.figures_to_dict(figures)
         return self._request("POST", "/v1/release", body)["state"]
+
+    # -- attempts and their logs ----------------------------------------------------------------
+
+    def attempts(self, job_id: str, task_id: str | None = None) -> list[AttemptRow]:
+        params = None if task_id is None else {"task": task_id}
+        answer = self._request("GET", f"/v1/jobs/{_part(job_id)}/attempts", params=params)
+        return [wire.attempt_row_from_dict(d) for d in answer["attempts"]]
+
+    def append_log(self, lease: Lease, offset: int, text: str) -> int:
+        body = {"lease": wire.lease_to_dict(lease, with_document=False), "offset": offset, "text": text}
+        # Not retried: the next shipment carries these lines again from the same offset.
+        return self._request("POST", "/v1/logs/append", body, retry_seconds=0)["end"]
+
+    def task_log(self, job_id: str, task_id: str, attempt: int | None = None, after: int = 0) -> TaskLogChunk:
+        params: dict[str, Any] = {"after": after, **({} if attempt is None else {"attempt": attempt})}
+        return wire.log_chunk_from_dict(
+            self._request("GET", f"/v1/jobs/{_part(job_id)}/tasks/{_part(task_id)}/log", params=params))
 
     # -- workers --------------------------------------------------------------------------------
 

@@ -18,12 +18,18 @@ from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
 from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
-from cio_worker.job.document import JobInfo, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
+from cio_worker.job.document import JobInfo, RetryPolicy, TaskDocument, TaskInfo, _Reader, job_id_text, parse_task, task_id_text
 from cio_worker.job.frames import FrameSet
 from cio_worker.queue import credentials
 from cio_worker.queue.base import (
+    LOG_SHIPMENT_CAP,
+    LOG_TAIL_CAP,
+    AttemptFigures,
+    AttemptRow,
+    TaskLogChunk,
     ACTIVE_STATES,
     GONE,
+    LIVE_WORKER_SECONDS,
     ATTEMPT_CAUSES,
     DOWNLOAD_STATES,
     KILLED_REASON,
@@ -40,6 +46,7 @@ from cio_worker.queue.base import (
     NewTask,
     Queue,
     TaskRow,
+    WorkerBlock,
     WorkerRow,
     WorkerStatus,
     coerce_job,
@@ -135,6 +142,95 @@ WORKERS_TOKENS_OPERATIONS: tuple[str, ...] = (
         created DOUBLE PRECISION NOT NULL)""",
     "CREATE INDEX operations_by_age ON operations (created)",
 )
+# Schema version 3 of both engines: which workers failed which of a job's tasks, and the blocks that
+# follow (RetryPolicy.distinct_workers, block_worker_after). A row with task_number -1 is the worker's
+# tally for the whole job: ``failures`` counts the job's tasks it failed, ``since`` is when it was
+# blocked from the job (NULL: not blocked). A row with a task number counts the worker's failed
+# attempts of that task; ``since`` is when the task was kept from it (NULL: it may still take it).
+# A claim skips a task when a row of its worker with a ``since`` names the task or the job (-1),
+# unless it finds nothing else and no other live worker may take that task (_claim_despite_blocks).
+JOB_BLOCKS: tuple[str, ...] = (
+    """CREATE TABLE job_blocks (
+        job_number BIGINT NOT NULL,
+        worker TEXT NOT NULL,
+        task_number BIGINT NOT NULL,
+        failures INTEGER NOT NULL DEFAULT 0,
+        since DOUBLE PRECISION,
+        PRIMARY KEY (job_number, worker, task_number))""",
+    "CREATE INDEX job_blocks_by_task ON job_blocks (job_number, task_number)",
+    "CREATE INDEX job_blocks_active ON job_blocks (worker) WHERE since IS NOT NULL",
+)
+WHOLE_JOB = -1  # job_blocks.task_number of a worker's row for the whole job
+# A worker ``w`` other than the first parameter that is there to take tasks: heard from since the
+# second parameter (LIVE_WORKER_SECONDS ago), not stopping.
+_LIVE_OTHER = "w.id <> ? AND w.state NOT IN ('stopped', 'draining') AND w.last_contact >= ?"
+# No such worker may claim task ``t`` (it is blocked from t's job or kept from t).
+_NO_OTHER_MAY_TAKE = (
+    f"NOT EXISTS (SELECT 1 FROM workers w WHERE {_LIVE_OTHER} AND NOT EXISTS (SELECT 1 FROM job_blocks o"
+    f" WHERE o.job_number = t.job_number AND o.worker = w.id AND o.task_number IN ({WHOLE_JOB}, t.number)"
+    " AND o.since IS NOT NULL))")
+
+
+def attempts_tables(serial_key: str) -> tuple[str, ...]:
+    """Each ended attempt with its figures, and the live tails of running attempts' logs (one row
+    per lease), in SQL both engines read alike; ``serial_key`` as in ``queue_tables``."""
+    return (
+        f"""CREATE TABLE attempts (
+            seq {serial_key},
+            job_number BIGINT NOT NULL,
+            task_number BIGINT NOT NULL,
+            attempt INTEGER NOT NULL,
+            worker TEXT NOT NULL,
+            outcome TEXT NOT NULL,
+            reason TEXT NOT NULL DEFAULT '',
+            started DOUBLE PRECISION,
+            ended DOUBLE PRECISION NOT NULL,
+            wall_seconds DOUBLE PRECISION,
+            cpu_seconds DOUBLE PRECISION,
+            peak_rss_bytes BIGINT,
+            sync_bytes BIGINT,
+            sync_seconds DOUBLE PRECISION,
+            upload_bytes BIGINT,
+            upload_seconds DOUBLE PRECISION,
+            instance_type TEXT NOT NULL DEFAULT '',
+            hourly_price DOUBLE PRECISION,
+            cost DOUBLE PRECISION,
+            currency TEXT NOT NULL DEFAULT '',
+            log TEXT NOT NULL DEFAULT '')""",
+        "CREATE INDEX attempts_by_task ON attempts (job_number, task_number)",
+        """CREATE TABLE task_log_chunks (
+            job_number BIGINT NOT NULL,
+            task_number BIGINT NOT NULL,
+            token TEXT NOT NULL,
+            attempt INTEGER NOT NULL,
+            worker TEXT NOT NULL,
+            start_offset BIGINT NOT NULL,
+            end_offset BIGINT NOT NULL,
+            text TEXT NOT NULL,
+            created DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (job_number, task_number, token, start_offset))""",
+        "CREATE INDEX task_log_chunks_by_age ON task_log_chunks (created)",
+    )
+
+
+# Schema version 5 of both engines: the web view's sign-in sessions (coordinator/web). Only a digest
+# of each session id is stored; a session belongs to an owner token and ends when the token is
+# revoked (``web_session`` reads the token with it) or when it expires.
+WEB_SESSIONS: tuple[str, ...] = (
+    """CREATE TABLE web_sessions (
+        digest TEXT PRIMARY KEY,
+        token_id TEXT NOT NULL,
+        created DOUBLE PRECISION NOT NULL,
+        expires DOUBLE PRECISION NOT NULL)""",
+    "CREATE INDEX web_sessions_by_expiry ON web_sessions (expires)",
+)
+
+
+# The columns of an attempt's figures in the attempts table (AttemptFigures' names).
+_ATTEMPT_FIGURES = ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "sync_bytes", "sync_seconds", "upload_bytes",
+                    "upload_seconds", "instance_type", "hourly_price", "cost", "currency", "log")
+# Live log tails are kept this long after their last shipment (the uploaded log stays).
+TASK_LOG_TTL = 24 * 3600.0
 # Job and task numbers are stored as 64-bit integers; longer digit strings name nothing.
 _MAX_NUMBER_DIGITS = 18
 # Applied operation ids are kept this long: far longer than any client retries a report.
@@ -158,7 +254,9 @@ class Tx(Protocol):
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> Any: ...
 
 
-Completion = tuple[Lease, "NewDownload | None", "str | None"]  # a complete() call's arguments
+# A complete() call's arguments: (lease, download, op id) and, optionally, the attempt's figures.
+Completion = tuple[Lease, "NewDownload | None", "str | None"] | tuple[Lease, "NewDownload | None", "str | None",
+                                                                     "AttemptFigures | None"]
 
 
 @dataclass(frozen=True)
@@ -295,7 +393,17 @@ class SqlQueue(Queue):
                 self._event(tx, number, row["number"], now, "retried", "",
                             f"fresh budgets (had failed {row['attempts_failed']}, "
                             f"preempted {row['attempts_preempted']})")
+            self._clear_blocks(tx, number, now)
         return len(rows)
+
+    def _clear_blocks(self, tx: Tx, job: int, now: float) -> None:
+        """Forget which workers failed the job's tasks and unblock them: a fresh start."""
+        blocked = [r["worker"] for r in tx.execute(
+            f"SELECT worker FROM job_blocks WHERE job_number = ? AND task_number = {WHOLE_JOB} AND since IS NOT NULL"
+            " ORDER BY worker", (job,)).fetchall()]
+        tx.execute("DELETE FROM job_blocks WHERE job_number = ?", (job,))
+        if blocked:
+            self._event(tx, job, None, now, "unblocked", "", f"retry unblocked {', '.join(blocked)}")
 
     def kill_job(self, job_id: str) -> int:
         with self._transaction() as tx:
@@ -327,6 +435,10 @@ class SqlQueue(Queue):
             for r in tx.execute("SELECT job_number, state, COUNT(*) AS n FROM tasks GROUP BY job_number, state").fetchall():
                 counts.setdefault(r["job_number"], {})[r["state"]] = r["n"]
             rows = tx.execute("SELECT number, title, created, scout, killed FROM jobs ORDER BY number").fetchall()
+            blocked: dict[int, list[WorkerBlock]] = {}
+            for b in tx.execute(f"SELECT job_number, worker, failures, since FROM job_blocks WHERE since IS NOT NULL"
+                                f" AND task_number = {WHOLE_JOB} ORDER BY since, worker").fetchall():
+                blocked.setdefault(b["job_number"], []).append(WorkerBlock(b["worker"], b["failures"], b["since"]))
         return [
             JobSummary(
                 id=job_id_text(r["number"]),
@@ -335,6 +447,7 @@ class SqlQueue(Queue):
                 created=r["created"],
                 scout=bool(r["scout"]),
                 killed=bool(r["killed"]),
+                blocked=tuple(blocked.get(r["number"], ())),
             )
             for r in rows
         ]
@@ -344,10 +457,25 @@ class SqlQueue(Queue):
             return self._job_info(tx, self._job_number(tx, job_id))
 
     def tasks(self, job_id: str) -> list[TaskRow]:
+        return self._task_rows(job_id)
+
+    def task(self, job_id: str, task_id: str) -> TaskRow:
+        """One task of the job (``tasks`` reads them all)."""
+        return self._task_rows(job_id, task_id)[0]
+
+    def _task_rows(self, job_id: str, task_id: str | None = None) -> list[TaskRow]:
         with self._transaction(write=False) as tx:
             number = self._job_number(tx, job_id)
-            rows = tx.execute("SELECT * FROM tasks WHERE job_number = ? ORDER BY number", (number,)).fetchall()
-        return [_task_row(r) for r in rows]
+            one = "" if task_id is None else " AND number = ?"
+            args = (number,) if task_id is None else (number, self._task_number(tx, number, task_id))
+            rows = tx.execute(f"SELECT * FROM tasks WHERE job_number = ?{one} ORDER BY number", args).fetchall()
+            kept: dict[int, list[str]] = {}
+            for b in tx.execute("SELECT task_number, worker FROM job_blocks WHERE job_number = ? AND task_number >= 0"
+                                f" AND since IS NOT NULL{one.replace('number', 'task_number')}"
+                                " ORDER BY task_number, since, worker", args).fetchall():
+                kept.setdefault(b["task_number"], []).append(b["worker"])
+        return [replace(_task_row(r), kept_from=tuple(kept.get(r["number"], ())))
+                if r["state"] == "pending" and r["number"] in kept else _task_row(r) for r in rows]
 
     def events(self, job_id: str, task_id: str | None = None) -> list[Event]:
         with self._transaction(write=False) as tx:
@@ -387,45 +515,132 @@ class SqlQueue(Queue):
 
     def claim_many(self, workers: Sequence[str], lease_seconds: float) -> list[Lease | None]:
         """Lease a task to each of ``workers`` (oldest pending first) in one transaction: what a
-        coordinator does with the claims that arrive together. A worker left without one gets None."""
+        coordinator does with the claims that arrive together. A worker left without one gets None.
+        No worker gets a task it is kept from (``job_blocks``): the claimers share one look at the
+        pending tasks none of them is kept from; should those run out while some claimer is kept
+        from a pending task, each claimer still waiting then looks for itself. A claimer left with
+        nothing takes a task it is kept from that no other live worker may take."""
         for worker in workers:
             _check_worker(worker)
         _check_lease_seconds(lease_seconds)
-        leases: list[Lease | None] = []
+        leases: list[Lease | None] = [None] * len(workers)
+        waiting = list(range(len(workers)))  # the claimers without a lease yet, in their order
+        alone = False
         with self._transaction() as tx:
             now = self._now(tx)
             if now >= self._next_reap:
                 self._reap(tx, now)
                 self._next_reap = now + self.REAP_INTERVAL
-            while len(leases) < len(workers):
-                wanted = len(workers) - len(leases)
-                rows = tx.execute(
-                    "SELECT * FROM tasks WHERE state = 'pending' ORDER BY job_number, number LIMIT ?" + self.CLAIM_LOCK,
-                    (wanted,),
-                ).fetchall()
+            while waiting:
+                group = waiting[:1] if alone else waiting
+                names = sorted({workers[i] for i in group})
+                rows = self._pending_for(tx, names, len(group))
                 claimed: list[tuple[Row, str, str, int]] = []  # (row, worker, token, attempt)
                 for row in rows:
-                    # A stored job or task that no longer reads (another version wrote it, or someone
-                    # edited the database) fails that task with the field and the problem; claiming goes on.
-                    what = "job document"
-                    try:
-                        job = self._job_info(tx, row["job_number"])
-                        what = "task"
-                        attempt = _attempts_so_far(row) + 1
-                        task = _stored_task(row, attempt)
-                    except DocumentError as exc:
-                        self._set_final(tx, row, now, "failed", f"the stored {what} is invalid: {exc}")
-                        continue
-                    worker = workers[len(leases)]
-                    token = secrets.token_hex(16)
-                    claimed.append((row, worker, token, attempt))
-                    leases.append(Lease(job_id=job.id, task_id=task.id, token=token, worker=worker,
-                                        expires_at=now + lease_seconds, document=TaskDocument(job=job, task=task)))
+                    i = group[len(claimed)]
+                    got = self._lease_of(tx, row, workers[i], now, lease_seconds)
+                    if got is not None:
+                        leases[i], entry = got
+                        claimed.append(entry)
                 if claimed:
                     self._lease_rows(tx, claimed, now, now + lease_seconds)
-                if len(rows) < wanted:
-                    break  # no more pending tasks
-        return leases + [None] * (len(workers) - len(leases))
+                served = set(group[:len(claimed)])
+                if len(rows) < len(group):  # no more pending tasks this group may take
+                    served |= set(group) if alone else set()
+                    if not alone and len(names) > 1 and self._blocked(tx, names):
+                        alone = True
+                    elif not alone:
+                        break
+                waiting = [i for i in waiting if i not in served]
+            idle = [i for i in range(len(workers)) if leases[i] is None]
+            if idle:
+                self._claim_despite_blocks(tx, workers, idle, leases, now, lease_seconds)
+        return leases
+
+    def _lease_of(self, tx: Tx, row: Row, worker: str, now: float,
+                  lease_seconds: float) -> tuple[Lease, tuple[Row, str, str, int]] | None:
+        """The lease of pending ``row`` for ``worker`` and its entry for ``_lease_rows``. A stored
+        job or task that no longer reads (another version wrote it, or someone edited the database)
+        fails that task with the field and the problem instead (None); claiming goes on."""
+        what = "job document"
+        try:
+            job = self._job_info(tx, row["job_number"])
+            what = "task"
+            attempt = _attempts_so_far(row) + 1
+            task = _stored_task(row, attempt)
+        except DocumentError as exc:
+            self._set_final(tx, row, now, "failed", f"the stored {what} is invalid: {exc}")
+            return None
+        token = secrets.token_hex(16)
+        lease = Lease(job_id=job.id, task_id=task.id, token=token, worker=worker, expires_at=now + lease_seconds,
+                      document=TaskDocument(job=job, task=task))
+        return lease, (row, worker, token, attempt)
+
+    def _claim_despite_blocks(self, tx: Tx, workers: Sequence[str], idle: Sequence[int], leases: list[Lease | None],
+                              now: float, lease_seconds: float) -> None:
+        """Each claimer in ``idle`` (found nothing it may take) that is kept from a pending task no
+        other live worker may take takes it anyway, so that no pending task waits while a live
+        worker is there (its failure then counts: see ``_judge_failure``)."""
+        blocked = self._blocked(tx, sorted({workers[i] for i in idle}))
+        for i in idle:
+            if workers[i] not in blocked:
+                continue
+            stranded = self._stranded_task(tx, workers[i], now)
+            got = None if stranded is None else self._lease_of(tx, stranded, workers[i], now, lease_seconds)
+            if got is None:
+                continue
+            leases[i], entry = got
+            row = entry[0]
+            self._event(tx, row["job_number"], row["number"], now, "block_overridden", workers[i],
+                        f"worker {workers[i]} takes task {task_id_text(row['number'])} despite its block: "
+                        "no other worker may")
+            self._lease_rows(tx, [entry], now, now + lease_seconds)
+
+    def _stranded_task(self, tx: Tx, worker: str, now: float) -> Row | None:
+        """A pending task ``worker`` is kept from that no other live worker may take (locked by the
+        engine's claim lock), or None. Read from the worker's own blocks: a job it is blocked from
+        that no other live worker may claim from, then the tasks some worker is kept from."""
+        live = now - LIVE_WORKER_SECONDS
+        row = tx.execute(
+            f"SELECT t.* FROM tasks t WHERE t.state = 'pending' AND t.job_number IN (SELECT x.job_number"
+            f" FROM job_blocks x WHERE x.worker = ? AND x.task_number = {WHOLE_JOB} AND x.since IS NOT NULL"
+            f" AND NOT EXISTS (SELECT 1 FROM workers w WHERE {_LIVE_OTHER} AND NOT EXISTS (SELECT 1 FROM job_blocks o"
+            f" WHERE o.job_number = x.job_number AND o.worker = w.id AND o.task_number = {WHOLE_JOB}"
+            " AND o.since IS NOT NULL))) ORDER BY t.job_number, t.number LIMIT 1" + self.CLAIM_LOCK,
+            (worker, worker, live),
+        ).fetchone()
+        if row is not None:
+            return row
+        return tx.execute(
+            "SELECT t.* FROM tasks t WHERE t.state = 'pending' AND (t.job_number, t.number) IN (SELECT k.job_number,"
+            " k.task_number FROM job_blocks k WHERE k.task_number >= 0 AND k.since IS NOT NULL AND k.job_number IN"
+            " (SELECT x.job_number FROM job_blocks x WHERE x.worker = ? AND x.since IS NOT NULL))"
+            " AND EXISTS (SELECT 1 FROM job_blocks x WHERE x.job_number = t.job_number AND x.worker = ?"
+            f" AND x.task_number IN ({WHOLE_JOB}, t.number) AND x.since IS NOT NULL) AND {_NO_OTHER_MAY_TAKE}"
+            " ORDER BY t.job_number, t.number LIMIT 1" + self.CLAIM_LOCK,
+            (worker, worker, worker, live),
+        ).fetchone()
+
+    def _pending_for(self, tx: Tx, names: Sequence[str], limit: int) -> list[Row]:
+        """Up to ``limit`` pending tasks, oldest first, that none of the workers ``names`` is kept
+        from (locked by the engine's claim lock): one probe of job_blocks' key per task read."""
+        among, params = self._workers_are("b.worker", names)
+        return tx.execute(
+            "SELECT t.* FROM tasks t WHERE t.state = 'pending' AND NOT EXISTS (SELECT 1 FROM job_blocks b"
+            f" WHERE b.job_number = t.job_number AND {among} AND b.task_number IN ({WHOLE_JOB}, t.number)"
+            " AND b.since IS NOT NULL) ORDER BY t.job_number, t.number LIMIT ?" + self.CLAIM_LOCK,
+            (*params, limit),
+        ).fetchall()
+
+    def _workers_are(self, column: str, names: Sequence[str]) -> tuple[str, tuple[Any, ...]]:
+        """``column`` is one of the worker ``names``, spelt plainly for one (a single claim)."""
+        return (f"{column} = ?", (names[0],)) if len(names) == 1 else self._one_of(column, names)
+
+    def _blocked(self, tx: Tx, names: Sequence[str]) -> set[str]:
+        """Which of the workers ``names`` are blocked from a job or kept from a task."""
+        among, params = self._workers_are("worker", names)
+        return {r["worker"] for r in tx.execute(
+            f"SELECT DISTINCT worker FROM job_blocks WHERE since IS NOT NULL AND {among}", params).fetchall()}
 
     @staticmethod
     def _lease_rows(tx: Tx, claimed: Sequence[tuple[Row, str, str, int]], now: float, expires: float) -> None:
@@ -480,8 +695,11 @@ class SqlQueue(Queue):
                 self._set_final(tx, row, now, "failed", reason, kind="lease_expired", detail=lost)
             else:
                 self._set_final(tx, row, now, "pending", lost, kind="lease_expired", detail=lost)
+        self._record_attempts(tx, [_attempt_values(row, row["worker"], "lease_expired", f"the lease of {row['worker']} "
+                                                   "expired", now, None) for row in rows])
         if rows or secrets.randbelow(100) == 0:  # now and then is enough to keep the table small
             tx.execute("DELETE FROM operations WHERE created < ?", (now - OPERATION_TTL,))
+            tx.execute("DELETE FROM task_log_chunks WHERE created < ?", (now - TASK_LOG_TTL,))
         return len(rows)
 
     def heartbeat(self, lease: Lease, lease_seconds: float, status: WorkerStatus | None = None) -> HeartbeatReply:
@@ -506,8 +724,9 @@ class SqlQueue(Queue):
                 tx.execute("UPDATE workers SET last_contact = ? WHERE id = ?", (now, lease.worker))
             return HeartbeatReply(cancel=bool(row["cancel"]), expires_at=expires)
 
-    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None) -> None:
-        answer = self.complete_many([(lease, download, op_id)])[0]
+    def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
+                 figures: AttemptFigures | None = None) -> None:
+        answer = self.complete_many([(lease, download, op_id, figures)])[0]
         if answer is not None:
             raise answer
 
@@ -519,10 +738,13 @@ class SqlQueue(Queue):
         cannot cost the others."""
         answers: list[CioError | None] = [None] * len(reports)
         order = []
-        for i, (lease, download, op_id) in enumerate(reports):
+        for i, report in enumerate(reports):
+            lease, download, op_id, figures = _completion(report)
             try:
                 if download is not None:
                     download.validate()
+                if figures is not None:
+                    figures.validate()
                 _check_op_id(op_id)
             except CioError as exc:
                 answers[i] = exc
@@ -544,11 +766,12 @@ class SqlQueue(Queue):
 
     def _complete_in(self, tx: Tx, reports: Sequence[Completion]) -> list[CioError | None]:
         now = self._now(tx)
-        rows = self._rows_for_update(tx, [lease for lease, _, _ in reports])
+        rows = self._rows_for_update(tx, [report[0] for report in reports])
         answers: list[CioError | None] = [None] * len(reports)
-        finals, remembered, finished = [], [], []
+        finals, remembered, finished, attempts = [], [], [], []
         applied: dict[tuple[str, str], str | None] = {}  # reports applied in this batch: their op id
-        for i, (lease, download, op_id) in enumerate(reports):
+        for i, report in enumerate(reports):
+            lease, download, op_id, figures = _completion(report)
             key = (lease.job_id, lease.task_id)
             if key in applied:  # a copy of a report in the same batch
                 if op_id is not None and applied[key] == op_id:
@@ -572,14 +795,18 @@ class SqlQueue(Queue):
             if op_id is not None:
                 remembered.append((op_id, lease.worker, "complete", "done", now))
             finished.append(lease.worker)
+            attempts.append(_attempt_values(row, lease.worker, "done", "", now, figures))
+        self._record_attempts(tx, attempts)
         self._set_finals(tx, finals, now)
         self._remember_all(tx, remembered)
         self._worker_finished(tx, finished, now, "tasks_done")
         return answers
 
-    def fail(self, lease: Lease, reason: str, op_id: str | None = None) -> str:
+    def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:
         if not isinstance(reason, str):
             raise DocumentError("reason", f"must be text, not {type(reason).__name__}")
+        if figures is not None:
+            figures.validate()
         _check_op_id(op_id)
         reason = reason.strip() or "failed without a reason given"
         with self._transaction() as tx:
@@ -596,15 +823,108 @@ class SqlQueue(Queue):
             budget = row["retry_failed"]
             if row["cancel"]:
                 state = self._set_final(tx, row, now, "failed", KILLED_REASON, kind="failed", detail=f"{reason} (job killed)")
-            elif failed > budget:
-                detail = f"{reason} (final: failed {_times(failed)}, the job allows {budget} retries)"
-                state = self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
             else:
-                detail = f"{reason} (retry {failed} of {budget})"
-                state = self._set_final(tx, row, now, "pending", reason, kind="failed", detail=detail)
+                state = self._judge_failure(tx, row, lease.worker, reason, failed, budget, now)
             self._worker_finished(tx, lease.worker, now, "tasks_failed")
+            self._record_attempts(tx, [_attempt_values(row, lease.worker, "failed", reason, now, figures)])
             self._remember(tx, op_id, lease, "fail", state, now)
             return state
+
+    def _judge_failure(self, tx: Tx, row: Row, worker: str, reason: str, failed: int, budget: int, now: float) -> str:
+        """A failed attempt of ``row`` by ``worker`` (its ``failed``th): retried while the budget
+        allows; then final once its failures span the job's distinct_workers, else kept for a
+        worker that has not failed it, when one is there (the module doc of ``queue.base``); final
+        in any case at budget + distinct_workers failures (a worker may take a task despite its
+        block, so the same worker may fail it again).
+        Blocks ``worker`` from the job at block_worker_after failed tasks. Returns the new state."""
+        job, task = row["job_number"], row["number"]
+        policy = self._policy(tx, job)
+        spread = self._count_failure(tx, job, task, worker)
+        if failed <= budget:
+            detail = f"{reason} (retry {failed} of {budget})"
+            state = self._set_final(tx, row, now, "pending", reason, kind="failed", detail=detail)
+        elif len(spread) >= policy.distinct_workers:
+            on = f" on {len(spread)} workers" if len(spread) > 1 else ""
+            detail = f"{reason} (final: failed {_times(failed)}{on}, the job allows {budget} retries)"
+            state = self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
+        elif failed >= budget + policy.distinct_workers:  # only after a claim despite a block
+            detail = (f"{reason} (final: failed {_times(failed)}, the most the job allows: max_retries {budget}"
+                      f" + distinct_workers {policy.distinct_workers})")
+            state = self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
+        elif self._another_worker(tx, job, task, worker, now):
+            tx.execute("UPDATE job_blocks SET since = ? WHERE job_number = ? AND task_number = ? AND since IS NULL",
+                       (now, job, task))
+            detail = (f"{reason} (retries spent, failed {_times(failed)} on {_count(len(spread), 'worker')} of the "
+                      f"{policy.distinct_workers} the job asks for: it waits for a worker that has not failed it)")
+            state = self._set_final(tx, row, now, "pending", reason, kind="failed", detail=detail)
+        else:
+            detail = (f"{reason} (final: failed {_times(failed)}, the job allows {budget} retries; no other "
+                      f"worker was there to try it, of the {policy.distinct_workers} the job asks for)")
+            state = self._set_final(tx, row, now, "failed", reason, kind="failed", detail=detail)
+        self._block_if_due(tx, job, worker, policy.block_worker_after, now)
+        return state
+
+    def _policy(self, tx: Tx, job: int) -> RetryPolicy:
+        try:
+            return self._job_info(tx, job).autoretry_policy
+        except DocumentError:  # an unreadable stored job: who failed its tasks decides nothing
+            return RetryPolicy(distinct_workers=1, block_worker_after=0)
+
+    @staticmethod
+    def _count_failure(tx: Tx, job: int, task: int, worker: str) -> set[str]:
+        """Record that ``worker`` failed the task once more (and, the first time, one more of the
+        job's tasks); return every worker that has failed the task since the job's last retry."""
+        rows = tx.execute("SELECT worker FROM job_blocks WHERE job_number = ? AND task_number = ?",
+                          (job, task)).fetchall()
+        spread = {r["worker"] for r in rows}
+        if worker in spread:
+            tx.execute("UPDATE job_blocks SET failures = failures + 1 WHERE job_number = ? AND worker = ?"
+                       " AND task_number = ?", (job, worker, task))
+            return spread
+        tx.execute("INSERT INTO job_blocks (job_number, worker, task_number, failures) VALUES (?, ?, ?, 1)",
+                   (job, worker, task))
+        tx.execute(f"INSERT INTO job_blocks (job_number, worker, task_number, failures) VALUES (?, ?, {WHOLE_JOB}, 1)"
+                   " ON CONFLICT (job_number, worker, task_number) DO UPDATE SET failures = job_blocks.failures + 1",
+                   (job, worker))
+        return spread | {worker}
+
+    def _another_worker(self, tx: Tx, job: int, task: int | None, worker: str, now: float) -> bool:
+        """Whether a worker other than ``worker`` is there to take the job's tasks (or, given
+        ``task``, that task): heard from lately, not stopping, not blocked from the job, and not
+        one that failed the task."""
+        row = tx.execute(
+            f"SELECT 1 AS one FROM workers w WHERE {_LIVE_OTHER} AND NOT EXISTS (SELECT 1 FROM job_blocks b"
+            f" WHERE b.job_number = ? AND b.worker = w.id AND ((b.task_number = {WHOLE_JOB} AND b.since IS NOT NULL) OR b.task_number = ?))"
+            " LIMIT 1",
+            (worker, now - LIVE_WORKER_SECONDS, job, WHOLE_JOB - 1 if task is None else task),
+        ).fetchone()
+        return row is not None
+
+    def _block_if_due(self, tx: Tx, job: int, worker: str, limit: int, now: float) -> None:
+        """Block ``worker`` from the job once it has failed ``limit`` of its tasks (0: never), unless
+        no other worker is there to take them: none at all, or none that may take one of its
+        pending tasks that some worker is kept from."""
+        if not limit:
+            return
+        tally = tx.execute(f"SELECT failures, since FROM job_blocks WHERE job_number = ? AND worker = ?"
+                           f" AND task_number = {WHOLE_JOB}", (job, worker)).fetchone()
+        if tally is None or tally["since"] is not None or tally["failures"] < limit:
+            return
+        if not self._another_worker(tx, job, None, worker, now):
+            return  # the only worker there: blocking it would leave the job with none
+        stranded = tx.execute(
+            "SELECT 1 AS one FROM tasks t WHERE t.job_number = ? AND t.state = 'pending' AND t.number IN"
+            " (SELECT k.task_number FROM job_blocks k WHERE k.job_number = ? AND k.task_number >= 0"
+            f" AND k.since IS NOT NULL) AND {_NO_OTHER_MAY_TAKE} LIMIT 1",
+            (job, job, worker, now - LIVE_WORKER_SECONDS),
+        ).fetchone()
+        if stranded is not None:
+            return  # a task the others are kept from: blocking it would leave that task with none
+        tx.execute(f"UPDATE job_blocks SET since = ? WHERE job_number = ? AND worker = ? AND task_number = {WHOLE_JOB}",
+                   (now, job, worker))
+        self._event(tx, job, None, now, "blocked", worker,
+                    f"worker {worker} blocked from job after {tally['failures']} failures "
+                    f"(it failed {_count(tally['failures'], 'task')} of the job; the job blocks a worker at {limit})")
 
     def release(
         self,
@@ -614,6 +934,7 @@ class SqlQueue(Queue):
         download: NewDownload | None = None,
         reason: str = "",
         op_id: str | None = None,
+        figures: AttemptFigures | None = None,
     ) -> str:
         if cause not in RELEASE_CAUSES:
             raise DocumentError("cause", f"{cause!r} is not a release cause (use {' or '.join(RELEASE_CAUSES)}; fail() for failures)")
@@ -625,6 +946,8 @@ class SqlQueue(Queue):
             raise DocumentError("frames_done", str(exc)) from None
         if download is not None:
             download.validate()
+        if figures is not None:
+            figures.validate()
         _check_op_id(op_id)
         with self._transaction() as tx:
             now = self._now(tx)
@@ -659,8 +982,22 @@ class SqlQueue(Queue):
                 " WHERE id = ?",
                 (now, lease.worker),
             )
+            self._record_attempts(tx, [_attempt_values(row, lease.worker, cause, reason.strip(), now, figures)])
             self._remember(tx, op_id, lease, "release", state, now)
             return state
+
+    # A statement naming many rows names them in one parameter, so that its text is the same for
+    # any count: the driver parses and caches it once (psycopg's parse of a statement with hundreds
+    # of placeholders was most of a grouped write's cost). Each engine spells it its own way.
+
+    def _one_of(self, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
+        """``column`` is one of ``values``: (the condition, its parameters)."""
+        return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(list(values)),)
+
+    def _pairs_in(self, first: str, second: str, pairs: Sequence[tuple[int, int]]) -> tuple[str, tuple[Any, ...]]:
+        """(``first``, ``second``) is one of the integer ``pairs``: (the condition, its parameters)."""
+        return (f"({first}, {second}) IN (SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]') FROM json_each(?))",
+                (json.dumps([list(p) for p in pairs]),))
 
     def _held(self, tx: Tx, lease: Lease, op_id: str | None = None) -> Row:
         """The task row (with its job's budgets), locked, if ``lease`` still holds it; LeaseLost
@@ -673,11 +1010,11 @@ class SqlQueue(Queue):
         keys = sorted({key for key in map(_row_key, leases) if key is not None})
         if not keys:
             return {}
+        which, params = self._pairs_in("t.job_number", "t.number", keys)
         rows = tx.execute(
             "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
-            f" WHERE (t.job_number, t.number) IN ({', '.join(['(?, ?)'] * len(keys))})"
-            " ORDER BY t.job_number, t.number" + self.ROW_LOCK,
-            [n for key in keys for n in key],
+            f" WHERE {which} ORDER BY t.job_number, t.number" + self.ROW_LOCK,
+            params,
         ).fetchall()
         return {(r["job_number"], r["number"]): r for r in rows}
 
@@ -747,6 +1084,106 @@ class SqlQueue(Queue):
         """Record (op id, worker, kind, result, time) of applied reports, to answer their copies."""
         if operations:
             tx.executemany("INSERT INTO operations (id, worker, kind, result, created) VALUES (?, ?, ?, ?, ?)", operations)
+
+    # -- attempts and their logs ------------------------------------------------------------------
+
+    @staticmethod
+    def _record_attempts(tx: Tx, values: Sequence[tuple[Any, ...]]) -> None:
+        """Insert ended attempts (``_attempt_values``): once each, as their report is applied once."""
+        if values:
+            tx.executemany(
+                "INSERT INTO attempts (job_number, task_number, attempt, worker, outcome, reason, started, ended, "
+                f"{', '.join(_ATTEMPT_FIGURES)}) VALUES ({_marks(range(8 + len(_ATTEMPT_FIGURES)))})",
+                values,
+            )
+
+    def attempts(self, job_id: str, task_id: str | None = None) -> list[AttemptRow]:
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            if task_id is None:
+                rows = tx.execute("SELECT * FROM attempts WHERE job_number = ? ORDER BY task_number, seq",
+                                  (number,)).fetchall()
+            else:
+                task = self._task_number(tx, number, task_id)
+                rows = tx.execute("SELECT * FROM attempts WHERE job_number = ? AND task_number = ? ORDER BY seq",
+                                  (number, task)).fetchall()
+        return [_attempt_row(r) for r in rows]
+
+    def append_log(self, lease: Lease, offset: int, text: str) -> int:
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise DocumentError("offset", f"must be a whole number >= 0, not {offset!r}")
+        if not isinstance(text, str):
+            raise DocumentError("text", f"must be text, not {type(text).__name__}")
+        data = text.encode("utf-8", "replace")
+        if len(data) > LOG_SHIPMENT_CAP:
+            raise DocumentError("text", f"is {len(data)} bytes; a shipment carries at most {LOG_SHIPMENT_CAP}")
+        key = _row_key(lease)
+        with self._transaction() as tx:
+            now = self._now(tx)
+            row = None if key is None else tx.execute(
+                "SELECT * FROM tasks WHERE job_number = ? AND number = ?", key).fetchone()
+            if row is None or row["state"] != "leased" or row["lease_token"] != lease.token \
+                    or row["worker"] != lease.worker:
+                if row is None:
+                    self._task_number(tx, self._job_number(tx, lease.job_id), lease.task_id)
+                raise LeaseLost(f"{lease.label}: the lease of {lease.worker} is gone; its log is not wanted")
+            where = "job_number = ? AND task_number = ? AND token = ?"
+            ends = (*key, lease.token)
+            end = tx.execute(f"SELECT MAX(end_offset) AS e FROM task_log_chunks WHERE {where}", ends).fetchone()["e"]
+            end = offset if end is None else end
+            if offset + len(data) <= end:
+                return end  # a shipment the queue has already (resent after a lost answer)
+            # Shipments are whole lines, each kept as it came (one small insert, never a rewrite);
+            # one the agent gave up on leaves a gap. The newest LOG_TAIL_CAP bytes are kept.
+            begin = max(offset, end)
+            new = data[begin - offset:]
+            end = begin + len(new)
+            tx.execute(
+                "INSERT INTO task_log_chunks (job_number, task_number, token, attempt, worker, start_offset,"
+                " end_offset, text, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*ends, _attempts_so_far(row) + 1, lease.worker, begin, end, new.decode("utf-8", "ignore"), now),
+            )
+            tx.execute(f"DELETE FROM task_log_chunks WHERE {where} AND start_offset < ?", (*ends, end - LOG_TAIL_CAP))
+        return end
+
+    def task_log(self, job_id: str, task_id: str, attempt: int | None = None, after: int = 0) -> TaskLogChunk:
+        if attempt is not None and (isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 1):
+            raise DocumentError("attempt", f"must be a whole number >= 1, not {attempt!r}")
+        if isinstance(after, bool) or not isinstance(after, int) or after < 0:
+            raise DocumentError("after", f"must be a whole number >= 0, not {after!r}")
+        with self._transaction(write=False) as tx:
+            job = self._job_number(tx, job_id)
+            task = self._task_number(tx, job, task_id)
+            which = "" if attempt is None else " AND attempt = ?"
+            args = (job, task) if attempt is None else (job, task, attempt)
+            latest = tx.execute(f"SELECT token, attempt, worker FROM task_log_chunks WHERE job_number = ? AND"
+                                f" task_number = ?{which} ORDER BY created DESC, attempt DESC LIMIT 1", args).fetchone()
+            chunks = [] if latest is None else tx.execute(
+                "SELECT start_offset, end_offset, text FROM task_log_chunks WHERE job_number = ? AND task_number = ?"
+                " AND token = ? ORDER BY start_offset", (job, task, latest["token"])).fetchall()
+            if latest is not None:
+                attempt = latest["attempt"]
+            ended = None if attempt is None else tx.execute(
+                "SELECT log FROM attempts WHERE job_number = ? AND task_number = ? AND attempt = ?"
+                " ORDER BY seq DESC LIMIT 1", (job, task, attempt)).fetchone()
+            row = tx.execute("SELECT state, lease_token FROM tasks WHERE job_number = ? AND number = ?",
+                             (job, task)).fetchone()
+        ids = (job_id_text(job), task_id_text(task))
+        log = ended["log"] if ended else ""
+        if latest is None or not chunks:
+            return TaskLogChunk(*ids, attempt, "", 0, 0, "", False, False, log)
+        start, end = chunks[0]["start_offset"], chunks[-1]["end_offset"]
+        pieces, previous = [], start
+        for c in chunks:
+            if c["end_offset"] > after:
+                if c["start_offset"] > max(previous, after):  # shipments the agent gave up on
+                    pieces.append(f"[{c['start_offset'] - max(previous, after)} bytes of the log were not "
+                                  "shipped]\n".encode())
+                pieces.append(c["text"].encode("utf-8")[max(0, after - c["start_offset"]):])
+            previous = c["end_offset"]
+        running = row["state"] == "leased" and row["lease_token"] == latest["token"]
+        return TaskLogChunk(*ids, attempt, latest["worker"], start, end, b"".join(pieces).decode("utf-8", "ignore"),
+                            after < start, running, log)
 
     # -- workers ----------------------------------------------------------------------------------
 
@@ -839,20 +1276,19 @@ class SqlQueue(Queue):
             now = self._now(tx)
             for said, workers in groups.items():
                 workers.sort()
-                for start in range(0, len(workers), 500):
-                    chunk = workers[start:start + 500]
+                for start in range(0, len(workers), 5000):
+                    among, names = self._one_of("t.id", workers[start:start + 5000])
                     # Rows are locked in id order, as every writer of worker rows locks them.
-                    which = (f" WHERE id IN (SELECT t.id FROM workers t WHERE t.id IN ({', '.join('?' * len(chunk))})"
-                             " ORDER BY t.id" + self.ROW_LOCK + ")")
+                    which = f" WHERE id IN (SELECT t.id FROM workers t WHERE {among} ORDER BY t.id{self.ROW_LOCK})"
                     if said is None:
-                        tx.execute("UPDATE workers SET last_contact = ?" + which, (now, *chunk))
+                        tx.execute("UPDATE workers SET last_contact = ?" + which, (now, *names))
                         continue
                     state, progress, detail = said
                     tx.execute(
                         "UPDATE workers SET state = ?, progress = ?, detail = ?, last_contact = ?,"
                         " job_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE job_number END,"
                         " task_number = CASE WHEN ? IN ('idle', 'stopped') THEN NULL ELSE task_number END" + which,
-                        (state, progress, detail, now, state, state, *chunk),
+                        (state, progress, detail, now, state, state, *names),
                     )
 
     @staticmethod
@@ -906,6 +1342,62 @@ class SqlQueue(Queue):
             return None
         return _token_row(row)
 
+    # -- what the web view reads ------------------------------------------------------------------
+    # Lean reads of a job for the web view's pages (coordinator/web), which a 10,000-task job must
+    # not slow down: only the columns a page shows, sums made by the database.
+
+    def task_states(self, job_id: str) -> list[tuple[str, int, bool, str]]:
+        """(frames, tiles, scout, state) of every task of the job, in task order."""
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            rows = tx.execute("SELECT frames, tiles, scout, state FROM tasks WHERE job_number = ? ORDER BY number",
+                              (number,)).fetchall()
+        return [(r["frames"], r["tiles"], bool(r["scout"]), r["state"]) for r in rows]
+
+    def job_cost(self, job_id: str) -> tuple[float, int, str, float | None]:
+        """The job's attempts' cost so far, how many ran on an instance type with no price, their
+        currency, and when the last attempt ended (None: none has)."""
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            row = tx.execute(
+                "SELECT SUM(cost) AS cost, SUM(CASE WHEN cost IS NULL AND wall_seconds > 0 THEN 1 ELSE 0 END)"
+                " AS unpriced, MAX(currency) AS currency, MAX(ended) AS ended FROM attempts WHERE job_number = ?",
+                (number,)).fetchone()
+        return float(row["cost"] or 0.0), int(row["unpriced"] or 0), row["currency"] or "", row["ended"]
+
+    def recent_downloads(self, job_id: str, limit: int) -> list[DownloadRecord]:
+        """The job's newest ``limit`` download records, newest first."""
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            rows = tx.execute("SELECT * FROM downloads WHERE job_number = ? ORDER BY created DESC, id DESC LIMIT ?",
+                              (number, limit)).fetchall()
+        return [_download_record(r) for r in rows]
+
+    # -- web sessions -----------------------------------------------------------------------------
+
+    def create_web_session(self, digest: str, token_id: str, lifetime: float) -> float:
+        """Store a web session (by the digest of its id) for a token; return when it expires.
+        Expired sessions are removed on the way."""
+        with self._transaction() as tx:
+            now = self._now(tx)
+            tx.execute("DELETE FROM web_sessions WHERE expires < ?", (now,))
+            tx.execute("INSERT INTO web_sessions (digest, token_id, created, expires) VALUES (?, ?, ?, ?)",
+                       (digest, token_id, now, now + lifetime))
+        return now + lifetime
+
+    def web_session(self, digest: str) -> credentials.TokenRow | None:
+        """The token of the live session with this digest: None when there is none, it expired, or
+        its token was revoked."""
+        with self._transaction(write=False) as tx:
+            row = tx.execute(
+                "SELECT t.* FROM web_sessions s JOIN tokens t ON t.id = s.token_id"
+                " WHERE s.digest = ? AND s.expires >= ? AND t.revoked IS NULL", (digest, self._now(tx))).fetchone()
+        return None if row is None else _token_row(row)
+
+    def end_web_session(self, digest: str) -> None:
+        with self._transaction() as tx:
+            tx.execute("DELETE FROM web_sessions WHERE digest = ?", (digest,))
+
     # -- downloads --------------------------------------------------------------------------------
 
     def _add_download(self, tx: Tx, row: Row, download: NewDownload, now: float) -> str:
@@ -936,19 +1428,7 @@ class SqlQueue(Queue):
                 args.append(state)
             clause = f" WHERE {' AND '.join(where)}" if where else ""
             rows = tx.execute(f"SELECT * FROM downloads{clause} ORDER BY job_number, task_number, created, id", args).fetchall()
-        return [
-            DownloadRecord(
-                download_id=r["id"],
-                job_id=job_id_text(r["job_number"]),
-                task_id=task_id_text(r["task_number"]),
-                output_dir=r["output_dir"],
-                size=r["size"],
-                files=tuple(DownloadFile.from_dict(f) for f in json.loads(r["files"])),
-                state=r["state"],
-                created=r["created"],
-            )
-            for r in rows
-        ]
+        return [_download_record(r) for r in rows]
 
     def mark_downloaded(self, download_id: str) -> None:
         if not isinstance(download_id, str):
@@ -1016,6 +1496,40 @@ class SqlQueue(Queue):
         return by_task, by_worker
 
 
+def _completion(report: Completion) -> tuple[Lease, NewDownload | None, str | None, AttemptFigures | None]:
+    lease, download, op_id = report[0], report[1], report[2]
+    return lease, download, op_id, report[3] if len(report) > 3 else None  # type: ignore[misc]
+
+
+def _attempt_values(row: Row, worker: str, outcome: str, reason: str, now: float,
+                    figures: AttemptFigures | None) -> tuple[Any, ...]:
+    """An attempts row for the attempt ``row`` (the task as its lease found it) ended with ``outcome``."""
+    figures = figures or AttemptFigures()
+    return (row["job_number"], row["number"], _attempts_so_far(row) + 1, worker, outcome, reason,
+            row["updated"], now, *(getattr(figures, name) for name in _ATTEMPT_FIGURES))
+
+
+def _attempt_row(r: Row) -> AttemptRow:
+    return AttemptRow(
+        job_id=job_id_text(r["job_number"]), task_id=task_id_text(r["task_number"]), attempt=r["attempt"],
+        worker=r["worker"], outcome=r["outcome"], reason=r["reason"], started=r["started"], ended=r["ended"],
+        figures=AttemptFigures(**{name: r[name] for name in _ATTEMPT_FIGURES}),
+    )
+
+
+def _download_record(r: Row) -> DownloadRecord:
+    return DownloadRecord(
+        download_id=r["id"],
+        job_id=job_id_text(r["job_number"]),
+        task_id=task_id_text(r["task_number"]),
+        output_dir=r["output_dir"],
+        size=r["size"],
+        files=tuple(DownloadFile.from_dict(f) for f in json.loads(r["files"])),
+        state=r["state"],
+        created=r["created"],
+    )
+
+
 def _token_row(r: Row) -> credentials.TokenRow:
     return credentials.TokenRow(
         id=r["id"], name=r["name"], scopes=frozenset(r["scopes"].split(",")), created=r["created"],
@@ -1080,6 +1594,10 @@ def _attempts_so_far(row: Row) -> int:
 
 def _times(n: int) -> str:
     return {1: "once", 2: "twice"}.get(n, f"{n} times")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"
 
 
 def _marks(values: Sequence[object]) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cio_worker.errors import QueueError
-from cio_worker.queue.sql import WORKERS_TOKENS_OPERATIONS, SqlQueue, queue_tables
+from cio_worker.queue.sql import JOB_BLOCKS, WEB_SESSIONS, WORKERS_TOKENS_OPERATIONS, attempts_tables, SqlQueue, queue_tables
 
 _VERSION_1 = (
     "CREATE TABLE schema_version (version INTEGER NOT NULL)",
@@ -28,7 +28,16 @@ _VERSION_1 = (
 )
 # Each migration takes the schema from the version before it to its own. The embedded file is
 # migrated when it is opened (one machine, one writer at a time); never edit a released one.
-MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = ((1, _VERSION_1), (2, WORKERS_TOKENS_OPERATIONS))
+MIGRATIONS: tuple[tuple[int, tuple[str, ...]], ...] = (
+    (1, _VERSION_1),
+    (2, WORKERS_TOKENS_OPERATIONS),
+    # 3: which workers failed which tasks of a job; the per-job blocklist.
+    (3, JOB_BLOCKS),
+    # 4: each ended attempt with its figures; the live tails of running attempts' logs.
+    (4, attempts_tables("INTEGER PRIMARY KEY AUTOINCREMENT")),
+    # 5: the web view's sign-in sessions.
+    (5, WEB_SESSIONS),
+)
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 

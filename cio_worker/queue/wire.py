@@ -11,6 +11,9 @@ from typing import Any, Mapping
 from cio_worker.errors import DocumentError
 from cio_worker.job.document import TaskDocument
 from cio_worker.queue.base import (
+    AttemptFigures,
+    AttemptRow,
+    TaskLogChunk,
     DownloadFile,
     DownloadRecord,
     Event,
@@ -21,6 +24,7 @@ from cio_worker.queue.base import (
     NewTask,
     TaskRow,
     WorkerRow,
+    WorkerBlock,
     WorkerStatus,
 )
 
@@ -129,12 +133,14 @@ def new_task_from_dict(data: Mapping[str, Any], where: str) -> NewTask:
 
 
 def summary_to_dict(s: JobSummary) -> dict[str, Any]:
-    return {"id": s.id, "title": s.title, "counts": s.counts, "created": s.created, "scout": s.scout, "killed": s.killed}
+    return {"id": s.id, "title": s.title, "counts": s.counts, "created": s.created, "scout": s.scout, "killed": s.killed,
+            "blocked": [dict(b.__dict__) for b in s.blocked]}
 
 
 def summary_from_dict(d: Mapping[str, Any]) -> JobSummary:
     return JobSummary(id=d["id"], title=d["title"], counts=dict(d["counts"]), created=d["created"],
-                      scout=d["scout"], killed=d["killed"])
+                      scout=d["scout"], killed=d["killed"],
+                      blocked=tuple(WorkerBlock(**dict(b)) for b in d.get("blocked") or ()))
 
 
 def task_row_to_dict(r: TaskRow) -> dict[str, Any]:
@@ -142,7 +148,7 @@ def task_row_to_dict(r: TaskRow) -> dict[str, Any]:
 
 
 def task_row_from_dict(d: Mapping[str, Any]) -> TaskRow:
-    return TaskRow(**dict(d))
+    return TaskRow(**{**d, "kept_from": tuple(d.get("kept_from") or ())})
 
 
 def event_to_dict(e: Event) -> dict[str, Any]:
@@ -193,3 +199,29 @@ def record_from_dict(d: Mapping[str, Any]) -> DownloadRecord:
         download_id=d["download_id"], job_id=d["job_id"], task_id=d["task_id"], output_dir=d["output_dir"],
         size=d["size"], files=tuple(DownloadFile.from_dict(f) for f in d["files"]), state=d["state"], created=d["created"],
     )
+
+
+# -- attempts and their logs --------------------------------------------------------------------
+
+def figures_to_dict(figures: AttemptFigures | None) -> dict[str, Any] | None:
+    return None if figures is None else figures.to_dict()
+
+
+def figures_from_dict(data: Mapping[str, Any] | None, where: str = "figures") -> AttemptFigures | None:
+    return None if data is None else AttemptFigures.from_dict(data, where)
+
+
+def attempt_row_to_dict(r: AttemptRow) -> dict[str, Any]:
+    return {**r.__dict__, "figures": r.figures.to_dict()}
+
+
+def attempt_row_from_dict(d: Mapping[str, Any]) -> AttemptRow:
+    return AttemptRow(**{**d, "figures": AttemptFigures.from_dict(d["figures"])})
+
+
+def log_chunk_to_dict(c: TaskLogChunk) -> dict[str, Any]:
+    return dict(c.__dict__)
+
+
+def log_chunk_from_dict(d: Mapping[str, Any]) -> TaskLogChunk:
+    return TaskLogChunk(**dict(d))

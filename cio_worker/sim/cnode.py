@@ -6,18 +6,21 @@
           [-output D] [-format F]
 
 It reads a project (``cio_worker.job.project``), really reads every input an image needs at each frame
-and writes a real PNG per frame (per tile) straight to its final name, printing cnode-like
-``Progress``/``Subprogress``/``Saved image`` lines. Like cnode it cannot open a project path with
-a space, fails when an output directory is missing (it never creates one), and with any
-``-tile_rendering`` (even ``1 1``) it puts the tile suffix into file names. A tile is saved as its
-own smaller PNG of the tile's region (a ``tEXt`` chunk ``cio:tile`` says where it sits).
+and writes a real image per frame (per tile) straight to its final name, printing cnode-like
+``Progress``/``Subprogress``/``Saved image`` lines: an OpenEXR (half-float RGBA, linear; ``exr.py``)
+when the image's ``save_as`` ends in ``.exr``, else an 8-bit RGB PNG. Like cnode it cannot open a
+project path with a space, fails when an output directory is missing (it never creates one), and
+with any ``-tile_rendering`` (even ``1 1``) it puts the tile suffix into file names. A tile is
+saved as its own smaller image of the tile's region (a PNG's ``tEXt`` chunk ``cio:tile`` says where
+it sits; an EXR's data window sits inside the frame's display window).
 
 Paths written in the project as absolute artist paths (``C:/proj/...``) are drive-stripped and
 re-rooted through ``CIO_PATH_MAP`` (JSON of ``PathMap.to_dict()``); relative ones are resolved
 against the project file's real directory and not mapped again.
 
 Test controls (environment): ``CNODE_SIM_FRAME_SECONDS`` (time per frame: half rendering, half
-writing the file), ``CNODE_SIM_FAIL`` = ``license`` | ``crash`` (exit 3 after the first frame) |
+writing the file), ``CNODE_SIM_FAIL`` = ``license`` (no licence free) | ``license_unreachable`` (the
+licence server does not answer: RLM's -17 and -111 lines) | ``crash`` (exit 3 after the first frame) |
 ``frame:N`` (exit 1 at frame N) | ``segfault`` (SIGSEGV after the first frame),
 ``CNODE_SIM_MEMORY_MB`` (memory held, touched, during the render), ``CNODE_SIM_IGNORE_SIGTERM=1``.
 SIGTERM (SIGINT) stops it promptly with exit 143 (130), removing a file it was half-way through.
@@ -35,7 +38,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Mapping, TextIO
+from typing import TYPE_CHECKING, Mapping, TextIO
 
 from cio_worker.errors import CioError
 from cio_worker.job.frames import FrameSet
@@ -44,6 +47,9 @@ from cio_worker.job.project import ImageItem, Project, Reference, load_project, 
 from cio_worker.sim.shim import install_cnode_shim  # noqa: F401  (also importable from here)
 from cio_worker.sim.png import PngStreamWriter
 from cio_worker.sim.render import FramePainter, TileRegion, frame_seed, input_digest, tile_region
+
+if TYPE_CHECKING:
+    from cio_worker.sim.exr import ExrStreamWriter
 
 VERSION = "cnode-sim 0.1 (cio_worker stand-in for Isotropix Clarisse cnode)"
 DEFAULT_LICENSE_SERVER = "localhost:40500"
@@ -145,7 +151,7 @@ def parse_args(argv: list[str]) -> CnodeArgs:
 @dataclass(frozen=True)
 class SimControls:
     frame_seconds: float = 0.0
-    fail: str | None = None  # license | crash | segfault | frame
+    fail: str | None = None  # license | license_unreachable | crash | segfault | frame
     fail_frame: int | None = None
     memory_mb: float = 0.0
     ignore_sigterm: bool = False
@@ -170,8 +176,8 @@ class SimControls:
             except ValueError:
                 raise CnodeError(f"CNODE_SIM_FAIL={fail!r}: frame:N needs a whole number") from None
             fail = "frame"
-        elif fail not in (None, "license", "crash", "segfault"):
-            raise CnodeError(f"CNODE_SIM_FAIL={fail!r} is not license, crash, segfault or frame:N")
+        elif fail not in (None, "license", "license_unreachable", "crash", "segfault"):
+            raise CnodeError(f"CNODE_SIM_FAIL={fail!r} is not license, license_unreachable, crash, segfault or frame:N")
         return cls(
             frame_seconds=number("CNODE_SIM_FRAME_SECONDS"),
             fail=fail,
@@ -291,13 +297,17 @@ class Session:
         if "-script" in options:
             self.log.warning(f"-script '{options['-script']}' is not run by the simulator")
         if "-format" in options:
-            self.log.info(f"Output format '{options['-format']}' requested: the simulator writes PNG data")
+            self.log.info(f"Output format '{options['-format']}' requested: the simulator writes EXR or PNG by the file's extension")
 
     def _license(self) -> None:
         server = self.args.options.get("-license_server") or self.env.get("ILISE_SERVER") or DEFAULT_LICENSE_SERVER
         self.log.info(f"Connecting to license server {server}")
         if self.controls.fail == "license":
             raise CnodeError(f"License: unable to get a license from server {server}")
+        if self.controls.fail == "license_unreachable":  # RLM's words for a server that does not answer
+            self.log.error(f"License: unable to check out a cnode license from server {server}")
+            self.log.error("RLM: Communications error with license server (-17)")
+            raise CnodeError("RLM: Connection refused at server (-111)")
         self.log.info(f"License: checked out a cnode license from server {server}")
 
     def _open_project(self) -> Project:
@@ -425,19 +435,30 @@ class Session:
         if not os.path.isdir(directory):
             raise CnodeError(f"Cannot save image '{target}': directory '{directory}' does not exist")
         try:
-            with open(target, "wb") as handle:
-                try:
-                    writer = PngStreamWriter(handle, region.width, region.height, text)
-                    for rows in bands:
-                        writer.add_rows(rows)
-                        self.stop.sleep(seconds / len(bands))
-                    writer.finish()
-                except BaseException:
-                    _remove(target)
-                    raise
+            if target.lower().endswith(".exr"):
+                from cio_worker.sim.exr import ExrStreamWriter  # OpenImageIO: loaded only for EXR
+
+                self._write_rows(target, ExrStreamWriter(target, region, text), bands, seconds)
+            else:
+                with open(target, "wb") as handle:
+                    self._write_rows(target, PngStreamWriter(handle, region.width, region.height, text), bands, seconds)
         except OSError as exc:
             _remove(target)
             raise CnodeError(f"Cannot save image '{target}': {exc.strerror or exc}") from None
+
+    def _write_rows(self, target: str, writer: PngStreamWriter | ExrStreamWriter, bands: list[list[bytes]],
+                    seconds: float) -> None:
+        try:
+            for rows in bands:
+                writer.add_rows(rows)
+                self.stop.sleep(seconds / len(bands))
+            writer.finish()
+        except BaseException:
+            abandon = getattr(writer, "abandon", None)  # an EXR lets go of its file first
+            if abandon is not None:
+                abandon()
+            _remove(target)
+            raise
 
     def _fail_after_first_frame(self) -> None:
         if self.controls.fail == "crash":

@@ -41,6 +41,7 @@ from typing import Callable, TextIO
 
 import psutil
 
+from cio_worker.artist.assembly import tile_name
 from cio_worker.artist.downloader import Downloader
 from cio_worker.job.frames import FrameSet
 from cio_worker.storage.md5cache import Md5Cache
@@ -226,8 +227,11 @@ class Simulation:
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
 
-    def run(self) -> SimulationSummary:
+    def run(self, keep_open: Callable[[SimulationSummary], None] | None = None) -> SimulationSummary:
+        """Run the job; with ``keep_open``, call it with the summary once the agents have stopped
+        and before the coordinator does (the web view stays up while it runs)."""
         started = self.clock()
+        summary: SimulationSummary | None = None
         if self.artist.exists():
             shutil.rmtree(self.artist)
         shutil.copytree(self.config.source_root, self.artist, symlinks=True)
@@ -266,8 +270,13 @@ class Simulation:
         finally:
             orphans = self._stop_agents()
             queue.close()
-            self._stop_coordinator()
-        summary.orphans = orphans
+            try:
+                if summary is not None:
+                    summary.orphans = orphans
+                    if keep_open is not None and self.coordinator is not None:
+                        keep_open(summary)
+            finally:
+                self._stop_coordinator()
         return summary
 
     # -- the coordinator -----------------------------------------------------------------------
@@ -298,6 +307,16 @@ class Simulation:
                 raise RuntimeError(f"the coordinator did not start; see {log_path}:\n{text[-2000:]}")
             time.sleep(0.05)
         self.say(f"coordinator at {self.queue_url} (queue {self.database_url.split('@')[-1]}; log {log_path})")
+        token_path = self.work / "owner.token"
+        token_path.touch(mode=0o600)
+        token_path.write_text(self._owner_token + "\n")
+        self.say(f"web view at {self.web_url}/ : sign in with the owner token in {token_path}, or open "
+                 f"{self.web_url}/sign-in#token={self._owner_token}")
+
+    @property
+    def web_url(self) -> str:
+        """The coordinator's web view (its address; pages need an owner token's session)."""
+        return self.queue_url.rstrip("/")
 
     def _stop_coordinator(self) -> None:
         process, self.coordinator = self.coordinator, None
@@ -532,9 +551,10 @@ class Simulation:
             frames.update(FrameSet.parse(t.frames))
         records = queue.downloads(job_id, state=None)
         artist_map = PathMap.rooted(str(self.artist))
-        placed = sorted(
-            Path(artist_map.local(r.output_dir)) / f.relative_path for r in records if r.state == "downloaded" for f in r.files
-        )
+        placed = sorted({
+            _on_disk(Path(artist_map.local(r.output_dir)) / f.relative_path)
+            for r in records if r.state == "downloaded" for f in r.files
+        })
         return SimulationSummary(
             job_id=job_id,
             work_dir=self.work,
@@ -549,6 +569,15 @@ class Simulation:
             failures=[f"task {t.id}: {t.reason}" for t in tasks if t.state == "failed"],
             chaos=self.chaos,
         )
+
+
+def _on_disk(path: Path) -> Path:
+    """Where a downloaded file is now: a tile pasted into its frame (and removed) is its frame."""
+    name = tile_name(path.name)
+    if name is None or path.exists():
+        return path
+    frame = path.parent / name.frame
+    return frame if frame.exists() else path
 
 
 def read_drains(agent_log: Path) -> list[dict]:

@@ -27,7 +27,7 @@ from cio_worker.errors import StorageError
 @dataclass(frozen=True)
 class DownloadItem:
     key: str
-    dest: Path
+    dest: Path | str
     md5: str | None = None  # base64
     size: int | None = None
 

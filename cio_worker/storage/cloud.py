@@ -309,7 +309,7 @@ class CloudStorage(Storage):
         self._run("download", items, progress, self._download_one)
 
     def _download_one(self, item: DownloadItem, name: str, batch: Batch) -> None:
-        def fetch(dest: Path) -> str:
+        def fetch(dest: Path | str) -> str:
             if item.size is not None and self._large(item.size):
                 part_size = part_size_for(item.size, batch.large_objects, self.tuning.part_size,
                                           self.tuning.part_workers, fixed=self.tuning.fixed_parts)  # fmt: skip
@@ -323,7 +323,7 @@ class CloudStorage(Storage):
         except ChecksumError as err:
             raise ChecksumError(f"{self._where(name)}: {err}") from None
 
-    def _get_whole(self, name: str, dest: Path, activity: Activity, *, verified: bool) -> str:
+    def _get_whole(self, name: str, dest: Path | str, activity: Activity, *, verified: bool) -> str:
         with open(dest, "wb") as out:
             sink = HashingSink(out, activity)
             self._get(name, sink, verified=verified)

@@ -14,6 +14,7 @@ from cio_worker.storage.common import (
     Item,
     clean_key,
     copy_stream,
+    copy_to_new_file,
     default_concurrency,
     fetch_verified,
     remove_quietly,
@@ -29,6 +30,7 @@ class FileStorage(Storage):
             raise StorageError(f"{url!r} is not a file:///absolute/dir URL", code="bad_storage_url")
         self.url = url
         self.root = Path(unquote(parsed.path))
+        self._root = str(self.root).rstrip("/")
         self.options = options or StorageOptions()
         if not self.root.is_absolute():
             raise StorageError(f"{url!r} must name an absolute directory", code="bad_storage_url")
@@ -42,8 +44,10 @@ class FileStorage(Storage):
     def _transfer(self, action: str, items: Sequence[Item], progress: Progress | None,
                   work: Callable[[Item, Activity], None]) -> None:  # fmt: skip
         activity = Activity(progress or NullProgress())
-        # Local disks: a few streams keep both cores busy hashing; more only adds seeks.
-        concurrency = self.options.concurrency or min(8, default_concurrency(item.size for item in items))
+        # Local disks: a stream a core keeps the cores busy hashing. More only add seeks and, for
+        # small files, contention for the directory's lock and the GIL (50,000 × 4 KiB: 8 streams
+        # 16.7 s, 4: 14.6 s, 2: 12.8 s on 2 cores).
+        concurrency = self.options.concurrency or min(8, max(2, os.cpu_count() or 2), default_concurrency(item.size for item in items))
         transfer(action, items, lambda item: work(item, activity), activity=activity, concurrency=concurrency,
                  stall_seconds=self.options.stall_seconds)  # fmt: skip
 
@@ -51,19 +55,20 @@ class FileStorage(Storage):
         self._transfer("download", items, progress, self._download_one)
 
     def _download_one(self, item: DownloadItem, activity: Activity) -> None:
-        source = self._path(item.key)
+        clean_key(item.key)
+        source = f"{self._root}/{item.key}"  # a string: no Path per object of a large batch
 
-        def fetch(dest: Path) -> str:
+        def fetch(dest: str | Path) -> str:
             try:
-                with open(source, "rb") as src, open(dest, "wb") as out:
-                    return copy_stream(src, out, activity)
+                src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
-                if not source.exists():
-                    raise StorageError(
-                        f"{self.url}: object {item.key} does not exist (was the job's content uploaded?)",
-                        code="not_found",
-                    ) from None
-                raise
+                raise StorageError(
+                    f"{self.url}: object {item.key} does not exist (was the job's content uploaded?)", code="not_found"
+                ) from None
+            try:
+                return copy_to_new_file(src, dest, activity)
+            finally:
+                os.close(src)
 
         fetch_verified(item.key, item.dest, item.md5, fetch)
 

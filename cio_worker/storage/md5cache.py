@@ -7,7 +7,7 @@ file invalidates the entry; the one blind spot is a same-size rewrite within one
 of the recording. ``md5_of`` therefore does not record a file modified less than
 ``racy_seconds`` ago (it is hashed again next time), nor one that changed while being hashed.
 ``record`` trusts its caller: it is for a file we have just placed with verified content.
-``lookup_many`` and ``record_many`` serve many files in a few statements (a sync of 50,000 inputs).
+``lookup_many``, ``record_many`` and ``record_rows`` serve many files in a few statements (a sync of 50,000 inputs).
 
 The database is sqlite in WAL mode with a busy timeout, so several processes on one machine
 can share it. It must live on a local disk (WAL does not work over network filesystems).
@@ -157,6 +157,11 @@ class Md5Cache:
             key = _key(path)
             rows.append((key, *FileStamp.row_of(os.stat(key)), md5))
         self._store(rows)
+
+    def record_rows(self, rows: Iterable[tuple[str, int, int, int, int, int, str]]) -> None:
+        """``record_many`` of files the caller stat'ed after its last change to them, as rows of
+        (path, *FileStamp.row_of(stat), md5): one transaction, no stat of its own."""
+        self._store([(_key(path), *rest) for path, *rest in rows])
 
     def forget(self, path: str | os.PathLike[str]) -> None:
         with self._lock:

@@ -103,12 +103,14 @@ build {
   provisioner "shell" {
     inline = [
       "sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv",
-      "sudo useradd --system --user-group --home-dir /var/lib/cio-worker --shell /usr/sbin/nologin render || true",
+      # The renders' user: no home, no shell, no groups of note; the agent (root) runs as itself.
+      "sudo useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin render || true",
       "sudo python3 -m venv /opt/cio-worker/venv",
       "sudo /opt/cio-worker/venv/bin/pip install --no-cache-dir ${local.staging}/${basename(var.wheel)}",
-      "sudo install -d -m 0755 /etc/cio-worker",
+      # The configuration (and the token written here at boot) is root's alone: renders cannot read it.
+      "sudo install -d -m 0700 /etc/cio-worker",
       "sudo install -m 0644 ${local.staging}/cio-worker.service /etc/systemd/system/",
-      "sudo install -m 0644 ${local.staging}/agent.env.example /etc/cio-worker/agent.env",
+      "sudo install -m 0600 ${local.staging}/agent.env.example /etc/cio-worker/agent.env",
       "sudo systemctl enable cio-worker.service",
     ]
   }
