@@ -211,3 +211,32 @@ def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path) 
         assert task.state == "leased" and task.worker == "waiting"
         assert [e.worker for e in queue.events(job, task.id) if e.kind == "claimed"] == ["waiting"]
     queue.close()
+
+
+def test_an_idle_report_after_a_stop_is_written_at_once(tmp_path: Path) -> None:
+    """"idle" from a worker whose last written state was something else is a change of state,
+    written before the answer, not left for the watcher's grouped write of still-idle workers."""
+    queue = SqliteQueue(tmp_path / "q.db")
+    _, agent = queue.create_token("fleet", ["agent"])
+    app = create_app(queue, CoordinatorConfig(watch_seconds=3600))  # the watcher writes nothing meanwhile
+    headers = {"Authorization": f"Bearer {agent}"}
+
+    def state() -> str:
+        [row] = [w for w in queue.workers() if w.id == "w1"]
+        return row.state
+
+    with serving_app(app) as url:
+        def report(what: str) -> None:
+            answer = requests.post(f"{url}/v1/workers/report", json={"worker": "w1", "status": {"state": what}},
+                                   headers=headers, timeout=30)
+            assert answer.status_code == 200, answer.text
+
+        assert requests.post(f"{url}/v1/workers/register", json={"worker": "w1", "info": {}}, headers=headers).ok
+        report("stopped")
+        assert state() == "stopped"
+        report("idle")
+        assert state() == "idle"
+        report("draining")
+        report("idle")
+        assert state() == "idle"
+    queue.close()

@@ -348,7 +348,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
     # What the watcher writes next: workers heard from (a claim), and their latest reported status.
     seen: set[str] = set()
     statuses: dict[str, Any] = {}
-    known_workers: set[str] = set()  # registered, so a status may wait for the watcher's write
+    known_workers: set[str] = set()  # registered and idle as written: another "idle" may wait for the watcher
     empty = {"now": False}  # a claim found nothing and no work has been announced since
 
     def work_arrived(count: int) -> None:
@@ -510,7 +510,10 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
         else:
             statuses.pop(body.worker, None)
             await call(queue.worker_report, body.worker, status)  # an unknown worker is a 404 here
-            known_workers.add(body.worker)
+            if status.state == "idle":
+                known_workers.add(body.worker)
+            else:  # stopped, draining...: its next "idle" is a change of state, written at once too
+                known_workers.discard(body.worker)
         return {"ok": True}
 
     async def do_claim(body: ClaimBody) -> dict | None:
