@@ -63,7 +63,7 @@ def download_dict(name: str = "img.0001.exr") -> dict[str, Any]:
 
 ROUTE_PATTERNS = [re.compile("^" + re.sub(r"\{[^}]+\}", "[^/]+", path) + "$") for _, path, _ in ROUTES]
 # Answered without a token (and rightly so): never a target of the random paths.
-OPEN_PATHS = re.compile(r"^/(healthz|openapi\.json|docs|docs/oauth2-redirect|redoc)$")
+OPEN_PATHS = re.compile(r"^/(healthz|openapi\.json|docs|docs/oauth2-redirect|redoc|sign-in|static/.*)$")
 
 # -- the fields of each body, to break them one at a time -------------------------------------------
 
