@@ -25,7 +25,7 @@ from urllib.parse import unquote
 import boto3
 import pytest
 
-from cio_worker.artist.assembly import tile_name
+from cio_worker.job.project import tile_name
 from cio_worker.sim.examples import example_root
 from cio_worker.job.hashing import md5_hex
 from cio_worker.job.project import load_project, output_file_name

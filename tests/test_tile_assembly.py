@@ -9,10 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from cio_worker.artist.assembly import AssemblyError, assemble_frame, tile_name
+from cio_worker.artist.assembly import AssemblyError, assemble_frame
+from cio_worker.job.project import tile_name
 from cio_worker.artist.downloader import Downloader
 from cio_worker.job.paths import PathMap
 from cio_worker.storage import open_storage

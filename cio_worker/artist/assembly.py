@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import posixpath
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,44 +27,10 @@ from typing import Sequence
 from cio_worker.errors import CioError
 from cio_worker.storage.common import remove_quietly, temp_sibling
 
-_TILE = re.compile(r"\.tilex(?P<count>[1-9]\d*)-(?P<index>\d+)(?=\.|$)")
 
 
 class AssemblyError(CioError):
     code = "assembly_failed"
-
-
-@dataclass(frozen=True)
-class TileName:
-    """What a tile's file name says: the frame it belongs to, how many tiles, which one."""
-
-    frame: str  # the frame's relative path (the tile's with its tile token removed)
-    count: int
-    index: int
-    _head: str
-    _tail: str
-
-    def tile(self, index: int) -> str:
-        """The relative path of tile ``index`` of the same frame."""
-        return f"{self._head}.tilex{self.count}-{str(index).zfill(len(str(self.count)))}{self._tail}"
-
-    def tiles(self) -> list[str]:
-        return [self.tile(i) for i in range(1, self.count + 1)]
-
-
-def tile_name(relative_path: str) -> TileName | None:
-    """The tile a relative path names, or None when it is not a tile's name."""
-    directory, base = posixpath.split(relative_path)
-    matches = list(_TILE.finditer(base))
-    if len(matches) != 1:
-        return None
-    match = matches[0]
-    count, index_text = int(match["count"]), match["index"]
-    if len(index_text) != len(str(count)) or not 1 <= int(index_text) <= count:
-        return None
-    head = posixpath.join(directory, base[: match.start()]) if directory else base[: match.start()]
-    tail = base[match.end() :]
-    return TileName(head + tail, count, int(index_text), head, tail)
 
 
 @dataclass(frozen=True)

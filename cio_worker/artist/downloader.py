@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from cio_worker.artist.assembly import AssemblyError, TileName, assemble_frame, tile_name
+from cio_worker.artist.assembly import AssemblyError, assemble_frame
+from cio_worker.job.project import TileName, tile_name
 from cio_worker.errors import CioError, PathError
 from cio_worker.job.hashing import md5_b64_of_file
 from cio_worker.storage.md5cache import Md5Cache

@@ -41,7 +41,7 @@ from typing import Callable, TextIO
 
 import psutil
 
-from cio_worker.artist.assembly import tile_name
+from cio_worker.job.project import tile_name
 from cio_worker.artist.downloader import Downloader
 from cio_worker.job.frames import FrameSet
 from cio_worker.storage.md5cache import Md5Cache

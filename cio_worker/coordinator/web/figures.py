@@ -3,12 +3,11 @@ state, elapsed and estimated time left, its cost so far; the task grid; the fram
 
 from __future__ import annotations
 
-import posixpath
-import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 from cio_worker.job.frames import FrameSet
+from cio_worker.job.project import tile_name
 from cio_worker.queue.base import DownloadRecord, JobSummary, WorkerRow
 
 # One letter a task state, for the job page's live grid (``states``).
@@ -16,7 +15,6 @@ STATE_LETTERS = {"holding": "h", "pending": "p", "leased": "l", "done": "d", "fa
 # How many frames the gallery shows (the newest); a job's page stays small however long the job.
 GALLERY_SIZE = 48
 # cnode's tile token in an output's name (``r.tilex4-2.0005.exr`` is tile 2 of 4 of ``r.0005.exr``).
-_TILE = re.compile(r"\.tilex(?P<count>[1-9]\d*)-(?P<index>\d+)(?=\.|$)")
 
 
 @dataclass(frozen=True)
@@ -159,14 +157,8 @@ def frames_of(records: Sequence[DownloadRecord]) -> list[Frame]:
 
 def frame_of(relative_path: str) -> tuple[str, int, int]:
     """(the frame's relative path, tiles, this tile's index) of an output; (path, 1, 1) for a frame."""
-    directory, base = posixpath.split(relative_path)
-    found = list(_TILE.finditer(base))
-    if len(found) == 1:
-        match = found[0]
-        count, index = int(match["count"]), int(match["index"])
-        if 1 <= index <= count:
-            return posixpath.join(directory, base[: match.start()] + base[match.end():]), count, index
-    return relative_path, 1, 1
+    tile = tile_name(relative_path)
+    return (relative_path, 1, 1) if tile is None else (tile.frame, tile.count, tile.index)
 
 
 def worker_row(worker: WorkerRow, now: float) -> dict:
