@@ -40,16 +40,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class ServerExited(RuntimeError):
+    pass
+
+
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """Until ``url`` answers 2xx from ``process``. Any other answer is not proof: a free port can be
+    taken by another test's server between ``free_port()`` and this one binding it (it then exits)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"{process.args[0]} exited with {process.returncode}")
+            raise ServerExited(f"{process.args[0]} exited with {process.returncode}")
         try:
-            requests.get(url, timeout=1)
-            return
+            if requests.get(url, timeout=1).ok and process.poll() is None:
+                return
         except requests.ConnectionError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise RuntimeError(f"{url} did not come up in {timeout:.0f} s")
 
 
@@ -63,14 +70,29 @@ def stop_process(process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def serving(argv: list[str], url: str, probe: str, timeout: float = 30.0) -> Iterator[str]:
-    """Run the server ``argv`` (quiet) until the block ends; yields ``url`` once ``url + probe`` answers."""
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        wait_until_up(url + probe, process, timeout)
-        yield url
-    finally:
-        stop_process(process)
+def serving(command: Callable[[int], list[str]], probe: str, timeout: float = 30.0, attempts: int = 3) -> Iterator[str]:
+    """Run the server ``command(port)`` (quiet) on a free loopback port until the block ends; yields
+    its URL once ``URL + probe`` answers 2xx. A server that exits at start (its port was taken
+    meanwhile) is started again on another port."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        process = subprocess.Popen(command(port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_until_up(url + probe, process, timeout)
+        except ServerExited:
+            stop_process(process)
+            if attempt == attempts:
+                raise
+            continue
+        except BaseException:
+            stop_process(process)
+            raise
+        try:
+            yield url
+        finally:
+            stop_process(process)
+        return
 
 
 def moto_server(timeout: float = 30.0) -> ContextManager[str]:
@@ -78,8 +100,7 @@ def moto_server(timeout: float = 30.0) -> ContextManager[str]:
     share a GIL); yields its URL."""
     moto = Path(sys.executable).with_name("moto_server")
     argv = [str(moto)] if moto.exists() else [sys.executable, "-m", "moto.server"]
-    port = free_port()
-    return serving([*argv, "-H", "127.0.0.1", "-p", str(port)], f"http://127.0.0.1:{port}", "/moto-api/", timeout)
+    return serving(lambda port: [*argv, "-H", "127.0.0.1", "-p", str(port)], "/moto-api/", timeout)
 
 
 def fake_gcs_binary() -> Path:
@@ -94,11 +115,10 @@ def fake_gcs_binary() -> Path:
 
 def fake_gcs_server(timeout: float = 30.0) -> ContextManager[str]:
     """fake-gcs-server (in memory) on a free loopback port; yields its URL."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    argv = [str(fake_gcs_binary()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
-            "-port", str(port), "-external-url", url, "-log-level", "error"]  # fmt: skip
-    return serving(argv, url, "/storage/v1/b", timeout)
+    binary = str(fake_gcs_binary())
+    return serving(lambda port: [binary, "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1", "-port",
+                                 str(port), "-external-url", f"http://127.0.0.1:{port}", "-log-level", "error"],
+                   "/storage/v1/b", timeout)
 
 
 @pytest.fixture(scope="session")
