@@ -190,3 +190,13 @@ def test_follow_prints_a_running_renders_lines_before_it_ends(fleet: Fleet, tmp_
     reader.join(10)
     assert any("line after GO" in line for line in lines), lines
     assert "attempt 1 ended: done; its whole log: " + fleet.storage_url in follower.stderr.read()
+
+
+def test_a_log_location_reads_back_as_a_key_only_under_its_jobs_storage() -> None:
+    from cio_worker.storage.base import key_of, object_url
+
+    url = object_url("s3://bucket/jobs/", "_logs/00001/000/1-abcdef12.log")
+    assert url == "s3://bucket/jobs/_logs/00001/000/1-abcdef12.log"
+    assert key_of("s3://bucket/jobs", url) == "_logs/00001/000/1-abcdef12.log"
+    assert key_of("s3://bucket/job", url) is None  # a prefix of the name is not the same storage
+    assert key_of("s3://other/jobs", url) is None and key_of("s3://bucket/jobs", "s3://bucket/jobs/") is None

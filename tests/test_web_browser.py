@@ -13,7 +13,7 @@ import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import requests
@@ -21,6 +21,7 @@ import requests
 from cio_worker.queue import open_queue
 from cio_worker.sim.examples import example_job_path, example_root
 from cio_worker.sim.simulate import Simulation, SimulationConfig, SimulationSummary
+from tests.waiting import wait_for
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the test extra)")
 from selenium.webdriver.common.by import By  # noqa: E402
@@ -115,23 +116,12 @@ def browser() -> Iterator[Any]:
         driver.quit()
 
 
-def until(what: Callable[[], Any], timeout: float = 60, every: float = 0.2, why: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = what()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {why or what}")
-        time.sleep(every)
-
-
 def sign_in(driver: Any, url: str, token: str) -> None:
     driver.get(url + "/")
     assert "/sign-in" in driver.current_url  # no session: sent to sign in
     driver.find_element(By.ID, "token").send_keys(token)
     driver.find_element(By.CSS_SELECTOR, "#sign-in button").click()
-    until(lambda: "/sign-in" not in driver.current_url, 20, why="the sign-in")
+    wait_for(lambda: "/sign-in" not in driver.current_url, 20, "the sign-in")
 
 
 def screenshot(driver: Any, name: str, height: int | None = None) -> None:
@@ -167,8 +157,8 @@ def test_a_running_jobs_page_rises_to_100_percent_and_shows_its_frames(tmp_path:
                     shots.add("running")
                     screenshot(driver, "job-running")
                     driver.get(f"{run.url}/workers")
-                    until(lambda: driver.find_elements(By.CSS_SELECTOR, ".ws-rendering, .ws-syncing, .ws-uploading"),
-                          20, why="a busy worker")
+                    wait_for(lambda: driver.find_elements(By.CSS_SELECTOR, ".ws-rendering, .ws-syncing, .ws-uploading"),
+                          20, "a busy worker")
                     screenshot(driver, "workers")
                     driver.get(run.url + "/")
                     screenshot(driver, "jobs-running")
@@ -180,20 +170,20 @@ def test_a_running_jobs_page_rises_to_100_percent_and_shows_its_frames(tmp_path:
             assert seen == sorted(seen), seen
             assert driver.execute_script("return window.notReloaded === true;")  # live, not reloaded
             # Every cell done; a thumbnail of a frame has loaded.
-            until(lambda: not driver.find_elements(By.CSS_SELECTOR, "#grid .c:not(.d)"), 30, why="every cell done")
+            wait_for(lambda: not driver.find_elements(By.CSS_SELECTOR, "#grid .c:not(.d)"), 30, "every cell done")
             driver.execute_script("document.getElementById('gallery').scrollIntoView();")
-            until(lambda: driver.execute_script(
+            wait_for(lambda: driver.execute_script(
                 "return Array.from(document.querySelectorAll('#gallery img')).some(i => i.complete && i.naturalWidth > 0);"),
-                30, why="a loaded thumbnail")
+                30, "a loaded thumbnail")
             screenshot(driver, "job-done")
             driver.get(run.url + "/")
-            until(lambda: "done" in driver.find_element(By.CSS_SELECTOR, "tr.job .state").text, 20, why="job done")
+            wait_for(lambda: "done" in driver.find_element(By.CSS_SELECTOR, "tr.job .state").text, 20, "job done")
             screenshot(driver, "jobs")
             driver.get(f"{run.url}/jobs/{run.job}")
             driver.find_element(By.CSS_SELECTOR, f"a[href^='/jobs/{run.job}/frames/']").click()  # full size
-            until(lambda: driver.execute_script(
+            wait_for(lambda: driver.execute_script(
                 "return Array.from(document.querySelectorAll('.full img')).every(i => i.complete && i.naturalWidth > 0);"),
-                20, why="the full-size frame")
+                20, "the full-size frame")
             screenshot(driver, "frame")
         summary = run.wait_ended()
         assert summary.done == summary.tasks == 20
@@ -226,7 +216,7 @@ def test_a_failed_task_shows_its_reason_and_log_and_retry_and_kill_change_the_qu
             assert len(cells) == summary.tasks
             assert "f" in cells[int(task.id)].get_attribute("class").split()
             cells[int(task.id)].click()  # a task opens its attempts and log
-            until(lambda: f"/tasks/{task.id}" in driver.current_url, 20, why="the task page")
+            wait_for(lambda: f"/tasks/{task.id}" in driver.current_url, 20, "the task page")
             reason = driver.find_element(By.ID, "task-reason").text
             assert reason and reason.split(" (log:")[0][:40] in task.reason
             log = driver.find_element(By.ID, "log").text
@@ -237,14 +227,14 @@ def test_a_failed_task_shows_its_reason_and_log_and_retry_and_kill_change_the_qu
             # Retry puts the failed tasks back to pending (the agents have stopped: they stay so).
             driver.get(f"{run.url}/jobs/{run.job}")
             driver.find_element(By.ID, "retry").click()
-            until(lambda: "pending again" in driver.page_source, 20, why="the retry's note")
+            wait_for(lambda: "pending again" in driver.page_source, 20, "the retry's note")
             with open_queue(run.simulation.database_url) as queue:
                 states = {t.id: t.state for t in queue.tasks(run.job)}
             assert all(states[t.id] == "pending" for t in failed), {t.id: states[t.id] for t in failed}
             # Kill (after its confirmation) fails them "killed by owner".
             driver.find_element(By.ID, "kill").click()
             driver.switch_to.alert.accept()
-            until(lambda: "killed the job" in driver.page_source, 20, why="the kill's note")
+            wait_for(lambda: "killed the job" in driver.page_source, 20, "the kill's note")
             with open_queue(run.simulation.database_url) as queue:
                 tasks = {t.id: t for t in queue.tasks(run.job)}
                 assert next(j for j in queue.jobs() if j.id == run.job).killed

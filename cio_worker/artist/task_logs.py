@@ -11,6 +11,7 @@ from typing import Callable
 from cio_worker.errors import CioError
 from cio_worker.queue.base import AttemptRow, Queue, TaskRow
 from cio_worker.storage import Storage
+from cio_worker.storage.base import key_of
 
 
 class NoLog(CioError):
@@ -50,11 +51,12 @@ def whole_log(queue: Queue, open_storage: Callable[[str], Storage], job_id: str,
     label = f"job {target.task.job_id} task {target.task.id} attempt {target.attempt}"
     location = target.ended.figures.log if target.ended is not None else ""
     if location:
-        storage_url = queue.job(job_id).storage.rstrip("/")
-        if not location.startswith(storage_url + "/"):
+        storage_url = queue.job(job_id).storage
+        key = key_of(storage_url, location)
+        if key is None:
             raise NoLog(f"{label}: its log {location} is not under the job's storage {storage_url}")
         with open_storage(storage_url) as storage:
-            return storage.read_bytes(location[len(storage_url) + 1:]).decode("utf-8", "replace")
+            return storage.read_bytes(key).decode("utf-8", "replace")
     chunk = queue.task_log(job_id, target.task.id, target.attempt)
     if chunk.attempt == target.attempt and (chunk.text or chunk.running):
         note = "lines before these are no longer kept\n" if chunk.start > 0 else ""

@@ -45,7 +45,8 @@ from cio_worker.job.prices import PriceTable, load_prices
 from cio_worker.node.faults import node_fault
 from cio_worker.node.execution import ExecutionContext, TaskControl, TaskOutcome, execute, stop_stale_renders
 from cio_worker.node.figures import attempt_figures
-from cio_worker.node.logship import LogShipper, log_key, log_location, upload_log
+from cio_worker.node.logship import LogShipper, log_key, upload_log
+from cio_worker.storage.base import object_url
 from cio_worker.node.identity import InstanceIdentity, local_identity
 from cio_worker.node.outbox import Outbox, Report, is_final
 from cio_worker.queue import DownloadFile, Lease, NewDownload, Queue
@@ -774,7 +775,7 @@ class Agent:
         key = log_key(doc.job.id, doc.task.id, doc.task.attempt, lease.token)
         if not upload_log(lambda: self.ctx.open_storage(doc.job.storage), key, path, window, self.log):
             return ""
-        return log_location(doc.job.storage, key)
+        return object_url(doc.job.storage, key)
 
     def _report(self, lease, doc: TaskDocument, outcome: TaskOutcome, lost: bool, control: TaskControl,
                 figures: AttemptFigures | None = None) -> None:

@@ -32,10 +32,6 @@ def log_key(job_id: str, task_id: str, attempt: int, token: str) -> str:
     return f"{LOG_PREFIX}/{job_id}/{task_id}/{attempt}-{token[:8]}.log"
 
 
-def log_location(storage_url: str, key: str) -> str:
-    return f"{storage_url.rstrip('/')}/{key}"
-
-
 class LogShipper:
     """Ships the new lines of the file ``path_of()`` names (None until it is known) through
     ``queue.append_log`` every ``interval`` seconds, on its own thread; ``stop`` ships the rest."""

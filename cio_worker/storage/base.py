@@ -24,6 +24,17 @@ from typing import Callable, Iterable, Protocol, Sequence
 from cio_worker.errors import StorageError
 
 
+def object_url(storage_url: str, key: str) -> str:
+    """The URL of ``key`` in the storage at ``storage_url`` (e.g. where a task log was put)."""
+    return f"{storage_url.rstrip('/')}/{key}"
+
+
+def key_of(storage_url: str, url: str) -> str | None:
+    """``object_url``'s key back; None when ``url`` is not under ``storage_url``."""
+    root = storage_url.rstrip("/") + "/"
+    return url[len(root):] if url.startswith(root) and len(url) > len(root) else None
+
+
 @dataclass(frozen=True)
 class DownloadItem:
     key: str

@@ -30,6 +30,7 @@ from cio_worker.queue.base import AttemptRow, TaskRow, preview_key
 from cio_worker.queue.credentials import TokenRow
 from cio_worker.queue.sql import SqlQueue
 from cio_worker.storage import Storage, open_storage
+from cio_worker.storage.base import key_of
 
 log = logging.getLogger("cio_worker.coordinator.web")
 
@@ -171,10 +172,10 @@ class WebView:
 
     async def stored_log(self, job_id: str, location: str) -> str:
         info = await self.call(self.queue.job, job_id)
-        root = info.storage.rstrip("/")
-        if not location.startswith(root + "/"):
-            return f"[the log {location} is not under the job's storage {root}]"
-        data = await anyio.to_thread.run_sync(lambda: self.storage(info.storage).read_bytes(location[len(root) + 1:]))
+        key = key_of(info.storage, location)
+        if key is None:
+            return f"[the log {location} is not under the job's storage {info.storage}]"
+        data = await anyio.to_thread.run_sync(lambda: self.storage(info.storage).read_bytes(key))
         note = f"[the first {len(data) - LOG_SHOWN} bytes are not shown]\n" if len(data) > LOG_SHOWN else ""
         return note + data[-LOG_SHOWN:].decode("utf-8", "replace")
 
