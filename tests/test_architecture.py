@@ -13,14 +13,15 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cio_worker"
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
     "job": {"errors"},
+    "imaging": {"errors"},
     "queue": {"errors", "job"},
     "storage": {"errors", "job"},
-    "node": {"errors", "job", "queue", "storage"},
-    "artist": {"errors", "job", "queue", "storage"},
+    "node": {"errors", "job", "queue", "storage", "imaging"},
+    "artist": {"errors", "job", "queue", "storage", "imaging"},
     # The web view reads frame previews and stored task logs from the job's storage.
-    "coordinator": {"errors", "job", "queue", "storage"},
-    "sim": {"errors", "job", "queue", "storage", "node", "artist"},
-    "cli": {"errors", "job", "queue", "storage", "node", "artist", "coordinator", "sim"},
+    "coordinator": {"errors", "job", "queue", "storage", "imaging"},
+    "sim": {"errors", "job", "imaging", "queue", "storage", "node", "artist"},
+    "cli": {"errors", "job", "imaging", "queue", "storage", "node", "artist", "coordinator", "sim"},
 }
 # The package root (``__init__``/``__main__``) is outside the layers: it holds the version and the
 # ``python -m cio_worker`` entry point.

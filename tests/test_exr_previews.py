@@ -13,7 +13,8 @@ import pytest
 
 from cio_worker.artist.submit import submit_job
 from cio_worker.job.paths import PathMap
-from cio_worker.node.previews import PREVIEW_MAX_SIDE, PreviewError, PreviewSettings, make_preview, publish_previews
+from cio_worker.imaging import DisplayError, DisplaySettings, write_display_jpeg
+from cio_worker.node.previews import PREVIEW_MAX_SIDE, PREVIEW_SETTINGS, publish_previews
 from cio_worker.node.outputs import changed_since
 from cio_worker.queue.base import preview_key
 from cio_worker.sim.exr import SRGB_TO_LINEAR
@@ -102,7 +103,7 @@ def test_the_preview_of_a_large_exr_is_a_small_srgb_jpeg_clamped_then_srgb_encod
     source = oiio.ImageBuf(oiio.ImageSpec(1000, 500, 4, "half"))
     oiio.ImageBufAlgo.fill(source, (0.18, 0.5, 4.0, 1.0))  # mid grey, a brighter green, an over-bright blue
     assert source.write(str(tmp_path / "big.exr"))
-    size = make_preview(tmp_path / "big.exr", tmp_path / "big.jpg")
+    size = write_display_jpeg(tmp_path / "big.exr", tmp_path / "big.jpg", PREVIEW_SETTINGS)
     assert size == (PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE // 2)
     width, height, channels, pixel_type, colorspace = preview_facts(tmp_path / "big.jpg")
     assert (width, height, channels, pixel_type) == (PREVIEW_MAX_SIDE, PREVIEW_MAX_SIDE // 2, 3, "uint8")
@@ -117,14 +118,14 @@ def test_the_preview_of_a_png_keeps_its_size_when_small_and_its_colours(tmp_path
     write_project(tmp_path, {"project://scene/a": {"frames": "3", "save_as": "out/a.####.png", "resolution": [64, 48]}})
     assert run_cnode(tmp_path, "scene.project", "-image", "project://scene/a").returncode == 0
     source = tmp_path / "out" / "a.0003.png"
-    assert make_preview(source, tmp_path / "a.jpg") == (64, 48)  # never enlarged
+    assert write_display_jpeg(source, tmp_path / "a.jpg", PREVIEW_SETTINGS) == (64, 48)  # never enlarged
     assert preview_facts(tmp_path / "a.jpg")[:4] == (64, 48, 3, "uint8")
-    assert make_preview(source, tmp_path / "tiny.jpg", PreviewSettings(max_side=16)) == (16, 12)
+    assert write_display_jpeg(source, tmp_path / "tiny.jpg", DisplaySettings(max_side=16)) == (16, 12)
     # an 8-bit image is display-referred already: resized, never encoded again
     flat = oiio.ImageBuf(oiio.ImageSpec(400, 100, 3, "uint8"))
     oiio.ImageBufAlgo.fill(flat, (100 / 255, 150 / 255, 200 / 255))
     assert flat.write(str(tmp_path / "flat.png"))
-    assert make_preview(tmp_path / "flat.png", tmp_path / "flat.jpg") == (384, 96)
+    assert write_display_jpeg(tmp_path / "flat.png", tmp_path / "flat.jpg", PREVIEW_SETTINGS) == (384, 96)
     _, preview = read_native(tmp_path / "flat.jpg")
     assert np.abs(preview.reshape(-1, 3).astype(int) - [100, 150, 200]).max() <= 2
 
@@ -143,7 +144,7 @@ def test_the_preview_takes_rgb_or_grey_of_any_exr(tmp_path: Path, channels: tupl
     source = oiio.ImageBuf(spec)
     oiio.ImageBufAlgo.fill(source, values)
     assert source.write(str(tmp_path / "aov.exr"))
-    assert make_preview(tmp_path / "aov.exr", tmp_path / "aov.jpg") == (40, 30)
+    assert write_display_jpeg(tmp_path / "aov.exr", tmp_path / "aov.jpg", PREVIEW_SETTINGS) == (40, 30)
     _, pixels = read_native(tmp_path / "aov.jpg")
     assert np.abs(pixels[15, 20].astype(int) - np.array(expected)).max() <= 2, pixels[15, 20]
 
@@ -151,8 +152,8 @@ def test_the_preview_takes_rgb_or_grey_of_any_exr(tmp_path: Path, channels: tupl
 @pytest.mark.parametrize("content", [b"not an image at all\n", b"\x76\x2f\x31\x01" + b"\x00" * 40])
 def test_an_unreadable_image_gives_a_preview_error_naming_why(tmp_path: Path, content: bytes) -> None:
     (tmp_path / "bad.exr").write_bytes(content)
-    with pytest.raises(PreviewError, match="not an image OpenImageIO reads|cannot be read"):
-        make_preview(tmp_path / "bad.exr", tmp_path / "bad.jpg")
+    with pytest.raises(DisplayError, match="not an image OpenImageIO reads|cannot be read"):
+        write_display_jpeg(tmp_path / "bad.exr", tmp_path / "bad.jpg", PREVIEW_SETTINGS)
     assert not (tmp_path / "bad.jpg").exists()
 
 

@@ -184,6 +184,12 @@ def test_a_running_jobs_page_rises_to_100_percent_and_shows_its_frames(tmp_path:
             wait_for(lambda: driver.execute_script(
                 "return Array.from(document.querySelectorAll('.full img')).every(i => i.complete && i.naturalWidth > 0);"),
                 20, "the full-size frame")
+            # The example's images are 64 x 48 (a tiled one: four 32 x 24 tiles in their places).
+            wait_for(lambda: driver.find_element(By.ID, "frame-size").text == "64 × 48 pixels.", 20, "the frame's size")
+            driver.find_element(By.ID, "fit").click()  # fits the window: 48 rows become 85 % of its height
+            fitted = driver.execute_script("return [document.getElementById('full').getBoundingClientRect().height,"
+                                           " window.innerHeight];")
+            assert abs(fitted[0] - 0.85 * fitted[1]) < 0.05 * fitted[1], fitted
             screenshot(driver, "frame")
         summary = run.wait_ended()
         assert summary.done == summary.tasks == 20

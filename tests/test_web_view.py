@@ -20,6 +20,7 @@ from cio_worker.coordinator.app import CoordinatorConfig
 from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.queue import DownloadFile, NewDownload, NewTask, SqliteQueue
 from cio_worker.queue.base import AttemptFigures, preview_key
+from cio_worker.sim.png import encode_png
 from tests.coordinators import serving
 from tests.fleet import queue_state
 
@@ -99,7 +100,11 @@ def web(tmp_path: Path) -> Iterator[Web]:
     (storage / log_key).write_text("the stored log of task 001\n<i>escaped</i>\n")
     (storage / preview_key(job, name)).parent.mkdir(parents=True)
     (storage / preview_key(job, name)).write_bytes(JPEG)
-    queue.complete(done, NewDownload("/proj/renders", (DownloadFile(name, md5_b64_of_bytes(b"x"), 1, "hashstore/x"),)),
+    frame = encode_png(4, 3, [bytes(range(12))] * 3)  # the output itself, a real 4 x 3 PNG
+    (storage / "hashstore").mkdir()
+    (storage / "hashstore" / "x").write_bytes(frame)
+    queue.complete(done, NewDownload("/proj/renders", (DownloadFile(name, md5_b64_of_bytes(frame), len(frame),
+                                                                    "hashstore/x"),)),
                    uuid.uuid4().hex, AttemptFigures(wall_seconds=12.5, cpu_seconds=20.0, peak_rss_bytes=2_000_000,
                                                     instance_type="n1-standard-8", cost=0.0125, currency="USD",
                                                     log=f"file://{storage}/{log_key}"))
@@ -116,7 +121,7 @@ def pages(web: Web) -> list[str]:
 def live(web: Web) -> list[str]:
     return ["/live/jobs", f"/live/jobs/{web.job}", f"/live/jobs/{web.job}/tasks/000",
             f"/live/jobs/{web.job}/tasks/000/log?attempt=1", "/live/workers",
-            f"/jobs/{web.job}/previews/renders/beauty.0002.png"]
+            f"/jobs/{web.job}/previews/renders/beauty.0002.png", f"/jobs/{web.job}/full/renders/beauty.0002.png"]
 
 
 def controls(web: Web) -> list[str]:
@@ -341,3 +346,122 @@ def test_web_sessions_live_until_they_expire_or_their_token_is_revoked(engine: A
     assert engine.web_session("d" * 64) is None
     engine.revoke_token("alice")
     assert engine.web_session("a" * 64) is None
+
+
+# -- a frame at its full size ----------------------------------------------------------------------
+
+
+def srgb_encode(linear: Any) -> Any:
+    import numpy as np
+
+    linear = np.clip(linear, 0.0, 1.0)
+    return np.where(linear <= 0.0031308, linear * 12.92, 1.055 * np.power(linear, 1 / 2.4) - 0.055) * 255
+
+
+def write_exr(path: Path, pixels: Any) -> bytes:
+    import OpenImageIO as oiio
+
+    height, width, channels = pixels.shape
+    out = oiio.ImageOutput.create(str(path))
+    assert out.open(str(path), oiio.ImageSpec(width, height, channels, oiio.HALF)), oiio.geterror()
+    assert out.write_image(pixels)
+    out.close()
+    return path.read_bytes()
+
+
+def decoded(data: bytes, tmp_path: Path) -> Any:
+    import OpenImageIO as oiio
+
+    path = tmp_path / f"got-{uuid.uuid4().hex}.jpg"
+    path.write_bytes(data)
+    image = oiio.ImageInput.open(str(path))
+    assert image is not None and image.format_name() == "jpeg", oiio.geterror()
+    spec = image.spec()
+    pixels = image.read_image(0, 0, 0, spec.nchannels, oiio.UINT8).reshape(spec.height, spec.width, spec.nchannels)
+    image.close()
+    return pixels
+
+
+def complete_with_outputs(web: Web, files: dict[str, bytes], job: str | None = None) -> str:
+    """A task of ``job`` (a new job of one task when None) done, with the outputs ``files`` stored
+    in the fixture's file:// storage under keys named for their paths."""
+    if job is None:
+        job = web.queue.create_job({"title": "full size", "project": "default", "storage": f"file://{web.storage}",
+                                    "output_path": "/proj/renders"}, [NewTask("1", "cnode x")])
+    lease = web.queue.claim("w-2", 3600)
+    assert lease is not None and lease.job_id == job
+    recorded = []
+    for relative, data in files.items():
+        key = f"outputs/{job}/{relative}"
+        (web.storage / key).parent.mkdir(parents=True, exist_ok=True)
+        (web.storage / key).write_bytes(data)
+        recorded.append(DownloadFile(relative, md5_b64_of_bytes(data), len(data), key))
+    web.queue.complete(lease, NewDownload("/proj/renders", tuple(recorded)), uuid.uuid4().hex)
+    return job
+
+
+def test_a_frame_opens_at_full_size_made_from_the_output_itself(web: Web, tmp_path: Path) -> None:
+    import numpy as np
+
+    # A 96 x 64 half EXR, scene-linear: red ramps from 0 to 2 (clamped past 1), green 0.18, blue 0.5.
+    linear = np.zeros((64, 96, 4), dtype=np.float32)
+    linear[:, :, 0] = np.linspace(0.0, 2.0, 96)[None, :]
+    linear[:, :, 1], linear[:, :, 2], linear[:, :, 3] = 0.18, 0.5, 1.0
+    exr = write_exr(tmp_path / "f.exr", linear)
+    # A 2 x 2 tiled frame of 40 x 30: tiles of 20 x 15, each a flat colour.
+    tiles = {}
+    for index, value in enumerate((0.1, 0.3, 0.6, 0.9), start=1):
+        tile = np.full((15, 20, 3), value, dtype=np.float32)
+        tiles[f"renders/t.tilex4-{index}.0001.exr"] = write_exr(tmp_path / f"t{index}.exr", tile)
+    job = complete_with_outputs(web, {"renders/f.0001.exr": exr, "renders/broken.0001.exr": b"not an image",
+                                      **tiles})
+    web.sign_in()
+
+    got = web.get(f"/jobs/{job}/full/renders/f.0001.exr")
+    assert got.status_code == 200 and got.headers["content-type"] == "image/jpeg", got.text[:300]
+    pixels = decoded(got.content, tmp_path).astype(float)
+    assert pixels.shape == (64, 96, 3)  # its own size, not the preview's
+    wanted = srgb_encode(linear[:, :, :3].astype(np.float16).astype(np.float32))
+    assert np.abs(pixels - wanted).mean() < 2.0 and np.abs(pixels - wanted).max() < 16  # JPEG's error only
+    assert (pixels[:, 60:, 0] > 250).all()  # past 1.0: clamped to white, not wrapped
+    assert web.get(f"/jobs/{job}/full/renders/f.0001.exr").content == got.content
+
+    # The tiled frame: each tile at its own size in its place, in the grid's order.
+    page = web.get(f"/jobs/{job}/frames/renders/t.0001.exr", headers=HTML)
+    assert page.status_code == 200
+    sources = re.findall(r'<img src="([^"]+)"', page.text.split('id="full"')[1])
+    assert sources == [f"/jobs/{job}/full/renders/t.tilex4-{i}.0001.exr" for i in range(1, 5)]
+    for index, value in enumerate((0.1, 0.3, 0.6, 0.9), start=1):
+        tile = decoded(web.get(sources[index - 1]).content, tmp_path)
+        assert tile.shape == (15, 20, 3) and abs(tile.mean() - float(srgb_encode(np.float16(value)))) < 2
+
+    # What cannot be shown is refused with its reason; nothing is served without a session.
+    broken = web.get(f"/jobs/{job}/full/renders/broken.0001.exr")
+    assert broken.status_code == 422 and "not an image OpenImageIO reads" in broken.json()["message"]
+    assert web.get(f"/jobs/{job}/full/renders/nothing.0001.exr").status_code == 404
+    for bad in ("../../queue.db", "renders/../../x", "%2e%2e/%2e%2e/queue.db"):
+        assert 400 <= web.get(f"/jobs/{job}/full/{bad}").status_code < 500
+    assert requests.get(f"{web.url}/jobs/{job}/full/renders/f.0001.exr", timeout=30).status_code == 401
+
+
+def test_a_re_rendered_output_is_shown_anew_and_a_damaged_one_is_refused(web: Web, tmp_path: Path) -> None:
+    import numpy as np
+
+    dark = write_exr(tmp_path / "dark.exr", np.full((8, 8, 3), 0.05, dtype=np.float32))
+    bright = write_exr(tmp_path / "bright.exr", np.full((8, 8, 3), 0.8, dtype=np.float32))
+    job = web.queue.create_job({"title": "again", "project": "default", "storage": f"file://{web.storage}",
+                                "output_path": "/proj/renders"}, [NewTask("1", "cnode 1"), NewTask("2", "cnode 2")])
+    web.sign_in()
+    complete_with_outputs(web, {"renders/r.0001.exr": dark}, job)
+    url = f"/jobs/{job}/full/renders/r.0001.exr"
+    first = decoded(web.get(url).content, tmp_path).mean()
+    # The same name uploaded again under the same key with other pixels (a second render of it):
+    # the newest record's content is shown, not the picture made of the first.
+    complete_with_outputs(web, {"renders/r.0001.exr": bright}, job)
+    second = decoded(web.get(url).content, tmp_path).mean()
+    assert first < 80 < second, (first, second)
+    # An object changed behind its record's back is refused by the MD5 check, with the output named.
+    tampered = complete_with_outputs(web, {"renders/g.0001.exr": bright})
+    (web.storage / f"outputs/{tampered}/renders/g.0001.exr").write_bytes(dark)
+    damaged = web.get(f"/jobs/{tampered}/full/renders/g.0001.exr")
+    assert damaged.status_code == 502 and "renders/g.0001.exr" in damaged.json()["message"], damaged.text

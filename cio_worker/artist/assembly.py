@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cio_worker.errors import CioError
+from cio_worker.imaging.display import one_line
 from cio_worker.storage.common import remove_quietly, temp_sibling
 
 
@@ -100,14 +101,14 @@ def assemble_frame(tiles: Sequence[Path], frame: Path) -> tuple[int, int]:
 def _read(oiio, path: Path) -> _Tile:
     image = oiio.ImageInput.open(str(path))
     if image is None:
-        raise AssemblyError(f"tile {path.name} cannot be read: {_one_line(oiio.geterror())}")
+        raise AssemblyError(f"tile {path.name} cannot be read: {one_line(oiio.geterror())}")
     try:
         spec = image.spec()
         if spec.depth > 1 or spec.width < 1 or spec.height < 1:
             raise AssemblyError(f"tile {path.name} is not a 2D image")
         pixels = image.read_image(0, 0, 0, spec.nchannels, spec.format)
         if pixels is None:
-            raise AssemblyError(f"tile {path.name}'s pixels cannot be read: {_one_line(image.geterror())}")
+            raise AssemblyError(f"tile {path.name}'s pixels cannot be read: {one_line(image.geterror())}")
         return _Tile(path, spec, pixels.reshape(spec.height, spec.width, spec.nchannels), image.format_name())
     finally:
         image.close()
@@ -116,13 +117,13 @@ def _read(oiio, path: Path) -> _Tile:
 def _write(oiio, path: Path, format_name: str, spec, pixels) -> None:
     out = oiio.ImageOutput.create(format_name)
     if out is None:
-        raise AssemblyError(f"OpenImageIO cannot write {format_name}: {_one_line(oiio.geterror())}")
+        raise AssemblyError(f"OpenImageIO cannot write {format_name}: {one_line(oiio.geterror())}")
     if not out.open(str(path), spec):
-        raise AssemblyError(f"cannot write {path}: {_one_line(out.geterror())}")
+        raise AssemblyError(f"cannot write {path}: {one_line(out.geterror())}")
     ok = out.write_image(pixels)
     closed = out.close()
     if not (ok and closed):
-        raise AssemblyError(f"writing {path} failed: {_one_line(out.geterror())}")
+        raise AssemblyError(f"writing {path} failed: {one_line(out.geterror())}")
 
 
 def _verify(oiio, path: Path, tiles: list[_Tile], xs: list[int], ys: list[int], size: tuple[int, int]) -> None:
@@ -136,8 +137,3 @@ def _verify(oiio, path: Path, tiles: list[_Tile], xs: list[int], ys: list[int], 
         region = written.pixels[ys[row] : ys[row] + tile.spec.height, xs[column] : xs[column] + tile.spec.width]
         if region.tobytes() != tile.pixels.tobytes():
             raise AssemblyError(f"the frame read back differs from tile {tile.path.name} in its region")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    line = " ".join(text.split())
-    return line if len(line) <= limit else line[: limit - 1] + "…"

@@ -7,6 +7,6 @@ serve one PostgreSQL behind a load balancer; with ``sqlite:///`` it is the one-m
 Its web view (``web/``) shows jobs, tasks, frames and workers to a person signed in with an owner
 token, reading frame previews and stored task logs from each job's storage.
 
-May import: ``errors``, ``job``, ``queue``, ``storage``. Needs the ``coordinator`` extra (FastAPI, uvicorn,
+May import: ``errors``, ``job``, ``imaging``, ``queue``, ``storage``. Needs the ``coordinator`` extra (FastAPI, uvicorn,
 prometheus_client, Jinja2).
 """

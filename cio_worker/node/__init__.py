@@ -4,5 +4,5 @@ the instance's content cache and into place, builds the environment, runs cnode 
 outbox that survives an unavailable queue and a restart); registers with its instance identity
 and reports what it is doing; watches for preemption notices and drains.
 
-May import: ``errors``, ``job``, ``queue``, ``storage``. Never ``artist``, ``sim`` or ``cli``.
+May import: ``errors``, ``job``, ``imaging``, ``queue``, ``storage``. Never ``artist``, ``sim`` or ``cli``.
 """

@@ -3,7 +3,7 @@
 Pages: ``/`` (jobs), ``/jobs/{job}`` (its task grid, frames and controls), ``/jobs/{job}/tasks/{task}``
 (attempts and log), ``/jobs/{job}/frames/{frame}`` (a frame at full size), ``/workers``. Their live
 parts come from ``/live/...`` (fragments rendered here, JSON around them); previews from
-``/jobs/{job}/previews/{output}``. A request without a session is sent to ``/sign-in`` when it asks
+``/jobs/{job}/previews/{output}``, an output at its full size from ``/jobs/{job}/full/{output}``. A request without a session is sent to ``/sign-in`` when it asks
 for HTML and refused 401 otherwise; a POST also needs the session's CSRF token (403 without it),
 and nothing changes when either is missing. None of these routes is under ``/v1/`` or in the API
 document.
@@ -25,8 +25,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 
 from cio_worker.coordinator.web import figures, sessions
+from cio_worker.coordinator.web.full_size import CannotShow, FullSizeViews
 from cio_worker.errors import CioError, DocumentError, StorageError
-from cio_worker.queue.base import AttemptRow, TaskRow, preview_key
+from cio_worker.queue.base import AttemptRow, DownloadFile, DownloadRecord, TaskRow, preview_key
 from cio_worker.queue.credentials import TokenRow
 from cio_worker.queue.sql import SqlQueue
 from cio_worker.storage import Storage, open_storage
@@ -100,6 +101,7 @@ class WebView:
     before_workers: Callable[[], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.time
     env: jinja2.Environment = field(default_factory=templates)
+    full_size: FullSizeViews = field(default_factory=FullSizeViews)
     _storages: dict[str, Storage] = field(default_factory=dict)
     _static: dict[str, bytes] = field(default_factory=dict)
     _finished: dict[str, tuple[tuple, figures.JobView]] = field(default_factory=dict)
@@ -405,6 +407,24 @@ def mount(app: FastAPI, view: WebView) -> None:
         return Response(data, media_type="image/jpeg",
                         headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"})
 
+    @route("GET", "/jobs/{job_id}/full/{output:path}", page=False)
+    async def full_size(request: Request, job_id: str, output: str) -> Response:
+        await view.signed_in(request)
+        check_output(output)
+        found = output_file(await view.call(view.queue.downloads, job_id, None), output)
+        if found is None:
+            raise Refused(404, "not_found", f"job {job_id} has no output {output} (yet)")
+        info = await view.call(view.queue.job, job_id)
+        try:
+            storage = await anyio.to_thread.run_sync(view.storage, info.storage)
+            data = await view.full_size.jpeg(storage, info.storage, found)
+        except CannotShow as exc:
+            raise Refused(exc.status, "cannot_show", str(exc)) from None
+        except StorageError as exc:
+            raise Refused(502, "storage_error", f"{output} cannot be read from the job's storage: {exc}") from None
+        return Response(data, media_type="image/jpeg",
+                        headers={"Cache-Control": "private, max-age=60", "X-Content-Type-Options": "nosniff"})
+
     @route("GET", "/jobs/{job_id}/frames/{name:path}")
     async def frame_page(request: Request, job_id: str, name: str) -> Response:
         session = await view.signed_in(request)
@@ -451,6 +471,15 @@ def number(request: Request, name: str, least: int) -> int:
     if not text.isdigit() or int(text) < least or len(text) > 18:
         raise Refused(400, "bad_request", f"{name} must be a whole number >= {least}, not {text[:20]!r}")
     return int(text)
+
+
+def output_file(records: list[DownloadRecord], relative_path: str) -> DownloadFile | None:
+    """The newest record's file at ``relative_path`` (a retried task uploads it again)."""
+    for record in sorted(records, key=lambda r: r.created, reverse=True):
+        for file in record.files:
+            if file.relative_path == relative_path:
+                return file
+    return None
 
 
 def check_output(path: str) -> None:

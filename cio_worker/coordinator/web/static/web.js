@@ -79,7 +79,38 @@ function liveFragment(element, key) {
   });
 }
 
+function fullFrame(full) {
+  // Once every part has loaded: the frame's size (column widths along the top row, row heights down
+  // the left column), and a button that fits the frame to the window, larger or smaller (CSS zoom).
+  const side = Number(getComputedStyle(full).getPropertyValue("--side")) || 1;
+  const parts = Array.from(full.children);
+  const images = parts.filter((part) => part.tagName === "IMG");
+  function shown() {
+    if (!images.every((image) => image.complete && image.naturalWidth > 0)) return;
+    const width = parts.slice(0, side).reduce((sum, part) => sum + (part.naturalWidth || 0), 0);
+    const height = parts.filter((_, i) => i % side === 0).reduce((sum, part) => sum + (part.naturalHeight || 0), 0);
+    if (!width || !height) return;  // a tile of the top row or the left column is not there yet
+    const size = document.getElementById("frame-size");
+    size.textContent = width + " × " + height + " pixels" + (images.length < parts.length ? " (so far)" : "") + ".";
+    const fit = document.getElementById("fit");
+    const room = Math.min(full.parentElement.clientWidth / width, window.innerHeight * 0.85 / height);
+    if (Math.abs(room - 1) > 0.01) {
+      fit.hidden = false;
+      fit.onclick = () => {
+        const fitted = full.style.zoom !== "" && full.style.zoom !== "1";
+        full.style.zoom = fitted ? "1" : String(room);
+        full.style.imageRendering = !fitted && room > 1 ? "pixelated" : "";  // enlarged: its pixels, not a blur
+        fit.textContent = fitted ? "Fit to the window" : "Actual pixels";
+      };
+    }
+  }
+  for (const image of images) image.addEventListener("load", shown);
+  shown();
+}
+
 document.addEventListener("DOMContentLoaded", () => {
+  const full = document.getElementById("full");
+  if (full) fullFrame(full);
   for (const element of document.querySelectorAll("[data-live]")) {
     if (element.id === "job-head") liveJob(element);
     else if (element.id === "log") liveLog(element);
