@@ -465,3 +465,24 @@ def test_a_re_rendered_output_is_shown_anew_and_a_damaged_one_is_refused(web: We
     (web.storage / f"outputs/{tampered}/renders/g.0001.exr").write_bytes(dark)
     damaged = web.get(f"/jobs/{tampered}/full/renders/g.0001.exr")
     assert damaged.status_code == 502 and "renders/g.0001.exr" in damaged.json()["message"], damaged.text
+
+
+def test_download_record_reads_for_the_view_agree_on_both_engines(engine: Any) -> None:
+    job = engine.create_job({"title": "t", "project": "default", "storage": "file:///nowhere",
+                             "output_path": "/proj/renders"}, [NewTask(str(f), f"cnode {f}") for f in (1, 2, 3)])
+    assert engine.downloads_mark(job) == (0, 0.0) and engine.recent_downloads(job, 5) == []
+    marks = []
+    for frame in (1, 2, 3):
+        lease = engine.claim("w-1", 3600)
+        name = f"renders/b.{frame:04d}.png"
+        engine.complete(lease, NewDownload("/proj/renders", (DownloadFile(name, md5_b64_of_bytes(name.encode()), 1,
+                                                                           f"k/{name}"),)), uuid.uuid4().hex)
+        marks.append(engine.downloads_mark(job))
+    assert [count for count, _ in marks] == [1, 2, 3]  # each record changes the mark
+    assert marks[0][1] <= marks[1][1] <= marks[2][1] and marks[2][1] > 0
+    newest = engine.recent_downloads(job, 2)
+    assert [r.files[0].relative_path for r in newest] == ["renders/b.0003.png", "renders/b.0002.png"]
+    engine.mark_downloaded(newest[0].download_id)
+    assert engine.downloads_mark(job) == marks[2]  # a state change adds no output
+    with pytest.raises(Exception, match="99999"):
+        engine.downloads_mark("99999")

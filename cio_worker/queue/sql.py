@@ -1365,6 +1365,15 @@ class SqlQueue(Queue):
                 (number,)).fetchone()
         return float(row["cost"] or 0.0), int(row["unpriced"] or 0), row["currency"] or "", row["ended"]
 
+    def downloads_mark(self, job_id: str) -> tuple[int, float]:
+        """How many download records the job has and when its newest came: what a reader that keeps
+        the records compares to know they are still all there are (records are only ever added)."""
+        with self._transaction(write=False) as tx:
+            number = self._job_number(tx, job_id)
+            row = tx.execute("SELECT COUNT(*) AS n, MAX(created) AS newest FROM downloads WHERE job_number = ?",
+                             (number,)).fetchone()
+        return int(row["n"]), float(row["newest"] or 0.0)
+
     def recent_downloads(self, job_id: str, limit: int) -> list[DownloadRecord]:
         """The job's newest ``limit`` download records, newest first."""
         with self._transaction(write=False) as tx:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Mapping
@@ -38,6 +39,7 @@ log = logging.getLogger("cio_worker.coordinator.web")
 HERE = Path(__file__).resolve().parent
 STATIC_TYPES = {".js": "text/javascript; charset=utf-8", ".css": "text/css; charset=utf-8"}
 LOG_SHOWN = 1024 * 1024  # the newest this much of a stored log is shown
+OUTPUTS_KEPT = 8  # jobs whose outputs the view keeps between looks
 NOTES = {"released": "released {n} held tasks", "killed": "killed the job: {n} tasks failed or asked to stop",
          "retried": "{n} failed tasks are pending again"}
 # What every page answer carries: no framing by other sites, scripts and styles only from here.
@@ -88,6 +90,20 @@ def templates() -> jinja2.Environment:
     return env
 
 
+@dataclass(frozen=True)
+class JobOutputs:
+    """A job's outputs as its download records hold them, kept while ``mark`` says no record came since."""
+
+    mark: tuple[int, float]
+    frames: list[figures.Frame]  # newest first
+    files: dict[str, DownloadFile]  # relative path -> the newest record's file (a retried task uploads again)
+
+    @classmethod
+    def of(cls, mark: tuple[int, float], records: list[DownloadRecord]) -> "JobOutputs":
+        files = {f.relative_path: f for record in sorted(records, key=lambda r: r.created) for f in record.files}
+        return cls(mark, figures.frames_of(records), files)
+
+
 @dataclass
 class WebView:
     """What the routes need: the queue, the coordinator's way of calling it, how to reach storage."""
@@ -103,6 +119,7 @@ class WebView:
     env: jinja2.Environment = field(default_factory=templates)
     full_size: FullSizeViews = field(default_factory=FullSizeViews)
     _storages: dict[str, Storage] = field(default_factory=dict)
+    _outputs: OrderedDict[str, JobOutputs] = field(default_factory=OrderedDict)
     _static: dict[str, bytes] = field(default_factory=dict)
     _finished: dict[str, tuple[tuple, figures.JobView]] = field(default_factory=dict)
 
@@ -220,6 +237,19 @@ class WebView:
         tiles = max((t[1] for t in tasks), default=1)
         records = await self.call(self.queue.recent_downloads, job_id, figures.GALLERY_SIZE * tiles)
         return view, tasks, figures.frames_of(records)[:figures.GALLERY_SIZE]
+
+    async def job_outputs(self, job_id: str) -> JobOutputs:
+        """The job's frames and files, read again only when a download record came since (a
+        10,000-task job's records take a tenth of a second to read; its frames are looked at often)."""
+        mark = await self.call(self.queue.downloads_mark, job_id)
+        found = self._outputs.get(job_id)
+        if found is None or found.mark != mark:
+            records = await self.call(self.queue.downloads, job_id, None)
+            found = self._outputs[job_id] = await anyio.to_thread.run_sync(JobOutputs.of, mark, records)
+            while len(self._outputs) > OUTPUTS_KEPT:
+                self._outputs.popitem(last=False)
+        self._outputs.move_to_end(job_id)
+        return found
 
     async def task_parts(self, job_id: str, task_id: str) -> tuple[TaskRow, list[AttemptRow]]:
         return await self.call(self.queue.task, job_id, task_id), await self.call(self.queue.attempts, job_id, task_id)
@@ -411,7 +441,7 @@ def mount(app: FastAPI, view: WebView) -> None:
     async def full_size(request: Request, job_id: str, output: str) -> Response:
         await view.signed_in(request)
         check_output(output)
-        found = output_file(await view.call(view.queue.downloads, job_id, None), output)
+        found = (await view.job_outputs(job_id)).files.get(output)
         if found is None:
             raise Refused(404, "not_found", f"job {job_id} has no output {output} (yet)")
         info = await view.call(view.queue.job, job_id)
@@ -429,8 +459,7 @@ def mount(app: FastAPI, view: WebView) -> None:
     async def frame_page(request: Request, job_id: str, name: str) -> Response:
         session = await view.signed_in(request)
         check_output(name)
-        records = await view.call(view.queue.downloads, job_id, None)
-        frame = next((f for f in figures.frames_of(records) if f.name == name), None)
+        frame = next((f for f in (await view.job_outputs(job_id)).frames if f.name == name), None)
         if frame is None:
             raise Refused(404, "not_found", f"job {job_id} has no frame {name} (yet)")
         return await view.page("frame.html", session, job_id=job_id, frame=frame)
@@ -471,15 +500,6 @@ def number(request: Request, name: str, least: int) -> int:
     if not text.isdigit() or int(text) < least or len(text) > 18:
         raise Refused(400, "bad_request", f"{name} must be a whole number >= {least}, not {text[:20]!r}")
     return int(text)
-
-
-def output_file(records: list[DownloadRecord], relative_path: str) -> DownloadFile | None:
-    """The newest record's file at ``relative_path`` (a retried task uploads it again)."""
-    for record in sorted(records, key=lambda r: r.created, reverse=True):
-        for file in record.files:
-            if file.relative_path == relative_path:
-                return file
-    return None
 
 
 def check_output(path: str) -> None:
