@@ -61,6 +61,17 @@ def test_each_report_records_its_attempt_with_figures(queue: Queue, clock: Clock
     assert every[-1].figures == AttemptFigures()  # recorded, figures unknown
 
 
+def test_a_killed_attempt_started_when_it_was_leased_not_when_the_job_was_killed(queue: Queue, clock: Clock) -> None:
+    job = queue.create_job(job_spec(), [task("1")])
+    lease = queue.claim("w1", 300)
+    clock.advance(100)
+    queue.kill_job(job)  # asks the running task to stop
+    clock.advance(5)
+    queue.fail(lease, "killed by owner")
+    (row,) = queue.attempts(job, "000")
+    assert row.ended - row.started == pytest.approx(105)  # the whole attempt, not the 5 s since the kill
+
+
 def test_a_resent_report_records_its_attempt_once(queue: Queue) -> None:
     job = queue.create_job(job_spec(failed=2), [task("1"), task("2"), task("3")])
     done, failed, released = queue.claim("w", 30), queue.claim("w", 30), queue.claim("w", 30)

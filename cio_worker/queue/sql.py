@@ -421,7 +421,8 @@ class SqlQueue(Queue):
                 "UPDATE tasks SET state = 'failed', reason = ?, updated = ? WHERE job_number = ? AND state IN ('holding', 'pending')",
                 (KILLED_REASON, now, number),
             )
-            tx.execute("UPDATE tasks SET cancel = 1, updated = ? WHERE job_number = ? AND state = 'leased'", (now, number))
+            # ``updated`` stays the lease's start: the attempt that ends later started then.
+            tx.execute("UPDATE tasks SET cancel = 1 WHERE job_number = ? AND state = 'leased'", (number,))
             for task in waiting:
                 self._event(tx, number, task, now, "killed", "", KILLED_REASON)
             for task, worker in leased:
