@@ -551,6 +551,12 @@ def test_a_render_that_ignores_sigterm_is_killed_and_the_hard_stop_releases_befo
     [drain] = drains_in(farm.agent_log("node-a"))
     assert drain["by"] == "hard stop" and drain["released_at"] < raised + notice_seconds
     show("hard stop", drain, raised)
+    # The release carries what the attempt took so far: its wall time, the machine, the cost.
+    [attempt] = farm.queue.attempts(job, "000")
+    assert attempt.outcome == "preempted" and "hard stop" in attempt.reason
+    assert 0.6 < attempt.figures.wall_seconds < attempt.ended - attempt.started + 5
+    assert attempt.figures.instance_type == "n1-standard-8"  # the metadata server's machine
+    assert (attempt.figures.cost is None) == (attempt.figures.hourly_price is None)
     assert "leftover processes: none" in log.read_text()
 
 

@@ -44,7 +44,7 @@ from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.job.prices import PriceTable, load_prices
 from cio_worker.node.faults import node_fault
 from cio_worker.node.execution import ExecutionContext, TaskControl, TaskOutcome, execute, stop_stale_renders
-from cio_worker.node.figures import attempt_figures
+from cio_worker.node.figures import attempt_figures, stopped_figures
 from cio_worker.node.logship import LogShipper, log_key, upload_log
 from cio_worker.storage.base import object_url
 from cio_worker.node.identity import InstanceIdentity, local_identity
@@ -511,7 +511,7 @@ class Agent:
     def _handle(self, lease) -> None:
         doc: TaskDocument = lease.document
         control = TaskControl()
-        current = _Current(lease, doc)
+        current = _Current(lease, doc, self.clock())
         with self._lock:
             self._control = control
             self._current = current
@@ -585,10 +585,16 @@ class Agent:
             current.reported = True
             doc = current.doc
             drain = self._drain_record(doc, control, by="hard stop")
+            figures = None
+            try:
+                figures = stopped_figures(doc, self.clock() - current.started, self.config.prices, self._identity_info(),
+                                          drain_seconds=None if drain.stop_at is None else time.time() - drain.stop_at)
+            except Exception:  # noqa: BLE001 - figures never cost the release
+                self.log.exception("%s: measuring the hard-stopped attempt failed", doc.label)
             report = Report.of("release", current.lease,
                                cause="released" if self._stop_cause == "released" else "preempted",
                                frames_done=doc.task.frames_done,
-                               reason="hard stop: the drain did not finish before the deadline")
+                               reason="hard stop: the drain did not finish before the deadline", figures=figures)
             try:
                 drain.state = self._deliver(report)
                 drain.released_at = time.time()
@@ -880,6 +886,7 @@ class _Current:
 
     lease: object
     doc: TaskDocument
+    started: float  # the agent's clock when the task was claimed
     reported: bool = False
     guard: threading.Lock = field(default_factory=threading.Lock)
     outcome: TaskOutcome | None = None
