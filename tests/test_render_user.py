@@ -36,7 +36,10 @@ probe agent-environ "cat /proc/$CIO_AGENT_PID/environ"
 probe read-input "grep -q texture-bytes '$INPUT'"
 probe write-output "echo frame > '$OUT/beauty.0001.exr'"
 probe write-tmp "echo scratch > \"\$TMPDIR/x\""
+probe write-home "echo prefs > \"\$HOME/.clarisse.prefs\""
 echo "token-env: ${CIO_TOKEN:-none}"
+echo "agent-settings: ${CIO_TOKEN_FILE:-}${CIO_QUEUE:-}${CIO_RENDER_USER:-}${CREDENTIALS_DIRECTORY:-}"
+echo "user: $USER $LOGNAME"
 echo "uid: $(id -u)"
 """
 
@@ -76,6 +79,8 @@ def test_the_render_runs_as_the_render_user_and_cannot_touch_the_agent(base):
     path_map = PathMap.rooted(str(root))
     out = root / "proj" / "renders"
     env = {"PATH": os.environ["PATH"], "CIO_TOKEN": "agent-secret-token", "TOKEN_FILE": str(token),
+           "CIO_TOKEN_FILE": str(token), "CIO_QUEUE": "https://coordinator:8700", "CIO_RENDER_USER": "nobody",
+           "CREDENTIALS_DIRECTORY": "/run/credentials/cio-agent.service", "HOME": "/root", "USER": "root",
            "CACHE_DIR": str(cache_dir / "contents"), "LOGS_DIR": str(work / "logs"),
            "INPUT": str(root / "proj" / "tex" / "texture.tex"), "OUT": str(out)}
     doc = TaskDocument(
@@ -92,8 +97,8 @@ def test_the_render_runs_as_the_render_user_and_cannot_touch_the_agent(base):
     said = dict(line.split(": ", 1) for line in body.splitlines()[1:])
     assert said == {
         "read-token": "no", "list-cache": "no", "list-logs": "no", "signal-agent": "no", "agent-environ": "no",
-        "read-input": "yes", "write-output": "yes", "write-tmp": "yes",
-        "token-env": "none", "uid": str(user.uid),
+        "read-input": "yes", "write-output": "yes", "write-tmp": "yes", "write-home": "yes",
+        "token-env": "none", "agent-settings": "", "user": "nobody nobody", "uid": str(user.uid),
     }, body
     assert outcome.status == "done", outcome.reason
     assert [f.relative_path for f in outcome.outputs.files] == ["beauty.0001.exr"]

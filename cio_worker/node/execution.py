@@ -32,6 +32,7 @@ from cio_worker.storage.md5cache import Md5Cache
 from cio_worker.node.outputs import OutputScan, changed_since, snapshot, upload_outputs
 from cio_worker.node.previews import PreviewReport, publish_previews
 from cio_worker.job.paths import PathMap
+from cio_worker.node.config import KEYS, env_name
 from cio_worker.node.render_user import RenderUser
 from cio_worker.node.logscan import LineFilter
 from cio_worker.node.runner import ProcessRunner, RunResult, RunSpec
@@ -72,7 +73,10 @@ log = logging.getLogger(__name__)
 
 AGENT_PID_ENV = "CIO_AGENT_PID"
 WORK_ROOT_ENV = "CIO_WORK_ROOT"
-AGENT_ONLY_ENV = ("CIO_TOKEN",)  # the agent's own credentials never reach a render
+# The agent's own credentials and settings never reach a render: its token (or the file holding
+# it, or systemd's credentials directory), its configuration file and every CIO_<KEY> option.
+AGENT_ONLY_ENV = frozenset({"CIO_TOKEN", "CIO_TOKEN_FILE", "CIO_CONFIG", "CREDENTIALS_DIRECTORY",
+                            *(env_name(key) for key in KEYS)})
 
 
 class StopRequested(CioError):
@@ -202,9 +206,12 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         _keep_earlier_log(log_path)
         control.log_path = log_path
         render_user: RenderUser | None = getattr(ctx.runner, "render_user", None)
+        home = None
         if render_user is not None:
+            home = task_dir / "home"  # the render user's own for this task (a system user has none)
+            home.mkdir()
             render_user.reachable(ctx.work_root, task_dir.parent)
-            render_user.grant(task_dir, tmp_dir)
+            render_user.grant(task_dir, tmp_dir, home)
         storage = ctx.open_storage(job.storage)
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
@@ -218,7 +225,7 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
             render_user.readable(Path(ctx.path_map.local(u.destination, what="an input")) for u in job.upload_files)
         if control.stopping:
             return _stopped(outcome, control, FrameSet())
-        env = _task_env(doc, ctx, tmp_dir)
+        env = _task_env(doc, ctx, tmp_dir, render_user, home)
         try:
             prepared = prepare(task.command, env=env, path_map=ctx.path_map, work_dir=tmp_dir,
                                frames_done=task.frames_done_set)
@@ -488,8 +495,12 @@ def _render_may_write(user: RenderUser, output_root: Path, prepared: Prepared) -
     user.readable([output_root])
 
 
-def _task_env(doc: TaskDocument, ctx: ExecutionContext, tmp_dir: Path) -> dict[str, str]:
+def _task_env(doc: TaskDocument, ctx: ExecutionContext, tmp_dir: Path, render_user: RenderUser | None = None,
+              home: Path | None = None) -> dict[str, str]:
     base = {k: v for k, v in ctx.base_env.items() if k not in AGENT_ONLY_ENV}
+    if render_user is not None and home is not None:
+        # Who the render is, and a HOME it may write (the agent's is root's); the job may still set its own.
+        base.update(HOME=str(home), USER=render_user.name, LOGNAME=render_user.name)
     env = merge_environment(base, doc.job.environment)
     task = doc.task
     env.update(
