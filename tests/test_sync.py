@@ -33,6 +33,7 @@ class CountingStorage(Storage):
         self.inner = inner
         self.url = inner.url
         self.download_batches: list[list[DownloadItem]] = []
+        self.unnamed_batches = 0  # of download_batches: through download_unnamed
 
     def exists(self, keys):
         return self.inner.exists(keys)
@@ -40,6 +41,11 @@ class CountingStorage(Storage):
     def download(self, items: Sequence[DownloadItem], progress: Progress | None = None) -> None:
         self.download_batches.append(list(items))
         self.inner.download(items, progress)
+
+    def download_unnamed(self, items, place, progress=None) -> bool:
+        self.download_batches.append(list(items))
+        self.unnamed_batches += 1
+        return self.inner.download_unnamed(items, place, progress)
 
     def upload(self, items: Sequence[UploadItem], progress: Progress | None = None) -> None:
         self.inner.upload(items, progress)
@@ -67,8 +73,9 @@ class CountingHasher:
 class Farm:
     """A store, a node root under a path map, a content cache and an MD5 cache."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, unnamed: bool = True) -> None:
         self.base = base
+        self.unnamed = unnamed  # False: as where the filesystem or /proc cannot (temporary names)
         self.store_dir = base / "store"
         self.store_dir.mkdir()
         self.storage = CountingStorage(FileStorage(f"file://{self.store_dir}"))
@@ -87,6 +94,8 @@ class Farm:
         return Path(self.path_map.local(destination))
 
     def syncer(self, cache: bool = True, md5cache: bool = True, **kw) -> InputSync:
+        if not self.unnamed:
+            kw.setdefault("unnamed", lambda: None)
         return InputSync(
             self.storage, self.cache if cache else None, self.md5cache if md5cache else None, self.path_map, **kw
         )
@@ -104,9 +113,11 @@ def leftovers(*dirs: Path) -> list[Path]:
     return found
 
 
-@pytest.fixture
-def farm(tmp_path: Path) -> Farm:
-    return Farm(tmp_path)
+@pytest.fixture(params=["unnamed", "named"])
+def farm(tmp_path: Path, request: pytest.FixtureRequest) -> Farm:
+    """Every scenario both ways: downloads made without a name (O_TMPFILE, where the filesystem
+    can), and through temporary names (the fallback)."""
+    return Farm(tmp_path, unnamed=request.param == "unnamed")
 
 
 @pytest.fixture
@@ -449,3 +460,142 @@ def test_destinations_mapped_once_per_directory_still_meet_every_rule(farm: Farm
     farm.sync(files)
     for name in ("one", "two", "three"):
         assert (tmp_path / "a" / "tex" / f"{name}.exr").read_bytes() == name.encode()
+
+
+# --- downloads made without a name (O_TMPFILE), and the fallback to temporary names
+
+
+class DirectoryWatch:
+    """A Progress that lists the given directories every time bytes move (each 1 MiB block)."""
+
+    def __init__(self, *dirs: Path) -> None:
+        self.dirs = dirs
+        self.seen: set[str] = set()
+
+    def start(self, files: int, total_bytes: int) -> None:
+        pass
+
+    def advance(self, nbytes: int) -> None:
+        for d in self.dirs:
+            self.seen.update(str(p.relative_to(d)) for p in d.rglob("*") if p.is_file())
+
+    def file_done(self, key: str) -> None:
+        pass
+
+
+def test_a_download_is_never_visible_under_any_name_until_whole_and_verified(tmp_path):
+    farm = Farm(tmp_path, unnamed=True)
+    big = farm.put("C:/proj/tex/big.exr", os.urandom(3 * 1024 * 1024 + 7))
+    (farm.root / "proj" / "tex").mkdir(parents=True)
+    watch = DirectoryWatch(farm.root, farm.cache.root)
+    result = farm.sync([big], progress=watch)
+    assert watch.seen == set()  # no temporary name in the destination or the cache, ever
+    assert farm.storage.unnamed_batches == 1 and result.downloaded == 1
+    assert_placed(farm, [big])
+    placed = farm.local(big.destination).stat()
+    assert placed.st_nlink == 2 and farm.cache.object_path(big.md5).stat().st_ino == placed.st_ino
+
+
+class RefusingUnnamed:
+    """The real UnnamedFiles, but one directory's filesystem "cannot" (as NFS or an old kernel)."""
+
+    def __init__(self, refused: Path) -> None:
+        from cio_worker.storage.common import UnnamedFiles
+
+        self.inner = UnnamedFiles.open()
+        self.refused = str(refused)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def usable_in(self, directory: str) -> bool:
+        return directory != self.refused and self.inner.usable_in(directory)
+
+
+def test_where_a_filesystem_cannot_make_unnamed_files_those_go_through_temporary_names(tmp_path):
+    farm = Farm(tmp_path, unnamed=True)
+    files = [farm.put(f"C:/proj/{where}/f{i}.bin", os.urandom(5000 + i)) for where in ("nfs", "local") for i in range(3)]
+    result = farm.sync(files, unnamed=lambda: RefusingUnnamed(farm.root / "proj" / "nfs"))
+    assert (result.placed, result.downloaded) == (6, 6)
+    assert_placed(farm, files)
+    assert farm.storage.unnamed_batches == 1
+    batches = [sorted(Path(item.dest).parent.name for item in batch) for batch in farm.storage.download_batches]
+    assert batches == [["local"] * 3, ["nfs"] * 3]
+    assert leftovers(farm.root, farm.cache.root) == []
+    assert all(farm.cache.has(f.md5) for f in files)
+
+
+_KILLED = """
+import sys, time
+from cio_worker.node.cache import ContentCache
+from cio_worker.job.document import UploadFile
+from cio_worker.job.paths import PathMap
+from cio_worker.storage import open_storage
+from cio_worker.node.sync import InputSync
+
+class Hang:
+    def start(self, files, total): pass
+    def advance(self, n):
+        print("copying", flush=True)
+        time.sleep(60)
+    def file_done(self, key): pass
+
+store, cache, root, destination, md5, size = sys.argv[1:]
+InputSync(open_storage(store), ContentCache(cache, 1 << 30), None, PathMap.rooted(root), progress=Hang()).sync(
+    [UploadFile(destination, md5, int(size), 0o100644)])
+"""
+
+
+def test_a_sync_killed_in_the_middle_of_a_download_leaves_nothing_behind(tmp_path):
+    farm = Farm(tmp_path, unnamed=True)
+    big = farm.put("C:/proj/tex/big.exr", os.urandom(3 * 1024 * 1024))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED, farm.storage.url, str(farm.cache.root), str(farm.root), big.destination,
+         big.md5, str(big.size)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout.readline() == b"copying\n", proc.stderr.read().decode()
+    finally:
+        proc.kill()  # SIGKILL, by pid: no cleanup of any kind runs
+        proc.communicate(timeout=30)
+    assert [p for p in farm.root.rglob("*") if p.is_file()] == []
+    assert [p for p in farm.cache.root.rglob("*") if p.is_file() and p.name != "evict.lock"] == []
+
+
+class WatchingCache(ContentCache):
+    """The real cache, listing the destination tree each time it has copied an object out."""
+
+    def __init__(self, root: Path, watch: Path) -> None:
+        super().__init__(root, 1 << 30)
+        self.watch = watch
+        self.seen: set[str] = set()
+
+    def _look(self) -> None:
+        self.seen.update(p.name for p in self.watch.rglob("*") if p.is_file())
+
+    def copy_out(self, md5, dest):
+        try:
+            return super().copy_out(md5, dest)
+        finally:
+            self._look()
+
+    def copy_out_fd(self, md5, out):
+        try:
+            return super().copy_out_fd(md5, out)
+        finally:
+            self._look()
+
+
+def test_copies_from_the_cache_are_never_visible_under_a_temporary_name(tmp_path):
+    farm = Farm(tmp_path, unnamed=True)
+    files = [farm.put(f"C:/proj/tex/t{i}.exr", os.urandom(10_000 + i)) for i in range(5)]
+    files.append(farm.put("C:/proj/tex/same.exr", b"shared", mode=0o100755))
+    files.append(farm.put("C:/proj/tex/same-again.exr", b"shared"))
+    farm.sync(files)  # fills the cache
+    farm.cache = WatchingCache(farm.cache.root, watch=tmp_path / "again")
+    farm.path_map = PathMap.rooted(str(tmp_path / "again"))
+    result = farm.sync(files)
+    assert (result.placed, result.from_cache, result.downloaded) == (7, 7, 0)
+    assert_placed(farm, files)
+    assert farm.cache.seen and not [name for name in farm.cache.seen if ".part" in name]

@@ -32,13 +32,13 @@ import time
 import uuid
 from collections import Counter
 from contextlib import contextmanager
-from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Callable, Collection, Iterable, Iterator
+from typing import Callable, Collection, Iterable, Iterator, NamedTuple
 
 from cio_worker.errors import CioError
 from cio_worker.job.hashing import check_md5_b64, md5_hex
-from cio_worker.storage.common import copy_to_new_file, remove_quietly
+from cio_worker.storage.common import copy_fd_hashed, remove_quietly
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,10 @@ class DamagedObject(CacheError):
     code = "cache_damaged"
 
 
-@dataclass(frozen=True)
-class _Entry:
+class _Entry(NamedTuple):  # a tuple: one per object of a cache of tens of thousands, made fast
     mtime_ns: int
     size: int
-    path: Path
+    path: str
     hex: str
     nlink: int = 1
 
@@ -171,19 +170,23 @@ class ContentCache:
         self._touch(target)
         return target
 
-    def adopt_link(self, md5: str, file: str | os.PathLike[str], *, shareable: bool = True) -> None:
+    def adopt_link(
+        self, md5: str, file: str | os.PathLike[str], *, shareable: bool = True, link: Callable[[str], None] | None = None
+    ) -> None:
         """Make the cache hold ``file``'s content (verified by the caller) without writing it again:
         a hard link to it, so the object shares ``file``'s mode and times, and ``copy_out``'s check
         catches a later write through ``file``. A copy instead where no link can be made, or when
-        not ``shareable`` (``file``'s mode does not let every agent sharing the cache read it)."""
+        not ``shareable`` (``file``'s mode does not let every agent sharing the cache read it).
+        ``link(target)`` makes the link when ``file`` has no name of its own (``UnnamedFiles``)."""
         target = self._object(md5)
+        make_link = link or partial(os.link, file)
         if shareable:
             try:
                 try:
-                    os.link(file, target)
+                    make_link(target)
                 except FileNotFoundError:
                     os.makedirs(os.path.dirname(target), exist_ok=True)
-                    os.link(file, target)
+                    make_link(target)
                 return
             except FileExistsError:
                 self._touch(target)
@@ -206,6 +209,37 @@ class ContentCache:
         The bytes are hashed as they are copied: a damaged object raises ``DamagedObject``
         (removed from the cache, nothing left at ``dest``).
         """
+        out = -1
+
+        def write(src: int) -> str:
+            nonlocal out
+            out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            return self._copy(src, out, md5)
+
+        try:
+            if self._copy_out(md5, write):
+                return True
+        except BaseException:
+            remove_quietly(dest)
+            raise
+        finally:
+            if out >= 0:
+                os.close(out)
+        return False
+
+    def copy_out_fd(self, md5: str, out: int) -> bool:
+        """``copy_out`` into ``out``, an open empty file (one without a name, say, that the
+        caller names once this returned True). A damaged object: ``DamagedObject``, as there."""
+        return self._copy_out(md5, lambda src: self._copy(src, out, md5))
+
+    def _copy(self, src: int, out: int, md5: str) -> str:
+        """Copy ``src`` to ``out``; the MD5 of what was copied (``md5`` itself when not verifying)."""
+        if self.verify:
+            return copy_fd_hashed(src, out)
+        copy_fd(src, out, os.fstat(src).st_size)
+        return md5
+
+    def _copy_out(self, md5: str, write: Callable[[int], str]) -> bool:
         source = self._object(md5)
         try:
             src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
@@ -213,25 +247,12 @@ class ContentCache:
             return False
         try:
             self._touch(source)
-            try:
-                if self.verify:
-                    got = copy_to_new_file(src, dest)
-                else:
-                    out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-                    try:
-                        copy_fd(src, out, os.fstat(src).st_size)
-                    finally:
-                        os.close(out)
-                    got = md5
-                if got == md5:
-                    return True
-                self._discard_damaged(md5, source, os.fstat(src), got)
-            except BaseException:
-                remove_quietly(dest)
-                raise
+            got = write(src)
+            if got == md5:
+                return True
+            self._discard_damaged(md5, source, os.fstat(src), got)
         finally:
             os.close(src)
-        remove_quietly(dest)
         raise DamagedObject(f"the cached copy of {md5} at {source} has MD5 {got}; removed from the cache")
 
     def _discard_damaged(self, md5: str, source: str, read: os.stat_result, got: str) -> None:
@@ -273,6 +294,8 @@ class ContentCache:
         """Remove least recently used objects until within budget; return how many were removed."""
         with self._evict_lock():
             self._remove_stale_temps()
+            if self._disk_used() <= self.budget_bytes:
+                return 0  # the whole filesystem holds less than the budget: no object to add up
             entries = self._scan()
             total = sum(e.held for e in entries)
             if total <= self.budget_bytes:
@@ -308,6 +331,14 @@ class ContentCache:
             return os.path.isfile(target)
         return True
 
+    def _disk_used(self) -> int:
+        """Bytes in use on the cache's filesystem (all of it, not only the cache's)."""
+        try:
+            vfs = os.statvfs(self._objects_str)
+        except OSError:
+            return 1 << 62
+        return (vfs.f_blocks - vfs.f_bfree) * vfs.f_frsize
+
     def _scan(self) -> list[_Entry]:
         entries = []
         try:
@@ -327,7 +358,7 @@ class ContentCache:
                 except FileNotFoundError:
                     continue
                 if item.is_file(follow_symlinks=False):
-                    entries.append(_Entry(st.st_mtime_ns, st.st_size, Path(item.path), item.name, st.st_nlink))
+                    entries.append(_Entry(st.st_mtime_ns, st.st_size, item.path, item.name, st.st_nlink))
         return entries
 
     def _remove_stale_temps(self) -> None:

@@ -12,13 +12,19 @@ Order of work:
    A sync with nothing to do costs one lstat per entry, no hashing and no request.
 3. Fetch each missing content once, however many destinations share it. Contents the
    ContentCache holds are copied out (hashed as they are copied: a damaged cached copy is
-   removed, counted in ``cache_damaged`` and fetched again). The others come in one
-   ``storage.download`` batch, each written once, straight to a temporary name beside its first
-   destination, verified by the backend, and placed as soon as it arrives (while the rest are
-   still coming); the cache then adopts it by a hard link (``ContentCache.adopt_link``) and the
-   other destinations of that content copy it.
+   removed, counted in ``cache_damaged`` and fetched again). The others come in one batch,
+   each written once and placed as soon as it arrives (while the rest are still coming): where
+   the backend and the destination's filesystem can (``storage.download_unnamed``,
+   ``UnnamedFiles``, checked once per filesystem), as a file without a name in its first
+   destination's directory that gets its names only once whole and verified (a hard link into
+   the cache, then one into place: no temporary name, no rename, nothing left if the process
+   dies); elsewhere (``storage.download``) to a temporary name beside its first destination,
+   which the cache links and which is renamed into place. The other destinations of that
+   content copy it.
 4. Place: temporary sibling, size checked, chmod to the mode's permission bits, ``os.replace``
-   into place. The MD5 records of every placed file are written in one batch at the end.
+   into place (a download without a name: its mode set, then linked into place; a link to a
+   temporary sibling and a rename only when something is already there). The MD5 records of
+   every placed file are written in one batch at the end.
 
 Symbolic links: the *root* of a destination is where the path map sends it (its rule's target,
 or its root), ``/`` when no map applies. A destination that is itself a link is replaced by a
@@ -46,11 +52,12 @@ from cio_worker.job.hashing import check_md5_b64, hashstore_key, md5_b64_of_file
 from cio_worker.job.paths import PathMap, node_path
 from cio_worker.node.cache import ContentCache, DamagedObject, copy_fd
 from cio_worker.storage.base import DownloadItem, NullProgress, Progress, Storage, TransferError
-from cio_worker.storage.common import remove_quietly, temp_sibling_str
+from cio_worker.storage.common import UnnamedFiles, create_unnamed, remove_quietly, temp_sibling_str
 from cio_worker.storage.md5cache import FileStamp, Md5Cache, Md5CacheError
 
 log = logging.getLogger(__name__)
 _SHOWN = 3  # failures spelled out in one error message
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
 
 
 @dataclass
@@ -128,9 +135,9 @@ class _DownloadItems(Sequence[DownloadItem]):
     """The download batch, each item made when the backend gets to it (not one per item of a
     batch of tens of thousands held at once)."""
 
-    def __init__(self, keys: list[tuple[str, str]], temps: dict[str, str], groups: dict[str, list[_Target]]) -> None:
+    def __init__(self, keys: list[tuple[str, str]], dests: dict[str, str], groups: dict[str, list[_Target]]) -> None:
         self.keys = keys  # (hashstore key, md5)
-        self.temps = temps
+        self.dests = dests
         self.groups = groups
 
     def __len__(self) -> int:
@@ -138,7 +145,7 @@ class _DownloadItems(Sequence[DownloadItem]):
 
     def __getitem__(self, index: int) -> DownloadItem:  # type: ignore[override]
         key, md5 = self.keys[index]
-        return DownloadItem(key, self.temps[md5], md5, self.groups[md5][0].size)
+        return DownloadItem(key, self.dests[md5], md5, self.groups[md5][0].size)
 
 
 class InputSync:
@@ -151,6 +158,7 @@ class InputSync:
         progress: Progress | None = None,
         concurrency: int = 0,
         clock: Callable[[], float] = time.monotonic,
+        unnamed: Callable[[], UnnamedFiles | None] = UnnamedFiles.open,
     ) -> None:
         self.storage = storage
         self.cache = cache
@@ -160,6 +168,7 @@ class InputSync:
         # Local copies and hashing: a thread a core (more only contend for the GIL and directory locks).
         self.workers = concurrency if concurrency > 0 else max(2, os.cpu_count() or 2)
         self.clock = clock
+        self.unnamed = unnamed  # None from it: every download goes through a temporary name
 
     def sync(self, files: Sequence[UploadFile]) -> SyncResult:
         started = self.clock()
@@ -167,6 +176,7 @@ class InputSync:
         result = SyncResult()
         records: list[_Record] = []  # files placed or fixed, stat'ed after their last change: one batch at the end
         failures: list[_Failure] = []
+        names: UnnamedFiles | None = None  # files made without a name, where the filesystem can
         with ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="sync") as pool:
             try:
                 todo = self._not_present(targets, stats, pool, records)
@@ -178,13 +188,16 @@ class InputSync:
                 del todo
                 for directory in {os.path.dirname(t.path) for group in groups.values() for t in group}:
                     os.makedirs(directory, exist_ok=True)
+                names = self.unnamed() if groups else None
                 if groups and self.cache is not None:
                     with self.cache.pinned(groups):
-                        again = self._round(groups, True, result, pool, records, failures)
-                        self._round(again, False, result, pool, records, failures)
+                        again = self._round(groups, True, result, pool, records, failures, names)
+                        self._round(again, False, result, pool, records, failures, names)
                 elif groups:
-                    self._round(groups, False, result, pool, records, failures)
+                    self._round(groups, False, result, pool, records, failures, names)
             finally:
+                if names is not None:
+                    names.close()
                 self._record(records)
                 if result.downloaded and self.cache is not None:
                     self._evict()
@@ -342,7 +355,7 @@ class InputSync:
 
     def _round(
         self, groups: dict[str, list[_Target]], via_cache: bool, result: SyncResult, pool: ThreadPoolExecutor,
-        records: list[_Record], failures: list[_Failure],
+        records: list[_Record], failures: list[_Failure], names: UnnamedFiles | None,
     ) -> dict[str, list[_Target]]:  # fmt: skip
         """Place every group, from the cache (``via_cache``) or from storage; return the groups to
         fetch again from storage (the cache lost or held a damaged copy)."""
@@ -354,9 +367,9 @@ class InputSync:
         outcomes: list[_Placed] = []  # appended from several threads (list.append is atomic)
         chunk = max(1, -(-len(cached) // (self.workers * 4)))
         jobs = [pool.submit(self._place_cached, [(md5, groups[md5]) for md5 in cached[i : i + chunk]], outcomes.append,
-                            records) for i in range(0, len(cached), chunk)]  # fmt: skip
+                            records, names) for i in range(0, len(cached), chunk)]  # fmt: skip
         fetch = {md5: targets for md5, targets in groups.items() if md5 not in held} if held else groups
-        self._download(fetch, outcomes, records, failures)
+        self._download(fetch, outcomes, records, failures, names)
         for job in jobs:
             job.result()
         again: dict[str, list[_Target]] = {}
@@ -374,10 +387,64 @@ class InputSync:
 
     def _download(
         self, groups: dict[str, list[_Target]], outcomes: list[_Placed], records: list[_Record],
-        failures: list[_Failure],
+        failures: list[_Failure], names: UnnamedFiles | None,
     ) -> None:  # fmt: skip
-        """Fetch every group's content in one batch, each beside its first destination, placing
-        each as soon as it arrives (the rest after the batch, for a backend that did not say)."""
+        """Fetch every group's content once, each placed as soon as it arrives (while the rest
+        still come): as a file without a name where the destination's filesystem and the backend
+        can (``_download_unnamed``), else under a temporary name beside its first destination."""
+        if names is not None and groups:
+            groups = self._download_unnamed(groups, names, outcomes, records, failures)
+        self._download_named(groups, outcomes, records, failures, names)
+
+    def _download_unnamed(
+        self, groups: dict[str, list[_Target]], names: UnnamedFiles, outcomes: list[_Placed], records: list[_Record],
+        failures: list[_Failure],
+    ) -> dict[str, list[_Target]]:  # fmt: skip
+        """Each content written to a file without a name in its first destination's directory and
+        linked into the cache and into place once verified: no temporary name, no rename. Returns
+        the groups left for ``_download_named`` (filesystems that cannot, or a backend that cannot)."""
+        unnamed: dict[str, list[_Target]] = {}
+        rest: dict[str, list[_Target]] = {}
+        for md5, targets in groups.items():
+            (unnamed if names.usable_in(targets[0].path.rpartition("/")[0] or "/") else rest)[md5] = targets
+        if not unnamed:
+            return rest
+        by_key = {hashstore_key(md5): md5 for md5 in unnamed}
+        pending = set(unnamed)
+        lock = threading.Lock()
+
+        def place(item: DownloadItem, fd: int) -> None:
+            md5 = by_key[item.key]
+            with lock:
+                if md5 not in pending:
+                    return
+                pending.discard(md5)
+            outcomes.append(self._place_download(unnamed[md5], records, names, fd=fd))
+
+        items = _DownloadItems(list(by_key.items()), {md5: targets[0].path for md5, targets in unnamed.items()}, unnamed)
+        errors: dict[str, BaseException] = {}
+        try:
+            if not self.storage.download_unnamed(items, place, self.progress or NullProgress()):
+                return groups
+        except TransferError as exc:
+            errors = {f.key: f.error for f in exc.failures}
+        except Exception as exc:  # the whole batch failed (credentials, bucket, network)
+            errors = {key: exc for key in by_key}
+        with lock:
+            for key, md5 in by_key.items():
+                if md5 in pending:
+                    pending.discard(md5)
+                    error = errors.get(key) or StorageError("the store reported it fetched but never handed it over")
+                    failures.append(_Failure(unnamed[md5], key, error))
+        return rest
+
+    def _download_named(
+        self, groups: dict[str, list[_Target]], outcomes: list[_Placed], records: list[_Record],
+        failures: list[_Failure], names: UnnamedFiles | None,
+    ) -> None:  # fmt: skip
+        """Fetch every group's content in one batch, each to a temporary name beside its first
+        destination, placing each as soon as the backend reports it (the rest after the batch,
+        for a backend that did not say)."""
         if not groups:
             return
         by_key = {hashstore_key(md5): md5 for md5 in groups}
@@ -392,7 +459,7 @@ class InputSync:
                     return
                 pending.discard(md5)
             try:
-                outcomes.append(self._place_download(groups[md5], temps[md5], records))
+                outcomes.append(self._place_download(groups[md5], records, names, temps[md5]))
             except BaseException as exc:  # never into the backend's batch: it would count as its failure
                 remove_quietly(temps[md5])
                 outcomes.append(_Placed(failures=[_Failure(groups[md5], None, exc)]))
@@ -416,43 +483,56 @@ class InputSync:
                 remove_quietly(temps[md5])
                 failures.append(_Failure(groups[md5], key, error))
 
-    def _place_download(self, targets: list[_Target], temp: str, records: list[_Record]) -> _Placed:
-        """A verified download at ``temp`` becomes the first destination (the cache links it);
-        the other destinations of the same content copy it."""
+    def _place_download(
+        self, targets: list[_Target], records: list[_Record], names: UnnamedFiles | None, temp: str = "", fd: int = -1
+    ) -> _Placed:
+        """A verified download becomes the first destination (the cache links it first); the
+        other destinations of the same content copy it. The download is at ``temp``, renamed into
+        place, or (``fd``) a file without a name, linked into place by ``names``."""
         outcome = _Placed()
         first = targets[0]
         try:
-            st = os.stat(temp)
+            st = os.stat(temp) if fd < 0 else os.fstat(fd)
             outcome.downloaded_bytes = st.st_size
             _check_size(first, st.st_size)
             if stat.S_IMODE(st.st_mode) != first.mode:
-                os.chmod(temp, first.mode)
+                os.chmod(temp, first.mode) if fd < 0 else os.fchmod(fd, first.mode)
             if self.cache is not None:
-                try:  # linked before the rename: the placed file needs no further change, nor stat after it
-                    self.cache.adopt_link(first.md5, temp, shareable=first.mode & 0o444 == 0o444)
+                shareable = first.mode & 0o444 == 0o444
+                try:  # linked before placing: the placed file needs no further change, nor stat after it
+                    if fd < 0 or names is None:
+                        self.cache.adopt_link(first.md5, temp, shareable=shareable)
+                    else:
+                        self.cache.adopt_link(first.md5, names.path_of(fd), shareable=shareable, link=partial(names.link, fd))
                 except OSError as exc:  # the input is placed all the same; only the cache misses it
                     log.warning("content cache: cannot adopt %s: %s", first.path, exc)
-            os.replace(temp, first.path)
+            if fd < 0 or names is None:
+                os.replace(temp, first.path)
+                _note(records, first)
+            else:
+                _link_into_place(names, fd, first.path)
+                records.append((first.path, *FileStamp.row_of(os.fstat(fd)), first.md5))
         except Exception as exc:
-            remove_quietly(temp)
+            if fd < 0:
+                remove_quietly(temp)
             outcome.failures.append(_Failure(targets, hashstore_key(first.md5) if _is_storage(exc) else None, exc))
             return outcome
         outcome.placed += 1
-        _note(records, first)
-        self._place_rest(targets, first.path, outcome, records)
+        self._place_rest(targets, first.path, outcome, records, names)
         return outcome
 
     def _place_cached(
-        self, groups: list[tuple[str, list[_Target]]], done: Callable[[_Placed], None], records: list[_Record]
-    ) -> None:
+        self, groups: list[tuple[str, list[_Target]]], done: Callable[[_Placed], None], records: list[_Record],
+        names: UnnamedFiles | None,
+    ) -> None:  # fmt: skip
         assert self.cache is not None
         for md5, targets in groups:
             outcome = _Placed()
             first = targets[0]
             try:
-                self._place(first, partial(self.cache.copy_out, md5), records)
+                self._place(first, partial(self.cache.copy_out_fd, md5), records, names)
                 outcome.placed = 1
-                self._place_rest(targets, first.path, outcome, records)
+                self._place_rest(targets, first.path, outcome, records, names)
             except DamagedObject:
                 outcome.damaged = True
                 outcome.again = list(targets)
@@ -463,29 +543,43 @@ class InputSync:
             outcome.from_cache = outcome.placed
             done(outcome)
 
-    def _place_rest(self, targets: list[_Target], source: str, outcome: _Placed, records: list[_Record]) -> None:
+    def _place_rest(
+        self, targets: list[_Target], source: str, outcome: _Placed, records: list[_Record], names: UnnamedFiles | None
+    ) -> None:
         """Copy the placed first destination ``source`` to the others of its content."""
         for target in targets[1:]:
             try:
-                self._place(target, partial(_copy_file, source), records)
+                self._place(target, partial(_copy_into, source), records, names)
                 outcome.placed += 1
             except Exception as exc:
                 outcome.failures.append(_Failure([target], hashstore_key(target.md5) if _is_storage(exc) else None, exc))
 
-    def _place(self, target: _Target, fill: Callable[[str], bool], records: list[_Record]) -> None:
-        temp = temp_sibling_str(target.path)
+    def _place(self, target: _Target, fill: Callable[[int], bool], records: list[_Record], names: UnnamedFiles | None) -> None:
+        """``fill`` an empty file (False: nothing to fill it with) and put it at ``target``: a
+        file without a name linked into place where the filesystem can, else a temporary name
+        renamed into place."""
+        directory = target.path.rpartition("/")[0] or "/"
+        temp = None if names is not None and names.usable_in(directory) else temp_sibling_str(target.path)
+        out = create_unnamed(directory) if temp is None else os.open(temp, _NEW_FILE, 0o666)
         try:
-            if not fill(temp):
+            if not fill(out):
                 raise _Vanished()
-            st = os.stat(temp)
+            st = os.fstat(out)
             _check_size(target, st.st_size)
             if stat.S_IMODE(st.st_mode) != target.mode:
-                os.chmod(temp, target.mode)
-            os.replace(temp, target.path)
+                os.fchmod(out, target.mode)
+            if temp is None:
+                assert names is not None
+                _link_into_place(names, out, target.path)
+            else:
+                os.replace(temp, target.path)
+            records.append((target.path, *FileStamp.row_of(os.fstat(out)), target.md5))
         except BaseException:
-            remove_quietly(temp)
+            if temp is not None:
+                remove_quietly(temp)
             raise
-        _note(records, target)
+        finally:
+            os.close(out)
 
     def _evict(self) -> None:
         assert self.cache is not None
@@ -561,9 +655,30 @@ def _note(records: list[_Record], target: _Target) -> None:
         pass
 
 
-def _copy_file(source: str, dest: str) -> bool:
-    with open(source, "rb") as src, open(dest, "wb") as out:
-        copy_fd(src.fileno(), out.fileno(), os.fstat(src.fileno()).st_size)
+def _link_into_place(names: UnnamedFiles, fd: int, path: str) -> None:
+    """Name the unnamed file ``fd`` ``path``: a link where nothing is there, else a link to a
+    temporary sibling renamed over what is there (a file, or a link we replace, never follow)."""
+    try:
+        names.link(fd, path)
+        return
+    except FileExistsError:
+        pass
+    temp = temp_sibling_str(path)
+    remove_quietly(temp)  # left by a process that died with this pid and thread
+    names.link(fd, temp)
+    try:
+        os.replace(temp, path)
+    except BaseException:
+        remove_quietly(temp)
+        raise
+
+
+def _copy_into(source: str, out: int) -> bool:
+    src = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        copy_fd(src, out, os.fstat(src).st_size)
+    finally:
+        os.close(src)
     return True
 
 

@@ -10,6 +10,13 @@ computed while streaming and, when ``item.md5`` is given, checked; a mismatch re
 then fails that item with ChecksumError naming the key. A failed item leaves nothing at ``dest``.
 All items are attempted; failures are raised together as one TransferError.
 
+Contract for ``download_unnamed`` (optional; ``False`` where a backend does not offer it): as for
+``download``, but each item's bytes go to a new file *without a name* (``O_TMPFILE``) in the
+directory of ``item.dest``, which the caller has checked can hold one (``UnnamedFiles``). Once
+the MD5 is verified the backend calls ``place(item, fd)`` with the open read-write descriptor;
+``place`` gives the file its names (``UnnamedFiles.link``) and the backend then closes it. So no
+name ever shows a partial or unverified file, and a failed or interrupted item leaves nothing.
+
 Contract for ``upload``: the object appears at ``item.key`` whole or not at all; when ``item.md5``
 is given the store verifies it (or the backend does, after writing).
 """
@@ -104,6 +111,13 @@ class Storage(abc.ABC):
     @abc.abstractmethod
     def download(self, items: Sequence[DownloadItem], progress: Progress | None = None) -> None:
         """Fetch every item to its ``dest`` (see module contract)."""
+
+    def download_unnamed(
+        self, items: Sequence[DownloadItem], place: Callable[[DownloadItem, int], None], progress: Progress | None = None
+    ) -> bool:
+        """Fetch every item to a file without a name and hand it to ``place`` (see module
+        contract); False, having done nothing, where this backend cannot."""
+        return False
 
     @abc.abstractmethod
     def upload(self, items: Sequence[UploadItem], progress: Progress | None = None) -> None:

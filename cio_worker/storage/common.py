@@ -34,29 +34,26 @@ def clean_key(key: str) -> list[str]:
 
 @dataclass
 class Activity:
-    """Thread-safe 'last time something moved' for the stall detector, and a progress relay."""
+    """Thread-safe 'last time something moved' for the stall detector, and a progress relay.
+    ``last`` is only ever replaced whole (one attribute store, atomic): no lock per block or file."""
 
     progress: Progress = field(default_factory=NullProgress)
     clock: Callable[[], float] = time.monotonic
     last: float = 0.0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         self.last = self.clock()
 
     def bytes_moved(self, nbytes: int) -> None:
-        with self._lock:
-            self.last = self.clock()
+        self.last = self.clock()
         self.progress.advance(nbytes)
 
     def file_done(self, key: str) -> None:
-        with self._lock:
-            self.last = self.clock()
+        self.last = self.clock()
         self.progress.file_done(key)
 
     def idle_for(self) -> float:
-        with self._lock:
-            return self.clock() - self.last
+        return self.clock() - self.last
 
 
 class StallError(StorageError):
@@ -178,15 +175,22 @@ def _buffer(size: int) -> bytearray:
     return buffer
 
 
-def copy_fd_hashed(source: int, target: int, activity: Activity | None = None) -> str:
-    """Copy from descriptor ``source`` to ``target`` (current offsets, to the end of the source)
-    through this thread's buffer, hashing in the same pass; the base64 MD5 of what was written.
-    Raw descriptors: no file object, no extra fstat, lseek or ioctl per file."""
+def copy_fd_hashed(source: int, target: int, activity: Activity | None = None, size: int | None = None) -> str:
+    """Copy from descriptor ``source`` to ``target`` (current offsets, to the end of the source,
+    or ``size`` bytes at most: no read to find the end) through this thread's buffer, hashing in
+    the same pass; the base64 MD5 of what was written. Raw descriptors: no file object, no extra
+    fstat, lseek or ioctl per file."""
     digest = hashlib.md5()
     buffer = _buffer(COPY_BLOCK)
     view = memoryview(buffer)
+    left = size  # None: to the end of the source
     try:
-        while n := os.readv(source, (buffer,)):
+        while left != 0:
+            n = os.readv(source, (buffer if left is None or left >= COPY_BLOCK else view[:left],))
+            if not n:
+                break
+            if left is not None:
+                left -= n
             chunk = view[:n]
             digest.update(chunk)
             while chunk:
@@ -271,10 +275,87 @@ def fetch_verified(key: str, dest: D, expected_md5: str | None, fetch: Callable[
         if expected_md5 is None or got == expected_md5:
             return
     remove_quietly(dest)
-    raise ChecksumError(
+    raise corrupt_object(got, expected_md5)
+
+
+def corrupt_object(got: str | None, expected_md5: str | None) -> ChecksumError:
+    return ChecksumError(
         f"content has MD5 {got} but the manifest says {expected_md5} (fetched twice); "
         "the stored object is corrupt or the manifest is stale"
     )
+
+
+def create_unnamed(directory: str) -> int:
+    """A new, empty, read-write file without a name in ``directory`` (``O_TMPFILE``; mode 0o666
+    & ~umask): it gets a name only through ``UnnamedFiles.link`` and vanishes if it gets none."""
+    return os.open(directory, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o666)
+
+
+class UnnamedFiles:
+    """Naming files made by ``create_unnamed`` once they are whole (``linkat`` through
+    ``/proc/self/fd``; Python's ``os.link`` only follows that link given a directory descriptor).
+    ``usable_in`` tells, per filesystem, whether the kernel and the filesystem can (tried once
+    each: make one, name it, remove the name). ``open()`` is None where /proc is not mounted.
+    Only in the process that opened it (the descriptor names this process's /proc entry)."""
+
+    def __init__(self, fds: int) -> None:
+        self._fds = fds
+        self._pid = os.getpid()
+        self._devices: dict[int, bool] = {}
+        self._dirs: dict[str, bool] = {}
+
+    @classmethod
+    def open(cls) -> UnnamedFiles | None:
+        try:
+            return cls(os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+        except OSError:
+            return None
+
+    def close(self) -> None:
+        if self._fds >= 0:
+            os.close(self._fds)
+            self._fds = -1
+
+    def link(self, fd: int, path: str) -> None:
+        """Give the open unnamed (or named) file ``fd`` the name ``path``; FileExistsError if taken."""
+        os.link(str(fd), path, src_dir_fd=self._fds, follow_symlinks=True)
+
+    def path_of(self, fd: int) -> str:
+        """A path that opens ``fd``'s file (for copying it by name)."""
+        return f"/proc/self/fd/{fd}"
+
+    def usable_in(self, directory: str) -> bool:
+        """Whether files made by ``create_unnamed`` in ``directory`` can be named (False where it
+        cannot be stat'ed); remembered per directory and per filesystem."""
+        if os.getpid() != self._pid:  # a forked child: the descriptor names the parent's /proc entry
+            return False
+        known = self._dirs.get(directory)
+        if known is not None:
+            return known
+        try:
+            device = os.stat(directory).st_dev
+        except OSError:
+            return False
+        known = self._devices.get(device)
+        if known is None:
+            known = self._devices[device] = self._probe(directory)
+        self._dirs[directory] = known
+        return known
+
+    def _probe(self, directory: str) -> bool:
+        try:
+            fd = create_unnamed(directory)
+        except OSError:  # EOPNOTSUPP (filesystem), EISDIR (kernel before 3.11), EACCES, ...
+            return False
+        try:
+            name = temp_sibling_str(f"{directory.rstrip('/')}/unnamed-probe")
+            self.link(fd, name)
+            os.unlink(name)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 def remove_quietly(path: str | os.PathLike[str]) -> None:

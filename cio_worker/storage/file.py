@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
 from urllib.parse import unquote, urlparse
@@ -13,8 +14,11 @@ from cio_worker.storage.common import (
     Activity,
     Item,
     clean_key,
+    copy_fd_hashed,
     copy_stream,
     copy_to_new_file,
+    corrupt_object,
+    create_unnamed,
     default_concurrency,
     fetch_verified,
     remove_quietly,
@@ -71,6 +75,37 @@ class FileStorage(Storage):
                 os.close(src)
 
         fetch_verified(item.key, item.dest, item.md5, fetch)
+
+    def download_unnamed(
+        self, items: Sequence[DownloadItem], place: Callable[[DownloadItem, int], None], progress: Progress | None = None
+    ) -> bool:
+        self._transfer("download", items, progress, partial(self._download_unnamed_one, place=place))
+        return True
+
+    def _download_unnamed_one(self, item: DownloadItem, activity: Activity, place: Callable[[DownloadItem, int], None]) -> None:
+        clean_key(item.key)
+        directory = os.fspath(item.dest).rpartition("/")[0] or "/"
+        try:
+            src = os.open(f"{self._root}/{item.key}", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise StorageError(
+                f"{self.url}: object {item.key} does not exist (was the job's content uploaded?)", code="not_found"
+            ) from None
+        got = None
+        try:
+            for _ in range(2):  # a mismatch is fetched once more, as fetch_verified does
+                out = create_unnamed(directory)
+                try:
+                    got = copy_fd_hashed(src, out, activity, item.size)  # verified: no byte past it is placed
+                    if item.md5 is None or got == item.md5:
+                        place(item, out)
+                        return
+                finally:
+                    os.close(out)
+                os.lseek(src, 0, os.SEEK_SET)
+        finally:
+            os.close(src)
+        raise corrupt_object(got, item.md5)
 
     def upload(self, items: Sequence[UploadItem], progress: Progress | None = None) -> None:
         self._transfer("upload", items, progress, self._upload_one)
