@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cio_worker import __version__
 from cio_worker.coordinator.batch import Batcher
+from cio_worker.coordinator.collector import PacedCollector
 from cio_worker.coordinator.fastpath import FastRoute, FastRoutes, Reply
 from cio_worker.coordinator.metrics import CoordinatorMetrics
 from cio_worker.coordinator.signal import WorkSignal
@@ -331,9 +332,12 @@ class _BodyLimit:
             await _error_response(exc.status, exc.code, exc.message)(scope, receive, send)
 
 
-def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> FastRoutes:
+def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
+               collector: PacedCollector | None = None) -> FastRoutes:
     """The coordinator as an ASGI app: the agents' hot routes answered by ``FastRoutes`` in front
-    of the FastAPI app that serves the rest (``.app``; its ``.state`` is the wrapper's too)."""
+    of the FastAPI app that serves the rest (``.app``; its ``.state`` is the wrapper's too).
+    ``collector``, if given, runs Python's garbage collector from the app's event loop while the
+    app lives (a process-wide setting: ``serve`` passes one); its pauses are in ``/metrics``."""
     config = config or CoordinatorConfig()
     signal = WorkSignal()
     limiter = anyio.CapacityLimiter(config.db_threads)
@@ -388,12 +392,19 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None) -> Fast
 
     web = WebView(queue, call, refusal, gone_after=config.gone_after, before_workers=flush_contacts)
 
+    if collector is not None and collector.on_pause is None:
+        collector.on_pause = metrics.gc_pause
+
     @asynccontextmanager
     async def lifespan(_: FastAPI):
         task = asyncio.create_task(watch())
+        if collector is not None:
+            collector.start(asyncio.get_running_loop())
         try:
             yield
         finally:
+            if collector is not None:
+                collector.stop()
             web.close()
             stop.set()
             signal.notify(signal.waiting)

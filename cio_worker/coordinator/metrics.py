@@ -31,6 +31,7 @@ Counts = tuple[dict[str, int], dict[str, int]]  # tasks by state, workers by sta
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 WAIT_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300)
 DRAIN_BUCKETS = (1, 2.5, 5, 10, 15, 20, 25, 30, 45, 60, 120)
+GC_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 ATTEMPT_BUCKETS = (1, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, 14400, 28800, 86400)
 # Any other method a client makes up is counted as "other", so it cannot add series.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -158,6 +159,10 @@ class CoordinatorMetrics:
                                     "hourly price), by currency", ["currency"], registry=r)
         self.attempts_unpriced = Counter("cio_attempts_unpriced", "attempts whose instance type the price table "
                                          "does not know (their cost is not in cio_attempt_cost)", registry=r)
+        # Filled only where the coordinator paces Python's collector (``PacedCollector``, in ``serve``).
+        self.gc_pause_seconds = Histogram("cio_gc_pause_seconds", "garbage collections run by the coordinator and "
+                                          "how long each stopped its event loop, by generation (0: young, 2: "
+                                          "full)", ["generation"], registry=r, buckets=GC_BUCKETS)
         self._request_children: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
 
     def request(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -168,6 +173,9 @@ class CoordinatorMetrics:
                                                       self.request_seconds.labels(route))
         children[0].inc()
         children[1].observe(seconds)
+
+    def gc_pause(self, generation: int, seconds: float) -> None:
+        self.gc_pause_seconds.labels(str(generation)).observe(seconds)
 
     def claim(self) -> ClaimTimer:
         return ClaimTimer(self)
