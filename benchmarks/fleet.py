@@ -10,7 +10,8 @@ Phases (each on a fresh job in one database):
 - ``raw``: ``--raw-threads`` threads claim+complete ``--tasks`` zero-length tasks straight on PostgreSQL.
 - ``throughput``: ``--agents`` async agents claim+complete ``--tasks`` tasks through the coordinator.
 - ``burst``: ``--burst`` agents start at once against a job of as many tasks; when does each hold one?
-- ``idle``: ``--idle`` agents long-poll with no work and report every ``--heartbeat`` seconds for
+- ``idle``: ``--idle`` agents long-poll with no work and report every ``--heartbeat`` seconds (0: never,
+  as the agent does when idle: its long poll is its contact) for
   ``--idle-seconds``: the coordinator's CPU and RSS, the database connections, and heartbeat
   latency as 20 probe agents in a process of their own see it (one report a second each).
 - ``cost``: 32 clients send idle reports back to back for ``--cost-seconds`` (10): the coordinator's CPU per request
@@ -344,7 +345,9 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
                 await asyncio.sleep(heartbeat)
 
         try:
-            await asyncio.gather(poll(), beat())
+            # --heartbeat 0: the agent's own idle traffic (an idle agent only long-polls; its poll
+            # is its contact); the probe process still measures reports.
+            await asyncio.gather(poll(), *([beat()] if heartbeat > 0 else []))
         finally:
             polls.close()
 
@@ -353,7 +356,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
     deadline = time.perf_counter() + 600
     while ready[0] < agents and time.perf_counter() < deadline:
         await asyncio.sleep(0.5)
-    await asyncio.sleep(heartbeat)
+    await asyncio.sleep(max(heartbeat, 2.0))
     measuring[0] = True
     me = psutil.Process()
     cpu0, t0, client0 = coordinator.cpu_seconds(), time.perf_counter(), sum(me.cpu_times()[:2])
@@ -401,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--burst", type=int, default=1000)
     parser.add_argument("--idle", type=int, default=10_000)
     parser.add_argument("--idle-seconds", type=float, default=30.0)
-    parser.add_argument("--heartbeat", type=float, default=10.0)
+    parser.add_argument("--heartbeat", type=float, default=10.0,
+                        help="seconds between an idle agent's reports (0: none, the agent's own idle traffic)")
     parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--db-threads", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
