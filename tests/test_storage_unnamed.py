@@ -95,3 +95,17 @@ def test_a_corrupt_object_is_fetched_twice_never_handed_over_and_leaves_nothing(
     assert "fetched twice" in str(caught.value)
     assert placed == [items[0].key]
     assert os.listdir(tmp_path / "dest") == ["f0"]
+
+
+def test_an_object_longer_than_its_manifest_is_refused_like_any_other_mismatch(
+    names: UnnamedFiles, tmp_path: Path
+) -> None:
+    # The right bytes, then more: not the content its key and the manifest name (the path with a
+    # temporary name refuses it by its MD5 over the whole object; this one reads only `size`).
+    storage, items = _store(tmp_path, [b"the real pixels"])
+    (tmp_path / "store" / items[0].key).write_bytes(b"the real pixels and then some")
+    placed: list[str] = []
+    with pytest.raises(TransferError) as caught:
+        storage.download_unnamed(items, lambda item, fd: placed.append(item.key))
+    assert isinstance(caught.value.failures[0].error, ChecksumError) and "fetched twice" in str(caught.value)
+    assert placed == [] and os.listdir(tmp_path / "dest") == []
