@@ -25,7 +25,7 @@ from cio_worker.storage import Storage, UploadItem
 log = logging.getLogger(__name__)
 
 PREVIEW_MAX_SIDE = 384
-PREVIEW_SETTINGS = DisplaySettings(max_side=PREVIEW_MAX_SIDE, quality=85)
+PREVIEW_SETTINGS = DisplaySettings(max_side=PREVIEW_MAX_SIDE)
 
 
 class PreviewSource(Protocol):
