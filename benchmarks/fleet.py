@@ -16,6 +16,8 @@ Phases (each on a fresh job in one database):
   latency as 20 probe agents in a process of their own see it (one report a second each).
 - ``cost``: 32 clients send idle reports back to back for ``--cost-seconds`` (10): the coordinator's CPU per request
   (robust to the machine's other load, unlike the rates).
+- ``pollcost``: the same for an idle agent's long poll: 32 clients claim with a 50 ms wait on an empty
+  queue, back to back (each poll waits on the server and ends empty, as an idle fleet's do).
 ``--phases idle,cost`` runs just those.
 
 The simulated agents speak HTTP through ``loadgen.Connection``, a lean keep-alive client, so that
@@ -221,24 +223,35 @@ async def py_spy(coordinator: Coordinator, profile: Path | None, seconds: float)
         "-d", str(int(seconds)), "-p", str(coordinator.process.pid), stdout=asyncio.subprocess.DEVNULL)
 
 
+# What a cost phase sends: (name, path, body of worker N, the status it must answer).
+COST_KINDS = {
+    "cost": ("report cost (coordinator CPU per request)", "/v1/workers/report",
+             lambda name: {"worker": name, "status": {"state": "idle"}}, 200),
+    "pollcost": ("long-poll cost (coordinator CPU per empty 50 ms poll)", "/v1/claim",
+                 lambda name: {"worker": name, "wait_seconds": 0.05}, 204),
+}
+
+
 async def cost_phase(base: str, token: str, coordinator: Coordinator, connections: int, seconds: float,
-                     profile: Path | None = None) -> Phase:
-    """The coordinator's CPU for one idle worker report, the bulk of an idle fleet's traffic:
-    ``connections`` clients send reports back to back for ``seconds``. CPU time per request
-    depends little on what else the machine runs, unlike the rates of the other phases."""
-    names = [f"cost-{i}" for i in range(connections)]
+                     profile: Path | None = None, kind: str = "cost") -> Phase:
+    """The coordinator's CPU for one request of an idle fleet's traffic (``kind``: an idle worker
+    report, or an empty long poll): ``connections`` clients send them back to back for
+    ``seconds``. CPU time per request depends little on what else the machine runs, unlike the
+    rates of the other phases."""
+    title, path, body_of, expected = COST_KINDS[kind]
+    names = [f"{kind}-{i}" for i in range(connections)]
     conns = [Connection(base, token) for _ in names]
     for conn, name in zip(conns, names):
         await conn.post("/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
     sent = [0]
     end = [0.0]
-    bodies = [json.dumps({"worker": name, "status": {"state": "idle"}}).encode() for name in names]
+    bodies = [json.dumps(body_of(name)).encode() for name in names]
 
     async def client(conn: Connection, body: bytes) -> None:
         while time.perf_counter() < end[0]:
-            status, _ = await conn.post("/v1/workers/report", body)
-            if status != 200:
-                raise RuntimeError(f"report answered {status}")
+            status, _ = await conn.post(path, body)
+            if status != expected:
+                raise RuntimeError(f"{path} answered {status}")
             sent[0] += 1
 
     spy = await py_spy(coordinator, profile, seconds)
@@ -250,7 +263,7 @@ async def cost_phase(base: str, token: str, coordinator: Coordinator, connection
         await spy.wait()
     for conn in conns:
         conn.close()
-    return Phase("report cost (coordinator CPU per request)", sent[0], wall, sent[0] / wall, None, None,
+    return Phase(title, sent[0], wall, sent[0] / wall, None, None,
                  {"connections": connections, "coordinator_cpu_us_per_request": 1e6 * cpu / max(1, sent[0]),
                   "coordinator_cpu_share": cpu / wall})
 
@@ -409,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--db-threads", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
-    parser.add_argument("--phases", default="raw,throughput,burst,cost,idle",
+    parser.add_argument("--phases", default="raw,throughput,burst,cost,pollcost,idle",
                         help="which phases to run, comma-separated (default: all)")
     parser.add_argument("--profile", type=Path, default=None,
                         help="record the coordinator with py-spy (collapsed stacks) into this file during the idle phase")
@@ -452,9 +465,10 @@ def main(argv: list[str] | None = None) -> int:
             ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
         if "burst" in chosen:
             ran(run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
-        if "cost" in chosen:
-            ran(run(cost_phase(coordinator.url, agent_token, coordinator, 32, args.cost_seconds,
-                               args.profile.with_suffix(".cost") if args.profile else None)))
+        for kind in ("cost", "pollcost"):
+            if kind in chosen:
+                ran(run(cost_phase(coordinator.url, agent_token, coordinator, 32, args.cost_seconds,
+                                   args.profile.with_suffix(f".{kind}") if args.profile else None, kind)))
         if "idle" in chosen:
             ran(run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
                                args.heartbeat, args.idle_seconds, args.profile)))

@@ -27,7 +27,7 @@ def test_the_quick_fleet_benchmark_runs_every_phase(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     report = json.loads(out.read_text())
     phases = {p["name"].split(" (")[0]: p for p in report["phases"]}
-    assert set(phases) == {"raw SQL", "coordinator", "boot burst", "report cost", "idle agents"}
+    assert set(phases) == {"raw SQL", "coordinator", "boot burst", "report cost", "long-poll cost", "idle agents"}
     assert phases["raw SQL"]["count"] == 300 and phases["coordinator"]["count"] == 300  # every task claimed and done once
     burst = phases["boot burst"]
     assert burst["count"] == burst["extra"]["agents"] == 50 and burst["extra"]["failures"] == {}
@@ -35,6 +35,7 @@ def test_the_quick_fleet_benchmark_runs_every_phase(tmp_path: Path) -> None:
     assert idle["count"] > 0 and idle["extra"]["errors"] == {} and idle["extra"]["db_connections_max"] >= 1
     assert idle["extra"]["probe_reports"] > 0 and idle["latency_p99_ms"] is not None  # the probe process answered
     assert report["ratio"] > 0
-    cost = phases["report cost"]
-    assert cost["count"] > 0 and cost["extra"]["coordinator_cpu_us_per_request"] > 0
+    for name in ("report cost", "long-poll cost"):  # each request answered as it should be (200 / 204)
+        cost = phases[name]
+        assert cost["count"] > 0 and cost["extra"]["coordinator_cpu_us_per_request"] > 0
     assert "| phase |" in done.stdout

@@ -174,10 +174,14 @@ def test_concurrent_claims_and_completions_each_get_their_own_answer(farm) -> No
     assert app.state.claims.items == n and app.state.claims.batches < n
 
 
-def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path) -> None:
+@pytest.mark.parametrize("told_by", ["extension", "receive"])
+def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path, told_by: str) -> None:
     """An agent that stops (or dies) while its claim waits on the server: the work that arrives
     after goes to an agent still waiting, not to the closed connection (where it would sit until
-    its lease expired, an attempt charged to the task)."""
+    its lease expired, an attempt charged to the task). The coordinator's own protocol tells the
+    poll of the disconnect (``extension``); under another server, a pending ``receive()`` does."""
+    from cio_worker.coordinator.transport import coalescing_protocol
+
     import json
     import socket
     import time
@@ -187,7 +191,7 @@ def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path) 
     _, agent = queue.create_token("fleet", ["agent"])
     app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
     headers = {"Authorization": f"Bearer {agent}"}
-    with serving_app(app) as url:
+    with serving_app(app, **({"http": coalescing_protocol()} if told_by == "extension" else {})) as url:
         for name in ("gone", "waiting"):
             assert requests.post(f"{url}/v1/workers/register", json={"worker": name, "info": {}}, headers=headers).ok
         parts = urlsplit(url)

@@ -38,7 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cio_worker import __version__
 from cio_worker.coordinator.batch import Batcher
 from cio_worker.coordinator.collector import PacedCollector
-from cio_worker.coordinator.fastpath import FastRoute, FastRoutes, Reply
+from cio_worker.coordinator.fastpath import Departure, FastRoute, FastRoutes, Reply
 from cio_worker.coordinator.metrics import CoordinatorMetrics
 from cio_worker.coordinator.signal import WorkSignal
 from cio_worker.coordinator.web.routes import WebView, mount as mount_web
@@ -527,7 +527,9 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
                 known_workers.discard(body.worker)
         return {"ok": True}
 
-    async def do_claim(body: ClaimBody) -> dict | None:
+    async def do_claim(body: ClaimBody, departure: Departure | None = None) -> dict | None:
+        """A lease, or None when the poll ended first; ``departure`` ends the wait when the agent
+        goes away meanwhile (the caller gives back a lease made all the same)."""
         lease_seconds = body.lease_seconds or config.lease_seconds
         wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
         # A long poll ends at a random point of its last half: a fleet that booted together would
@@ -535,6 +537,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         deadline = time.monotonic() + (wait * random.uniform(0.5, 1.0) if wait > 2 else wait)
         seen.add(body.worker)  # its contact, written by the watcher (a no-op for an unregistered name)
         timer = metrics.claim()
+        on_leave = None if departure is None else departure.on_leave
         while True:
             if not (empty["now"] and wait > 0):
                 lease = await claims.submit((body.worker, lease_seconds))
@@ -543,7 +546,13 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
                     return {"lease": wire.lease_to_dict(lease), **settings()}
                 empty["now"] = True
             left = deadline - time.monotonic()
-            if left <= 0 or stop.is_set() or not await timer.wait(signal.wait(left)):
+            if left <= 0 or stop.is_set() or (departure is not None and departure.gone):
+                timer.empty()
+                return None
+            began = time.monotonic()
+            woken = await signal.wait(left, on_leave)
+            timer.waited(began)
+            if not woken:
                 timer.empty()
                 return None
 

@@ -15,9 +15,12 @@ import json
 import logging
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Awaitable, Callable, Mapping
 
 from pydantic import BaseModel, ValidationError
+
+from cio_worker.coordinator.transport import DISCONNECT_EXTENSION
 
 log = logging.getLogger("cio_worker.coordinator")
 
@@ -28,11 +31,33 @@ Reply = tuple[int, dict[str, Any] | None, dict[str, str]]  # status, JSON body (
 class FastRoute:
     model: type[BaseModel]
     scope: str  # the token scope the route needs
-    handler: Callable[[Any], Awaitable[dict[str, Any] | None]]  # None: 204 No Content
-    # A long wait (a claim's long poll): the handler is cancelled when the client goes away
-    # meanwhile, and an answer it made that can no longer be delivered is handed here (a lease
-    # given back) rather than sent to nobody.
+    # ``handler(model)``, or ``handler(model, departure)`` for a long wait; None answers 204 No Content.
+    handler: Callable[..., Awaitable[dict[str, Any] | None]]
+    # A long wait (a claim's long poll): the handler is told through its ``Departure`` when the
+    # client goes away meanwhile (and should end its wait), and an answer it made that can no
+    # longer be delivered is handed here (a lease given back) rather than sent to nobody.
     undelivered: Callable[[dict[str, Any]], Awaitable[None]] | None = None
+
+
+class Departure:
+    """Whether a long wait's client is still there: ``gone`` once it has disconnected, when the
+    callback set with ``on_leave`` (one at a time; None clears it) is called."""
+
+    __slots__ = ("gone", "_callback")
+
+    def __init__(self) -> None:
+        self.gone = False
+        self._callback: Callable[[], None] | None = None
+
+    def on_leave(self, callback: Callable[[], None] | None) -> None:
+        self._callback = callback
+
+    def leave(self) -> None:
+        if not self.gone:
+            self.gone = True
+            callback, self._callback = self._callback, None
+            if callback is not None:
+                callback()
 
 
 class BodyTooLarge(Exception):
@@ -52,17 +77,25 @@ def json_bytes(payload: Mapping[str, Any]) -> bytes:
     return json.dumps(payload, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
 
 
-async def send_reply(send: Callable, reply: Reply) -> None:
+async def send_reply(send: Callable, reply: Reply) -> int:
+    """Send ``reply``; return its status."""
     status, payload, headers = reply
     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
     if payload is None:
         await send({"type": "http.response.start", "status": status, "headers": raw})
         await send({"type": "http.response.body", "body": b""})
-        return
+        return status
     body = json_bytes(payload)
     raw += [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": raw})
     await send({"type": "http.response.body", "body": body})
+    return status
+
+
+def _left(departure: Departure, receiving: asyncio.Future) -> None:
+    if not receiving.cancelled() and receiving.exception() is None \
+            and receiving.result().get("type") == "http.disconnect":
+        departure.leave()
 
 
 class FastRoutes:
@@ -88,9 +121,22 @@ class FastRoutes:
         return self.app.state
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if self.observe is None or scope["type"] != "http":
-            return await self._serve(scope, receive, send)
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        route = self.fast.get(path) if scope["method"] == "POST" else None
+        if self.observe is None:
+            if route is None:
+                return await self.app(scope, receive, send)
+            await self._serve(route, scope, receive, send)
+            return
         started, status = time.perf_counter(), 0  # 0: no answer (the client went away)
+        if route is not None:
+            try:
+                status = await self._serve(route, scope, receive, send)
+            finally:
+                self.observe(path, "POST", status, time.perf_counter() - started)
+            return
 
         async def sent(message: dict) -> None:
             nonlocal status
@@ -99,19 +145,16 @@ class FastRoutes:
             await send(message)
 
         try:
-            await self._serve(scope, receive, sent)
+            await self.app(scope, receive, sent)
         except Exception:
             status = status or 500
             raise
         finally:
-            path = scope.get("path", "")
-            route = path if path in self.fast else getattr(scope.get("route"), "path", "unmatched")
-            self.observe(route, scope["method"], status, time.perf_counter() - started)
+            template = getattr(scope.get("route"), "path", "unmatched")
+            self.observe(template, scope["method"], status, time.perf_counter() - started)
 
-    async def _serve(self, scope: dict, receive: Callable, send: Callable) -> None:
-        route = self.fast.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        if route is None:
-            return await self.app(scope, receive, send)
+    async def _serve(self, route: FastRoute, scope: dict, receive: Callable, send: Callable) -> int:
+        """Answer one request to a fast route; return the status sent (0: the client went away)."""
         authorization, declared, media = "", None, b""
         for key, value in scope["headers"]:
             if key == b"authorization":
@@ -131,7 +174,7 @@ class FastRoutes:
                 await self.authenticate(authorization, route.scope)
                 body = await self._body(receive)
                 if body is None:
-                    return  # the client went away
+                    return 0  # the client went away
                 try:
                     model = route.model.model_validate_json(body)
                 except ValidationError as exc:
@@ -140,40 +183,42 @@ class FastRoutes:
                     if route.undelivered is None:
                         payload = await route.handler(model)
                     else:
-                        payload = await self._unless_gone(route, model, receive)
+                        payload = await self._unless_gone(route, model, scope, receive)
                         if payload is _GONE:
-                            return
+                            return 0
                     reply = (204, None, {}) if payload is None else (200, payload, {})
         except BodyTooLarge:
             reply = self.too_large()
         except Exception as exc:  # noqa: BLE001 - every error is answered; refuse() logs the unexpected
             reply = self.refuse(exc)
-        await send_reply(send, reply)
+        return await send_reply(send, reply)
 
-    async def _unless_gone(self, route: FastRoute, model: BaseModel, receive: Callable) -> Any:
+    async def _unless_gone(self, route: FastRoute, model: BaseModel, scope: dict, receive: Callable) -> Any:
         """The handler's answer, or ``_GONE`` when the client disconnected first (the handler is
-        then cancelled; an answer it had already made goes to ``route.undelivered``). With the
-        body read whole, the server's next message is the disconnect."""
-        work = asyncio.ensure_future(route.handler(model))
-        gone = asyncio.ensure_future(receive())
+        told through its ``Departure``; an answer it made all the same goes to
+        ``route.undelivered``). The server tells of the disconnect through the scope's
+        extension where it can; otherwise, with the body read whole, the server's next message
+        is the disconnect, read by a task of its own."""
+        departure = Departure()
+        watch = (scope.get("extensions") or {}).get(DISCONNECT_EXTENSION)
+        receiving = None
+        if watch is not None:
+            watch(departure.leave)
+        else:
+            receiving = asyncio.ensure_future(receive())
+            receiving.add_done_callback(partial(_left, departure))
         try:
-            await asyncio.wait((work, gone), return_when=asyncio.FIRST_COMPLETED)
+            answer = await route.handler(model, departure)
         finally:
-            if not work.done() and not gone.done():  # this request itself was cancelled
-                work.cancel()
-                gone.cancel()
-        if not gone.done() or gone.result().get("type") != "http.disconnect":
-            gone.cancel()
-            return await work
-        if not work.done():
-            work.cancel()
-            try:
-                await work
-            except asyncio.CancelledError:
-                return _GONE
-        if not work.cancelled() and work.exception() is None and work.result() is not None:
+            if receiving is None:
+                watch(None)
+            elif not receiving.done():
+                receiving.cancel()
+        if not departure.gone:
+            return answer
+        if answer is not None:
             assert route.undelivered is not None
-            await route.undelivered(work.result())
+            await route.undelivered(answer)
         return _GONE
 
     async def _body(self, receive: Callable) -> bytes | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Awaitable, Callable, Iterator
+from typing import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.exposition import choose_encoder
@@ -83,31 +83,28 @@ class QueueCollector(Collector):
 class ClaimTimer:
     """One claim's clock: request to lease, and the time it spent waiting in its long poll."""
 
-    __slots__ = ("metrics", "started", "waited", "has_waited")
+    __slots__ = ("metrics", "started", "wait_seconds", "has_waited")
 
     def __init__(self, metrics: "CoordinatorMetrics") -> None:
-        self.metrics, self.started, self.waited, self.has_waited = metrics, time.monotonic(), 0.0, False
+        self.metrics, self.started, self.wait_seconds, self.has_waited = metrics, time.monotonic(), 0.0, False
 
-    async def wait(self, waiting: Awaitable[bool]) -> bool:
-        began = time.monotonic()
-        try:
-            return await waiting
-        finally:
-            self.waited += time.monotonic() - began
-            self.has_waited = True
+    def waited(self, began: float) -> None:
+        """A wait in the long poll, begun at ``began`` (monotonic), is over."""
+        self.wait_seconds += time.monotonic() - began
+        self.has_waited = True
 
     def leased(self) -> None:
         m = self.metrics
         m.claims_leased.inc()
         m.claim_seconds.observe(time.monotonic() - self.started)
         if self.has_waited:
-            m.waits_leased.observe(self.waited)
+            m.waits_leased.observe(self.wait_seconds)
 
     def empty(self) -> None:
         m = self.metrics
         m.claims_empty.inc()
         if self.has_waited:
-            m.waits_empty.observe(self.waited)
+            m.waits_empty.observe(self.wait_seconds)
 
 
 class CoordinatorMetrics:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from functools import partial
+from typing import Callable
 
 
 def _expire(future: asyncio.Future) -> None:
@@ -26,18 +28,25 @@ class WorkSignal:
     def waiting(self) -> int:
         return self._live
 
-    async def wait(self, timeout: float) -> bool:
-        """True when woken for work, False when ``timeout`` passed first."""
+    async def wait(self, timeout: float,
+                   on_leave: Callable[[Callable[[], None] | None], None] | None = None) -> bool:
+        """True when woken for work, False when ``timeout`` passed first, or when the waiter's
+        client left first: ``on_leave(callback)`` is how to be called then (``on_leave(None)``
+        when the wait is over)."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[bool] = loop.create_future()
         self._waiters.append(future)
         self._live += 1
         timer = loop.call_later(max(0.0, timeout), _expire, future)
+        if on_leave is not None:
+            on_leave(partial(_expire, future))
         try:
             return await future
         finally:
             self._live -= 1
             timer.cancel()
+            if on_leave is not None:
+                on_leave(None)
             if not future.done():
                 future.cancel()  # the waiter itself was cancelled
             if len(self._waiters) > 2 * self._live + 1024:

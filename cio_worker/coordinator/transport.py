@@ -5,12 +5,19 @@ with nothing queued each is a system call and a packet of its own, and the clien
 each. An agent's reply is a few hundred bytes, so at a fleet's rate that doubles the kernel's
 work per request. Here the writes made in one turn of the event loop are joined and sent at the
 end of it (the head and body of a reply are written in the same turn).
+
+The protocol also tells a request when its client goes away, through the ASGI scope's
+``extensions[DISCONNECT_EXTENSION]``: ``watch(callback)`` has ``callback()`` called (once) when the
+connection is lost, ``watch(None)`` stops that. ASGI alone says so only to a pending ``receive()``,
+which a long poll would have to keep as a task of its own, with its wake-ups, for all its wait.
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Callable
+
+DISCONNECT_EXTENSION = "cio.on_disconnect"
 
 
 class CoalescingTransport:
@@ -58,6 +65,20 @@ def coalescing_protocol() -> Any:
 
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            self._on_lost: Callable[[], None] | None = None
             super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.scope["extensions"] = {DISCONNECT_EXTENSION: self._watch}  # type: ignore[typeddict-unknown-key]
+
+        def _watch(self, callback: Callable[[], None] | None) -> None:
+            self._on_lost = callback
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            super().connection_lost(exc)
+            callback, self._on_lost = self._on_lost, None
+            if callback is not None:
+                callback()
 
     return CoalescingHttpToolsProtocol
