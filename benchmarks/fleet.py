@@ -79,12 +79,12 @@ class Phase:
 # -- the coordinator ---------------------------------------------------------------------------------
 
 class Coordinator:
-    def __init__(self, db_url: str, work: Path, db_threads: int) -> None:
+    def __init__(self, db_url: str, work: Path, db_threads: int, poll_seconds: float = 20.0) -> None:
         log = open(work / "coordinator.log", "ab")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cio_worker", "serve", "--queue", db_url, "--listen", "127.0.0.1:0",
              "--db-threads", str(db_threads), "--lease-seconds", "600", "--heartbeat-seconds", "10",
-             "--long-poll-seconds", "20"],
+             "--long-poll-seconds", str(poll_seconds)],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True, cwd=ROOT)
         deadline = time.monotonic() + 60
         while True:
@@ -292,7 +292,7 @@ async def probe(base: str, token: str, agents: int, interval: float, seconds: fl
 
 
 async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: str, agents: int,
-                     heartbeat: float, seconds: float, profile: Path | None = None) -> Phase:
+                     heartbeat: float, seconds: float, profile: Path | None = None, poll_seconds: float = 20.0) -> Phase:
     """``agents`` agents long-poll and report every ``heartbeat`` seconds; heartbeat latency is
     measured by a probe process of its own (this one is saturated by the thousands it plays) and,
     for comparison, as this process sees it."""
@@ -302,6 +302,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
     errors: dict[str, int] = {}
     ready = [0]  # agents registered
     sent = [0]  # reports sent in the measured window
+    polled = [0]  # long polls that ended empty in the measured window
     measuring = [False]
     stop = asyncio.Event()
 
@@ -334,12 +335,19 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
         ready[0] += 1
 
         async def poll() -> None:
+            # The first poll ends anywhere in one poll's length, as in a fleet whose instances
+            # came up over time; a fleet that booted in the same second would send its polls in
+            # clumps, each 30 s window holding one or two of them.
+            wait = poll_seconds * (i % 1000) / 1000
             while not stop.is_set():
                 try:
-                    await polls.post("/v1/claim", {"worker": name, "wait_seconds": 20})
+                    status, _ = await polls.post("/v1/claim", {"worker": name, "wait_seconds": wait})
+                    if measuring[0] and status == 204:
+                        polled[0] += 1
                 except OSError as exc:
                     error(exc)
                     await asyncio.sleep(1)
+                wait = poll_seconds
 
         async def beat() -> None:
             await asyncio.sleep(heartbeat * (i % 1000) / 1000)  # spread, as real boots are
@@ -401,6 +409,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
     return Phase("idle agents (long-poll + heartbeat)", sent[0], wall, sent[0] / wall,
                  pct_ms(probed, 50), pct_ms(probed, 99),
                  {"agents": agents, "registered": ready[0], "coordinator_cpu_share": cpu / wall,
+                  "polls_per_s": polled[0] / wall, "coordinator_cpu_us_per_poll_and_report": 1e6 * cpu / max(1, polled[0] + sent[0]),
                   "coordinator_rss_mb": rss_max / 2**20, "db_connections_max": connections_max,
                   "probe_reports": len(probed), "load_client_p50_ms": pct_ms(latencies, 50),
                   "load_client_p99_ms": pct_ms(latencies, 99), "load_client_cpu_share": client_cpu / wall,
@@ -419,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--idle-seconds", type=float, default=30.0)
     parser.add_argument("--heartbeat", type=float, default=10.0,
                         help="seconds between an idle agent's reports (0: none, the agent's own idle traffic)")
+    parser.add_argument("--poll-seconds", type=float, default=20.0,
+                        help="the coordinator's --long-poll-seconds, and the idle agents' wait")
     parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--db-threads", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
@@ -450,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         _, agent_token = admin.create_token("bench agents", ["agent"])
         _, owner_token = admin.create_token("bench owner", ["owner"])
         admin.close()
-        coordinator = Coordinator(db_url, Path(work), args.db_threads)
+        coordinator = Coordinator(db_url, Path(work), args.db_threads, args.poll_seconds)
         load0 = os.getloadavg()
         phases = []
 
@@ -471,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.profile.with_suffix(f".{kind}") if args.profile else None, kind)))
         if "idle" in chosen:
             ran(run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
-                               args.heartbeat, args.idle_seconds, args.profile)))
+                               args.heartbeat, args.idle_seconds, args.profile, args.poll_seconds)))
         load1 = os.getloadavg()
     finally:
         if coordinator is not None:

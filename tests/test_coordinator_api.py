@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import pytest
 import requests
 
-from cio_worker.coordinator.app import MAX_BODY, MAX_SMALL_BODY, CoordinatorConfig, create_app
+from cio_worker.coordinator.app import MAX_BODY, MAX_SMALL_BODY, CoordinatorConfig, create_app, poll_length
 from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.queue import DownloadFile, NewDownload, NewTask, SqliteQueue
 from cio_worker.queue.base import Lease
@@ -292,6 +292,12 @@ def test_bodies_over_the_limit_are_413_declared_or_streamed(farm: Farm) -> None:
 
 
 # -- long polls -----------------------------------------------------------------------------------
+
+
+def test_a_long_poll_ends_at_a_random_point_of_its_last_quarter_and_a_short_one_at_its_end() -> None:
+    assert poll_length(20.0, 0.0) == 15.0 and poll_length(20.0, 0.5) == 17.5
+    assert 19.99 < poll_length(20.0, 0.9999) < 20.0
+    assert poll_length(2.0, 0.0) == poll_length(2.0, 0.9) == 2.0 and poll_length(0.0, 0.3) == 0.0
 
 
 def test_a_long_poll_claim_answers_204_after_its_wait_when_there_is_no_work(farm: Farm) -> None:

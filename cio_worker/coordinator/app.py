@@ -103,6 +103,14 @@ class StatusBody(_Strict):
     detail: str = Field(default="", max_length=500)
 
 
+def poll_length(wait: float, draw: float) -> float:
+    """How long a long poll of ``wait`` seconds waits, for a ``draw`` in [0, 1): a random point
+    of its last quarter. A fleet that booted together would otherwise have all its polls end,
+    and come back, in the same second, every poll; each poll an idle agent makes costs the
+    coordinator about as much as any request, so the polls end late rather than anywhere."""
+    return wait * (0.75 + 0.25 * draw) if wait > 2 else wait
+
+
 def worker_status(body: StatusBody) -> WorkerStatus:
     """The queue's status from a validated body (the queue's own rules checked too)."""
     status = WorkerStatus(body.state, body.progress, body.detail)
@@ -532,9 +540,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         goes away meanwhile (the caller gives back a lease made all the same)."""
         lease_seconds = body.lease_seconds or config.lease_seconds
         wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
-        # A long poll ends at a random point of its last half: a fleet that booted together would
-        # otherwise have all its polls end, and come back, in the same second, every poll.
-        deadline = time.monotonic() + (wait * random.uniform(0.5, 1.0) if wait > 2 else wait)
+        deadline = time.monotonic() + poll_length(wait, random.random())
         seen.add(body.worker)  # its contact, written by the watcher (a no-op for an unregistered name)
         timer = metrics.claim()
         on_leave = None if departure is None else departure.on_leave
