@@ -233,6 +233,110 @@ def test_a_wrong_mode_alone_is_fixed_in_place(farm, manifest):
     assert farm.hasher.count == 0
 
 
+def _same_size_other_bytes(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def _new_inode_same_stamp(path: Path) -> None:
+    """Other bytes of the same size, in a new file given the old one's mtime and mode."""
+    old = path.stat()
+    staged = path.with_name("staged")
+    staged.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
+    staged.chmod(stat.S_IMODE(old.st_mode))
+    os.utime(staged, ns=(old.st_atime_ns, old.st_mtime_ns))
+    os.replace(staged, path)
+
+
+def _symlink_to_a_look_alike(path: Path) -> None:
+    """A link, inside the root, to a regular file of the same size and mode but other bytes."""
+    alike = path.with_name("alike")
+    alike.write_bytes(bytes(b ^ 0xFF for b in path.read_bytes()))
+    alike.chmod(stat.S_IMODE(path.stat().st_mode))
+    path.unlink()
+    path.symlink_to(alike)
+
+
+CHANGES = {
+    "size": lambda path: path.write_bytes(path.read_bytes() + b"more"),
+    "mtime": lambda path: (_same_size_other_bytes(path), os.utime(path, ns=(0, 1_000_000_000))),
+    "inode": _new_inode_same_stamp,
+    "missing": lambda path: path.unlink(),
+    "symlink": _symlink_to_a_look_alike,
+}
+
+
+@pytest.mark.parametrize("change", sorted(CHANGES))
+def test_a_destination_changed_after_its_sync_is_fetched_again(farm, change):
+    # Nothing-to-do syncs confirm each destination by its lstat against its MD5 record in bulk;
+    # whatever changed in a destination, it must not be taken as it is.
+    files = [farm.put(f"C:/proj/tex/tile.{1001 + i}.exr", os.urandom(5000), mode=0o100600 if i % 2 else 0o100644)
+             for i in range(6)]  # fmt: skip
+    farm.sync(files)
+    victim = farm.local(files[3].destination)
+    CHANGES[change](victim)
+    result = farm.sync(files)
+    assert (result.placed, result.already_present) == (1, 5), result
+    assert_placed(farm, files)
+
+
+def test_a_directory_in_place_of_a_synced_destination_is_refused_not_skipped(farm):
+    files = [farm.put(f"C:/proj/tex/tile.{1001 + i}.exr", os.urandom(5000)) for i in range(3)]
+    farm.sync(files)
+    victim = farm.local(files[1].destination)
+    victim.unlink()
+    (victim / "keep").mkdir(parents=True)
+    with pytest.raises(PathError, match="is a directory"):
+        farm.sync(files)
+    assert (victim / "keep").is_dir()
+
+
+def test_the_same_place_wanted_with_other_content_of_the_same_size_is_fetched(farm):
+    old = farm.put("C:/proj/tex/wood.exr", b"A" * 4096)
+    farm.sync([old])
+    new = farm.put("C:/proj/tex/wood.exr", b"B" * 4096)
+    farm.hasher.count = 0
+    result = farm.sync([new])
+    assert (result.placed, result.already_present, result.downloaded) == (1, 0, 1)
+    assert farm.hasher.count == 0  # its record already says it holds the other content
+    assert_placed(farm, [new])
+
+
+def test_a_stamp_the_md5_database_cannot_hold_is_not_confirmed_and_fails_nothing(farm):
+    f = farm.put("C:/proj/a.bin", b"data")
+    farm.sync([f])
+    path = str(farm.local(f.destination))
+    st = os.lstat(path)
+    real = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, f.md5)
+    huge = (path + "x", 1, 1, 1, 2**64 - 1, 1, f.md5)  # an inode SQLite's integers cannot hold
+    assert farm.md5cache.unchanged([real]) == {path}
+    assert farm.md5cache.unchanged([real, huge]) == set()  # that batch is left to the slower way
+
+
+@pytest.mark.parametrize(
+    "first, later, words",
+    [
+        ({"md5": "not an md5"}, {"destination": "relative.exr"}, "'not an md5' is not base64"),
+        ({"destination": "relative.exr"}, {"md5": "not an md5"}, "'relative.exr' is relative"),
+        ({"size": True}, {"mode": 0o040755}, "size True is not a whole number"),
+        ({"mode": 0o040755}, {"size": -1}, "mode 0o40755 is not a regular file's mode"),
+        ({"size": -1}, {"md5": 7}, "size -1 is not a whole number"),
+    ],
+)
+def test_the_first_wrong_entry_of_a_manifest_is_the_one_named(farm, first, later, words):
+    # Entries' fields are checked over the whole manifest at once; the error must still name the
+    # first wrong entry in the manifest, whatever is wrong with it, and nothing is written.
+    files = [farm.put(f"C:/proj/tex/tile.{1001 + i}.exr", b"%d" % i) for i in range(6)]
+    for index, change in ((2, first), (4, later)):
+        entry = files[index].to_dict() | change
+        files[index] = UploadFile(**entry)
+    with pytest.raises((DocumentError, PathError)) as info:
+        farm.sync(files)
+    assert words in str(info.value) and repr(files[2].destination) in str(info.value)
+    assert not farm.root.exists()
+
+
 def test_the_same_content_wanted_with_another_mode_gets_that_mode(farm):
     plain = farm.put("C:/proj/tool.sh", b"#!/bin/sh\nexit 0\n", mode=0o100644)
     farm.sync([plain])

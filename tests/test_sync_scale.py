@@ -52,14 +52,20 @@ def scene(tmp_path: Path) -> tuple[FileStorage, list[UploadFile]]:
     return FileStorage(f"file://{store}"), manifest
 
 
-def test_a_sync_with_nothing_to_do_costs_one_stat_per_entry_no_hashing_and_batched_reads(
-    scene, tmp_path, monkeypatch
-):
+@pytest.fixture
+def synced(scene, tmp_path: Path) -> tuple[FileStorage, list[UploadFile], PathMap, ContentCache]:
+    """The scene synced once into ``tmp_path / "root"``, its MD5 records in ``tmp_path / "md5.db"``."""
     storage, manifest = scene
     path_map = PathMap.rooted(str(tmp_path / "root"))
     cache = ContentCache(tmp_path / "cache", 1 << 30)
     InputSync(storage, cache, Md5Cache(tmp_path / "md5.db"), path_map).sync(manifest)
+    return storage, manifest, path_map, cache
 
+
+def test_a_sync_with_nothing_to_do_costs_one_stat_per_entry_no_hashing_and_batched_reads(
+    synced, tmp_path, monkeypatch
+):
+    storage, manifest, path_map, cache = synced
     hasher = CountingHasher()
     with Md5Cache(tmp_path / "md5.db", hasher=hasher) as md5cache:  # as a new agent process would
         syncer = InputSync(storage, cache, md5cache, path_map)
@@ -74,6 +80,39 @@ def test_a_sync_with_nothing_to_do_costs_one_stat_per_entry_no_hashing_and_batch
     depth = len((tmp_path / "root" / "scene" / "tex" / "set00").parts)
     assert stats.calls <= ENTRIES + (DIRECTORIES + 1) * (depth + 2), stats.calls
     assert queries <= ENTRIES // 500 + 2, queries  # batched: never a round trip per entry
+
+
+def test_a_few_changed_destinations_among_many_are_each_looked_at_and_the_rest_confirmed_in_bulk(
+    synced, tmp_path, monkeypatch
+):
+    storage, manifest, path_map, cache = synced
+    # one change in each batch the records are compared in (900 a statement)
+    rewritten, touched, deleted = (Path(path_map.local(manifest[i].destination)) for i in (7, 1000, ENTRIES - 1))
+    rewritten.write_bytes(rewritten.read_bytes().upper())  # same size, other bytes
+    os.utime(touched, ns=(0, 1_000_000_000))  # same bytes, another mtime
+    deleted.unlink()
+
+    hasher = CountingHasher()
+    with Md5Cache(tmp_path / "md5.db", hasher=hasher) as md5cache:
+        asked: list[str] = []  # paths looked up by their stamp alone (the slower way)
+        lookup_many = md5cache.lookup_many
+
+        def watched(stats):
+            stats = list(stats)
+            asked.extend(path for path, _ in stats)
+            return lookup_many(stats)
+
+        monkeypatch.setattr(md5cache, "lookup_many", watched)
+        queries = md5cache.queries
+        result = InputSync(storage, cache, md5cache, path_map).sync(manifest)
+        queries = md5cache.queries - queries
+    assert (result.placed, result.already_present) == (2, ENTRIES - 2)
+    assert sorted(asked) == sorted(map(str, (rewritten, touched)))  # the rest confirmed in bulk
+    assert hasher.count == 2  # the same-size ones; every other destination confirmed without hashing
+    assert queries <= 2 * (ENTRIES // 500 + 2), queries  # never a round trip per entry
+    wanted = {path_map.local(f.destination): f.md5 for f in manifest}
+    for path in (rewritten, touched, deleted):
+        assert md5_b64_of_bytes(path.read_bytes()) == wanted[str(path)]
 
 
 def test_a_cold_sync_holds_a_bounded_amount_of_memory_per_entry(scene, tmp_path):

@@ -6,10 +6,14 @@ Order of work:
    relative or climbing destination, two entries for one place with different contents, a place
    that is both a file and a directory, an existing directory, or a symbolic link that leads
    outside the destination's root fails the whole sync with an error naming the destination.
-   Each destination is lstat'ed once here; the rest of the sync reuses that stat.
-2. Skip destinations that already hold the right content: their stats against the Md5Cache
-   records read in a few batched queries; hashing (in parallel) only when the stat changed.
-   A sync with nothing to do costs one lstat per entry, no hashing and no request.
+   Each destination is lstat'ed once here (none in a directory that does not exist); the rest
+   of the sync reuses that stat. Fields are checked over the whole manifest at once, paths
+   mapped and directories checked once per directory.
+2. Skip destinations that already hold the right content: a regular file of the right size and
+   mode whose Md5Cache record is exactly its stat and the manifest's MD5 is confirmed in the plan
+   (``Md5Cache.unchanged``: the database compares, a batch of rows a statement); the others'
+   stats against the records (``lookup_many``), hashing (in parallel) only when the stat
+   changed. A sync with nothing to do costs one lstat per entry, no hashing and no request.
 3. Fetch each missing content once, however many destinations share it. Contents the
    ContentCache holds are copied out (hashed as they are copied: a damaged cached copy is
    removed, counted in ``cache_damaged`` and fetched again). The others come in one batch,
@@ -44,11 +48,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from operator import attrgetter
 from typing import Callable, Sequence
 
 from cio_worker.errors import ChecksumError, CioError, DocumentError, PathError, StorageError
 from cio_worker.job.document import UploadFile
-from cio_worker.job.hashing import check_md5_b64, hashstore_key, md5_b64_of_file
+from cio_worker.job.hashing import all_canonical_md5_b64, check_md5_b64, hashstore_key, md5_b64_of_file
 from cio_worker.job.paths import PathMap, node_path
 from cio_worker.node.cache import ContentCache, DamagedObject, copy_fd
 from cio_worker.storage.base import DownloadItem, NullProgress, Progress, Storage, TransferError
@@ -58,6 +63,9 @@ from cio_worker.storage.md5cache import FileStamp, Md5Cache, Md5CacheError
 log = logging.getLogger(__name__)
 _SHOWN = 3  # failures spelled out in one error message
 _NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+_REGULAR = stat.S_IFREG
+_NOT_PLAIN = frozenset(("", ".", ".."))  # last components that are not a file's own name
+_MD5, _SIZE, _MODE = attrgetter("md5"), attrgetter("size"), attrgetter("mode")
 
 
 @dataclass
@@ -172,7 +180,7 @@ class InputSync:
 
     def sync(self, files: Sequence[UploadFile]) -> SyncResult:
         started = self.clock()
-        targets, stats = self._plan(files)
+        targets, stats, present = self._plan(files)
         result = SyncResult()
         records: list[_Record] = []  # files placed or fixed, stat'ed after their last change: one batch at the end
         failures: list[_Failure] = []
@@ -181,7 +189,7 @@ class InputSync:
             try:
                 todo = self._not_present(targets, stats, pool, records)
                 del stats
-                result.already_present = len(targets) - len(todo)
+                result.already_present = present + len(targets) - len(todo)
                 groups: dict[str, list[_Target]] = {}
                 for target in todo:
                     groups.setdefault(target.md5, []).append(target)
@@ -208,32 +216,82 @@ class InputSync:
 
     # -- 1. plan ------------------------------------------------------------------------------
 
-    def _plan(self, files: Sequence[UploadFile]) -> tuple[list[_Target], dict[str, os.stat_result]]:
-        by_path: dict[str, _Target] = {}
-        mapper = _Mapper(self.path_map)
-        for entry in files:
-            target = self._target(entry, mapper)
-            other = by_path.setdefault(target.path, target)
-            if other is target:
-                continue
-            for what, mine, theirs in (("MD5", target.md5, other.md5), ("size", target.size, other.size),
-                                       ("mode", oct(target.mode), oct(other.mode))):
-                if mine != theirs:
-                    raise DocumentError(
-                        f"destination {target.destination!r}",
-                        f"goes to {target.path} like {other.destination!r} but with a different {what} ({mine} vs {theirs})",
-                    )
-        self._check_nesting(by_path)
+    def _plan(self, files: Sequence[UploadFile]) -> tuple[list[_Target], dict[str, os.stat_result], int]:
+        """Map and check every destination (module doc, 1), lstat'ing each once. Returns the
+        targets still to look at with their lstats (none: nothing there), and how many others
+        are confirmed as they are: a regular file of the manifest's size and mode whose MD5
+        record matches its stat and the manifest's MD5 (``Md5Cache.unchanged``)."""
+        by_path, places = self._map(files)
+        self._check_nesting(by_path, places)
+        roots: dict[str, str] = {}  # placement root -> its real path
+        dirs: dict[str, bool] = {}  # destination directory, checked -> whether it exists
+        rows: list[_Record] = []  # each as the MD5 cache holds it if the file is as recorded
+        rest: list[tuple[str, UploadFile, str, os.stat_result | None]] = []
+        lstat = os.lstat
+        for (path, entry), (_, root, parent) in zip(by_path.items(), places):
+            there = dirs.get(parent)
+            if there is None:
+                there = dirs[parent] = self._check_directory(entry, parent, root, roots)
+            st = None
+            if there:  # else nothing can be there: no lstat (a cold sync into a new directory)
+                try:
+                    st = lstat(path)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if st.st_mode == _REGULAR | (entry.mode & 0o777) and st.st_size == entry.size:
+                        rows.append((path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, entry.md5))
+                        continue
+                    _check_file(entry, path, st, _real_root(root, roots))
+            rest.append((path, entry, root, st))
+        confirmed = self.md5cache.unchanged(rows) if self.md5cache is not None and rows else set()
+        if len(confirmed) < len(rows):  # changed since recorded, or not recorded: a fresh look
+            where = {path: root for (path, _), (_, root, _) in zip(by_path.items(), places)}
+            for path, *_ in rows:
+                if path not in confirmed:
+                    entry, root = by_path[path], where[path]
+                    rest.append((path, entry, root, _lstat_checked(entry, path, _real_root(root, roots))))
+        targets: list[_Target] = []
         stats: dict[str, os.stat_result] = {}
-        checked: dict[str, str] = {}
-        for target in by_path.values():
-            st = self._check_place(target, checked)
+        for path, entry, root, st in rest:
+            targets.append(_Target(entry.destination, path, entry.md5, entry.size, entry.mode & 0o777, root))
             if st is not None:
-                stats[target.path] = st
-        return list(by_path.values()), stats
+                stats[path] = st
+        return targets, stats, len(by_path) - len(targets)
+
+    def _map(self, files: Sequence[UploadFile]) -> tuple[dict[str, UploadFile], list[tuple[str, str, str]]]:
+        """Every destination's mapped path -> its entry, in manifest order, and beside each (a
+        list in the same order) its directory's (mapped directory + "/", placement root, mapped
+        directory), shared by the directory's entries. The entries' fields are checked over the
+        whole manifest at once, and one by one (to name the first that is wrong) only if that
+        finds one."""
+        if not _fields_fine(files):
+            mapper = _Mapper(self.path_map)
+            for entry in files:
+                self._target(entry, mapper)  # raises at the first entry that is wrong
+        mapper = _Mapper(self.path_map)
+        dirs = mapper.dirs
+        by_path: dict[str, UploadFile] = {}
+        places: list[tuple[str, str, str]] = []
+        for entry in files:
+            destination = entry.destination
+            head, _, name = destination.rpartition("/")
+            known = dirs.get(head)
+            if known is not None and name not in _NOT_PLAIN and "\\" not in name and "\x00" not in name:
+                path = known[0] + name
+            else:
+                path, root, parent = mapper(destination)
+                known = ("", root, parent)
+            other = by_path.get(path)
+            if other is None:
+                by_path[path] = entry
+                places.append(known)
+            else:
+                _same_place(entry, other, path)
+        return by_path, places
 
     def _target(self, entry: UploadFile, mapper: _Mapper) -> _Target:
-        path, root = mapper(entry.destination)
+        path, root, _ = mapper(entry.destination)
         try:
             md5 = check_md5_b64(entry.md5, "md5")
         except DocumentError as exc:
@@ -244,55 +302,38 @@ class InputSync:
         return _Target(entry.destination, path, md5, size, mode & 0o777, root)
 
     @staticmethod
-    def _check_nesting(by_path: dict[str, _Target]) -> None:
+    def _check_nesting(by_path: dict[str, UploadFile], places: list[tuple[str, str, str]]) -> None:
         """No destination may be a directory of another: walk each distinct directory up once."""
         seen: set[str] = set()
-        for directory in {path.rpartition("/")[0] or "/" for path in by_path}:
+        for directory in {parent for _, _, parent in places}:
             while directory not in seen and directory != "/":
                 seen.add(directory)
                 inner = by_path.get(directory)
                 if inner is not None:
-                    target = next(t for p, t in by_path.items() if p.startswith(directory + "/"))
+                    entry = next(e for p, e in by_path.items() if p.startswith(directory + "/"))
                     raise PathError(
-                        f"destination {target.destination!r} is inside {inner.destination!r}, "
+                        f"destination {entry.destination!r} is inside {inner.destination!r}, "
                         "which is also an input file"
                     )
                 directory = directory.rpartition("/")[0] or "/"
 
-    def _check_place(self, target: _Target, checked: dict[str, str]) -> os.stat_result | None:
-        """Refuse places we must not write; return the destination's lstat (None: nothing there).
-        ``checked`` memoises roots and directories already resolved."""
-        name = f"destination {target.destination!r}"
-        root = checked.get(target.root)
-        if root is None:
-            root = checked[target.root] = os.path.realpath(target.root)
-        parent = target.path.rpartition("/")[0] or "/"
-        if parent not in checked:
-            real_parent = os.path.realpath(parent)
-            if not _within(real_parent, root):
-                raise PathError(
-                    f"{name}: its directory {parent} leads outside {root} through a symbolic link "
-                    f"(to {real_parent}); refusing to write there"
-                )
-            existing = real_parent
-            while not os.path.lexists(existing):
-                existing = os.path.dirname(existing)
-            if not os.path.isdir(existing):
-                raise PathError(f"{name}: {existing} is a file, so {parent} cannot be a directory")
-            checked[parent] = real_parent
-        try:
-            st = os.lstat(target.path)
-        except FileNotFoundError:
-            return None
-        if stat.S_ISDIR(st.st_mode):
-            raise PathError(f"{name}: {target.path} is a directory; refusing to replace it with a file")
-        if stat.S_ISLNK(st.st_mode):
-            real = os.path.realpath(target.path)
-            if not _within(real, root):
-                raise PathError(
-                    f"{name}: {target.path} is a symbolic link to {real}, outside {root}; refusing to replace it"
-                )
-        return st
+    @staticmethod
+    def _check_directory(entry: UploadFile, parent: str, root: str, roots: dict[str, str]) -> bool:
+        """Refuse a destination directory that leads outside its root or cannot be a directory;
+        return whether it exists. ``roots`` memoises the roots' real paths."""
+        real_root = _real_root(root, roots)
+        real_parent = os.path.realpath(parent)
+        if not _within(real_parent, real_root):
+            raise PathError(
+                f"destination {entry.destination!r}: its directory {parent} leads outside {real_root} through a "
+                f"symbolic link (to {real_parent}); refusing to write there"
+            )
+        existing = real_parent
+        while not os.path.lexists(existing):
+            existing = os.path.dirname(existing)
+        if not os.path.isdir(existing):
+            raise PathError(f"destination {entry.destination!r}: {existing} is a file, so {parent} cannot be a directory")
+        return existing == real_parent
 
     # -- 2. what is already there -------------------------------------------------------------
 
@@ -601,37 +642,95 @@ def _refuse_size_or_mode(entry: UploadFile) -> None:
     raise AssertionError(f"{name}: size {size!r} and mode {mode!r} are fine")
 
 
+def _fields_fine(files: Sequence[UploadFile]) -> bool:
+    """Whether every entry's MD5 text, size and mode would pass ``InputSync._target``'s checks,
+    over the whole manifest at once (loops in C: one regular expression, sets of types)."""
+    sizes = list(map(_SIZE, files))
+    modes = list(map(_MODE, files))
+    return (
+        all_canonical_md5_b64(list(map(_MD5, files)))
+        and set(map(type, sizes)) <= {int}
+        and (not sizes or min(sizes) >= 0)
+        and set(map(type, modes)) <= {int}
+        and {mode >> 12 for mode in set(modes)} <= {0, 8}
+    )
+
+
+def _same_place(entry: UploadFile, other: UploadFile, path: str) -> None:
+    """Two entries for one place must agree on everything."""
+    for what, mine, theirs in (("MD5", entry.md5, other.md5), ("size", entry.size, other.size),
+                               ("mode", oct(entry.mode & 0o777), oct(other.mode & 0o777))):  # fmt: skip
+        if mine != theirs:
+            raise DocumentError(
+                f"destination {entry.destination!r}",
+                f"goes to {path} like {other.destination!r} but with a different {what} ({mine} vs {theirs})",
+            )
+
+
+def _check_file(entry: UploadFile, path: str, st: os.stat_result, real_root: str) -> None:
+    """Refuse what is at a destination if we must not replace it: a directory, or a symbolic
+    link that leads outside the root."""
+    if stat.S_ISDIR(st.st_mode):
+        raise PathError(f"destination {entry.destination!r}: {path} is a directory; refusing to replace it with a file")
+    if stat.S_ISLNK(st.st_mode):
+        real = os.path.realpath(path)
+        if not _within(real, real_root):
+            raise PathError(
+                f"destination {entry.destination!r}: {path} is a symbolic link to {real}, outside {real_root}; "
+                "refusing to replace it"
+            )
+
+
+def _lstat_checked(entry: UploadFile, path: str, real_root: str) -> os.stat_result | None:
+    """``path``'s lstat (None: nothing there), refused by ``_check_file`` if we must not replace it."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    _check_file(entry, path, st, real_root)
+    return st
+
+
+def _real_root(root: str, roots: dict[str, str]) -> str:
+    real = roots.get(root)
+    if real is None:
+        real = roots[root] = os.path.realpath(root)
+    return real
+
+
 def _check_size(target: _Target, size: int) -> None:
     if size != target.size:
         raise StorageError(f"the content has {size} bytes but the manifest says {target.size}", code="size_mismatch")
 
 
 class _Mapper:
-    """A destination's mapped path and placement root (``node_path``, ``PathMap.apply``,
-    ``_placement_root``), worked out once per directory of the manifest: ``dir/name``, where
-    ``name`` is one plain component, maps to the mapped form of ``dir`` plus ``/name``, unless a
-    rule's source lies below ``dir`` (it could name that very file): then each is worked out."""
+    """A destination's mapped path, placement root and mapped directory (``node_path``,
+    ``PathMap.apply``, ``_placement_root``), worked out once per directory of the manifest:
+    ``dir/name``, where ``name`` is one plain component, maps to the mapped form of ``dir`` plus
+    ``/name``, unless a rule's source lies below ``dir`` (it could name that very file): then
+    each is worked out. ``InputSync._map`` reads ``dirs`` itself for the common case."""
 
     def __init__(self, path_map: PathMap) -> None:
         self.path_map = path_map
         self.sources = [source.rstrip("/") for source, _ in path_map.rules]
-        self.dirs: dict[str, tuple[str, str] | None] = {}  # artist directory -> (mapped directory, root)
+        # artist directory -> (mapped directory + "/", root, mapped directory), or None: each entry worked out
+        self.dirs: dict[str, tuple[str, str, str] | None] = {}
 
-    def __call__(self, destination: str) -> tuple[str, str]:
+    def __call__(self, destination: str) -> tuple[str, str, str]:
         head, _, name = destination.rpartition("/")
-        plain = name not in ("", ".", "..") and "\\" not in name and "\x00" not in name
+        plain = name not in _NOT_PLAIN and "\\" not in name and "\x00" not in name
         known = self.dirs.get(head) if plain else None
         if known is not None:
-            return f"{known[0]}/{name}", known[1]
+            return known[0] + name, known[1], known[2]
         node = node_path(destination, what="destination")
         path, root = self.path_map.apply(node), _placement_root(self.path_map, node)
+        mapped_dir, _, mapped_name = path.rpartition("/")
         if plain and head not in self.dirs:
             node_dir = node.rpartition("/")[0]
             below = node_dir + "/"
-            mapped_dir, _, mapped_name = path.rpartition("/")
             same = mapped_name == name and node.endswith("/" + name) and not any(s.startswith(below) for s in self.sources)
-            self.dirs[head] = (mapped_dir, root) if same and node_dir else None
-        return path, root
+            self.dirs[head] = (mapped_dir + "/", root, mapped_dir or "/") if same and node_dir else None
+        return path, root, mapped_dir or "/"
 
 
 def _placement_root(path_map: PathMap, node: str) -> str:

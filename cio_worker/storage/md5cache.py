@@ -7,7 +7,7 @@ file invalidates the entry; the one blind spot is a same-size rewrite within one
 of the recording. ``md5_of`` therefore does not record a file modified less than
 ``racy_seconds`` ago (it is hashed again next time), nor one that changed while being hashed.
 ``record`` trusts its caller: it is for a file we have just placed with verified content.
-``lookup_many``, ``record_many`` and ``record_rows`` serve many files in a few statements (a sync of 50,000 inputs).
+``lookup_many``, ``unchanged``, ``record_many`` and ``record_rows`` serve many files in a few statements (a sync of 50,000 inputs).
 
 The database is sqlite in WAL mode with a busy timeout, so several processes on one machine
 can share it. It must live on a local disk (WAL does not work over network filesystems).
@@ -21,6 +21,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from itertools import chain
+from operator import itemgetter
 from typing import Callable, Iterable
 
 from cio_worker.errors import CioError
@@ -40,6 +42,11 @@ CREATE TABLE IF NOT EXISTS md5 (
 
 
 _BATCH = 900  # paths per batched read (SQLite allows at least 999 parameters per statement)
+# A row of VALUES (path, *FileStamp.row(), md5) that is exactly the record of its path.
+_SAME_ROW = " AND ".join(
+    f"md5.{column} = v.column{i}"
+    for i, column in enumerate(("path", "size", "mtime_ns", "ctime_ns", "inode", "device", "md5"), 1)
+)
 
 
 class Md5CacheError(CioError):
@@ -142,6 +149,34 @@ class Md5Cache:
             for path, *stamp, md5 in rows:
                 if wanted.get(path) == tuple(stamp):
                     found[path] = str(md5)
+        with self._lock:
+            self.hits += len(found)
+        return found
+
+    def unchanged(self, rows: list[tuple[str, int, int, int, int, int, str]]) -> set[str]:
+        """Of rows (path, *FileStamp.row_of(stat), md5), one a path, for files the caller stat'ed,
+        the paths recorded with exactly that stamp and that MD5. The database compares, a batch
+        of rows a statement, and answers with a count (the matching paths only for a batch where
+        some differ): nothing per row in Python. Paths must be keys as ``record`` stores them
+        (absolute and normal); another never matches (``lookup_many`` is the slower way)."""
+        rows = sorted(rows)  # neighbours in the table's index: fewer pages to read
+        found: set[str] = set()
+        with self._lock:
+            per = max(1, min(_BATCH, self._connection().getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) // 7))
+        for start in range(0, len(rows), per):
+            chunk = rows[start : start + per]
+            values = list(chain.from_iterable(chunk))
+            join = f"FROM (VALUES {','.join(['(?,?,?,?,?,?,?)'] * len(chunk))}) AS v JOIN md5 ON {_SAME_ROW}"
+            with self._lock:
+                try:
+                    (count,) = self._run(lambda c: c.execute(f"SELECT count(*) {join}", values).fetchone())
+                except OverflowError:  # a number SQLite cannot hold (an inode of 2**63 or more): none recorded
+                    continue
+                if count == len(chunk):
+                    found.update(map(itemgetter(0), chunk))
+                elif count:
+                    same = self._run(lambda c: c.execute(f"SELECT v.column1 {join}", values).fetchall())
+                    found.update(path for (path,) in same)
         with self._lock:
             self.hits += len(found)
         return found
