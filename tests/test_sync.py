@@ -17,7 +17,7 @@ from cio_worker.node.cache import ContentCache
 from cio_worker.job.document import UploadFile
 from cio_worker.errors import ChecksumError, DocumentError, PathError, StorageError
 from cio_worker.job.hashing import hashstore_key, md5_b64_of_bytes, md5_b64_of_file
-from cio_worker.storage.md5cache import Md5Cache
+from cio_worker.storage.md5cache import FileStamp, Md5Cache
 from cio_worker.job.paths import PathMap
 from cio_worker.storage.base import DownloadItem, Progress, Storage, UploadItem
 from cio_worker.storage.file import FileStorage
@@ -303,15 +303,29 @@ def test_the_same_place_wanted_with_other_content_of_the_same_size_is_fetched(fa
     assert_placed(farm, [new])
 
 
-def test_a_stamp_the_md5_database_cannot_hold_is_not_confirmed_and_fails_nothing(farm):
+def test_an_inode_past_sqlites_integers_is_recorded_and_confirmed_like_any_other(farm):
+    # st_ino and st_dev are unsigned 64-bit numbers (some filesystems use the top bit); SQLite's
+    # integers are signed: such a stamp is kept as its signed twin, and found again by every way
+    # in (a placed file's record, lookup_many, unchanged with the raw lstat numbers).
     f = farm.put("C:/proj/a.bin", b"data")
     farm.sync([f])
     path = str(farm.local(f.destination))
     st = os.lstat(path)
     real = (path, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev, f.md5)
-    huge = (path + "x", 1, 1, 1, 2**64 - 1, 1, f.md5)  # an inode SQLite's integers cannot hold
     assert farm.md5cache.unchanged([real]) == {path}
-    assert farm.md5cache.unchanged([real, huge]) == set()  # that batch is left to the slower way
+    fields = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns",
+              "st_blksize", "st_blocks", "st_rdev")
+    seq = list(st)
+    seq[1] = 2**64 - 1  # an inode SQLite's integers cannot hold as it is
+    big = os.stat_result(seq, {name: getattr(st, name) for name in fields})
+    other = path + ".big"
+    farm.md5cache.record_rows([(other, *FileStamp.row_of(big), f.md5)])
+    raw = (other, big.st_size, big.st_mtime_ns, big.st_ctime_ns, big.st_ino, big.st_dev, f.md5)
+    assert farm.md5cache.unchanged([real, raw]) == {path, other}
+    assert farm.md5cache.lookup_many([(other, big)]) == {other: f.md5}
+    changed = os.stat_result([*seq[:1], 2**64 - 2, *seq[2:]], {name: getattr(st, name) for name in fields})
+    assert farm.md5cache.lookup_many([(other, changed)]) == {}
+    assert farm.md5cache.unchanged([(other, *raw[1:4], 2**64 - 2, *raw[5:])]) == set()
 
 
 @pytest.mark.parametrize(

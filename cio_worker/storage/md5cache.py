@@ -72,8 +72,25 @@ class FileStamp:
 
     @staticmethod
     def row_of(st: os.stat_result) -> tuple[int, int, int, int, int]:
-        """``FileStamp.of(st).row()`` without the object."""
-        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev)
+        """``FileStamp.of(st).row()`` without the object; an inode or device number of 2**63 or
+        more (unsigned 64 bits, which SQLite's integers cannot hold) as its signed 64-bit twin."""
+        ino, dev = st.st_ino, st.st_dev
+        if ino >= _INT64 or dev >= _INT64:
+            ino, dev = _signed(ino), _signed(dev)
+        return (st.st_size, st.st_mtime_ns, st.st_ctime_ns, ino, dev)
+
+
+_INT64 = 1 << 63
+
+
+def _signed(number: int) -> int:
+    """An unsigned 64-bit number as the signed one with the same bits (others as they are)."""
+    return number - (1 << 64) if number >= _INT64 else number
+
+
+def _as_stored(row: tuple[str, int, int, int, int, int, str]) -> tuple[str, int, int, int, int, int, str]:
+    path, size, mtime_ns, ctime_ns, ino, dev, md5 = row
+    return (path, size, mtime_ns, ctime_ns, _signed(ino), _signed(dev), md5)
 
 
 class Md5Cache:
@@ -170,8 +187,9 @@ class Md5Cache:
             with self._lock:
                 try:
                     (count,) = self._run(lambda c: c.execute(f"SELECT count(*) {join}", values).fetchone())
-                except OverflowError:  # a number SQLite cannot hold (an inode of 2**63 or more): none recorded
-                    continue
+                except OverflowError:  # raw stat numbers of 2**63 or more: as row_of (and the records) have them
+                    values = list(chain.from_iterable(map(_as_stored, chunk)))
+                    (count,) = self._run(lambda c: c.execute(f"SELECT count(*) {join}", values).fetchone())
                 if count == len(chunk):
                     found.update(map(itemgetter(0), chunk))
                 elif count:
