@@ -76,6 +76,8 @@ def test_a_request_is_told_once_when_its_client_goes_away_and_not_after_it_stops
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
+        if scope["path"] == "/late":  # the client is gone before the request watches: told at once
+            await asyncio.sleep(0.5)
         left = asyncio.Event()
         watch(lambda: (told.append(scope["path"]), left.set()))
         try:
@@ -93,5 +95,9 @@ def test_a_request_is_told_once_when_its_client_goes_away_and_not_after_it_stops
             while "/waiting" not in seen and time.monotonic() < deadline:
                 time.sleep(0.01)
         assert done.wait(30)
-    assert seen == {"/served": True, "/waiting": True}
-    assert told == ["/waiting"]
+        done.clear()
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"POST /late HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        assert done.wait(30)
+    assert seen == {"/served": True, "/waiting": True, "/late": True}
+    assert told == ["/waiting", "/late"]

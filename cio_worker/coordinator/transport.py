@@ -8,7 +8,7 @@ end of it (the head and body of a reply are written in the same turn).
 
 The protocol also tells a request when its client goes away, through the ASGI scope's
 ``extensions[DISCONNECT_EXTENSION]``: ``watch(callback)`` has ``callback()`` called (once) when the
-connection is lost, ``watch(None)`` stops that. ASGI alone says so only to a pending ``receive()``,
+connection is lost, at once if it is lost already; ``watch(None)`` stops that. ASGI alone says so only to a pending ``receive()``,
 which a long poll would have to keep as a task of its own, with its wake-ups, for all its wait.
 """
 
@@ -66,6 +66,7 @@ def coalescing_protocol() -> Any:
     class CoalescingHttpToolsProtocol(HttpToolsProtocol):
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             self._on_lost: Callable[[], None] | None = None
+            self._lost = False
             super().connection_made(CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
         def on_message_begin(self) -> None:
@@ -73,9 +74,13 @@ def coalescing_protocol() -> Any:
             self.scope["extensions"] = {DISCONNECT_EXTENSION: self._watch}  # type: ignore[typeddict-unknown-key]
 
         def _watch(self, callback: Callable[[], None] | None) -> None:
+            if callback is not None and self._lost:  # gone before the request began to watch
+                callback()
+                return
             self._on_lost = callback
 
         def connection_lost(self, exc: Exception | None) -> None:
+            self._lost = True
             super().connection_lost(exc)
             callback, self._on_lost = self._on_lost, None
             if callback is not None:
