@@ -7,9 +7,10 @@ work per request. Here the writes made in one turn of the event loop are joined 
 end of it (the head and body of a reply are written in the same turn).
 
 The protocol also tells a request when its client goes away, through the ASGI scope's
-``extensions[DISCONNECT_EXTENSION]``: ``watch(callback)`` has ``callback()`` called (once) when the
-connection is lost, at once if it is lost already; ``watch(None)`` stops that. ASGI alone says so only to a pending ``receive()``,
-which a long poll would have to keep as a task of its own, with its wake-ups, for all its wait.
+``extensions[DISCONNECT_EXTENSION]``: ``watch(callback)`` has ``callback()`` called (once) when
+the connection is lost, at once if it is lost already; ``watch(None)`` stops that. ASGI alone
+says so only to a pending ``receive()``, which a long poll would have to keep as a task of its
+own, with its wake-ups, for all its wait.
 """
 
 from __future__ import annotations
