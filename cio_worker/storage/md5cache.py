@@ -171,8 +171,9 @@ class Md5Cache:
         return found
 
     def unchanged(self, rows: list[tuple[str, int, int, int, int, int, str]]) -> set[str]:
-        """Of rows (path, *FileStamp.row_of(stat), md5), one a path, for files the caller stat'ed,
-        the paths recorded with exactly that stamp and that MD5. The database compares, a batch
+        """Of rows (path, *FileStamp.row_of(stat), md5), one a path, for files the caller stat'ed
+        (raw lstat numbers do too: an inode of 2**63 or more is then compared as ``row_of`` has
+        it), the paths recorded with exactly that stamp and that MD5. The database compares, a batch
         of rows a statement, and answers with a count (the matching paths only for a batch where
         some differ): nothing per row in Python. Paths must be keys as ``record`` stores them
         (absolute and normal); another never matches (``lookup_many`` is the slower way)."""
