@@ -14,6 +14,7 @@ Phases (each on a fresh job in one database):
   as the agent does when idle: its long poll is its contact) for
   ``--idle-seconds``: the coordinator's CPU and RSS, the database connections, and heartbeat
   latency as 20 probe agents in a process of their own see it (one report a second each).
+  ``--spread-ms N``: each agent sends its next poll 0-N ms after an answer (differing round trips).
 - ``cost``: 32 clients send idle reports back to back for ``--cost-seconds`` (10): the coordinator's CPU per request
   (robust to the machine's other load, unlike the rates).
 - ``pollcost``: the same for an idle agent's long poll: 32 clients claim with a 50 ms wait on an empty
@@ -31,6 +32,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import subprocess
 import sys
 import threading
@@ -292,10 +294,13 @@ async def probe(base: str, token: str, agents: int, interval: float, seconds: fl
 
 
 async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: str, agents: int,
-                     heartbeat: float, seconds: float, profile: Path | None = None, poll_seconds: float = 20.0) -> Phase:
+                     heartbeat: float, seconds: float, profile: Path | None = None, poll_seconds: float = 20.0,
+                     spread: float = 0.0) -> Phase:
     """``agents`` agents long-poll and report every ``heartbeat`` seconds; heartbeat latency is
     measured by a probe process of its own (this one is saturated by the thousands it plays) and,
-    for comparison, as this process sees it."""
+    for comparison, as this process sees it. Each agent sends its next poll a random 0 to
+    ``spread`` seconds after the last one's answer, as agents whose round trips differ would
+    (on loopback, answers that leave together come back together)."""
     import psycopg
 
     latencies: list[float] = []
@@ -344,6 +349,8 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
                     status, _ = await polls.post("/v1/claim", {"worker": name, "wait_seconds": wait})
                     if measuring[0] and status == 204:
                         polled[0] += 1
+                    if spread:
+                        await asyncio.sleep(spread * random.random())
                 except OSError as exc:
                     error(exc)
                     await asyncio.sleep(1)
@@ -430,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds between an idle agent's reports (0: none, the agent's own idle traffic)")
     parser.add_argument("--poll-seconds", type=float, default=20.0,
                         help="the coordinator's --long-poll-seconds, and the idle agents' wait")
+    parser.add_argument("--spread-ms", type=float, default=0.0,
+                        help="idle agents send their next poll a random 0 to this many ms after an answer")
     parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--db-threads", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
@@ -482,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
                                    args.profile.with_suffix(f".{kind}") if args.profile else None, kind)))
         if "idle" in chosen:
             ran(run(idle_phase(coordinator.url, agent_token, coordinator, db_url, args.idle,
-                               args.heartbeat, args.idle_seconds, args.profile, args.poll_seconds)))
+                               args.heartbeat, args.idle_seconds, args.profile, args.poll_seconds,
+                               args.spread_ms / 1000)))
         load1 = os.getloadavg()
     finally:
         if coordinator is not None:

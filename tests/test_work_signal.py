@@ -56,3 +56,41 @@ def test_ended_waits_do_not_pile_up() -> None:
 
     waiting, kept = asyncio.run(main())
     assert waiting == 0 and kept <= 1024 + 200
+
+
+def test_long_waits_end_together_on_the_grid_never_early_and_short_ones_on_time() -> None:
+    async def main():
+        loop = asyncio.get_running_loop()
+        signal = WorkSignal(tick=0.05)
+        began = loop.time()
+        timeouts = [0.5 + i * 0.001 for i in range(20)]  # 20 ms apart: without the grid, 20 timers
+        waits = [asyncio.ensure_future(signal.wait(t)) for t in timeouts]
+        await asyncio.sleep(0)
+        slots = len(signal._due)
+        short = await signal.wait(0.01)  # under ten ticks: a timer of its own, not a slot
+        short_slots = len(signal._due)
+        ended = []
+        for wait in asyncio.as_completed(waits):
+            ended.append((await wait, loop.time() - began))
+        return slots, short, short_slots, ended, timeouts
+
+    slots, short, short_slots, ended, timeouts = asyncio.run(main())
+    assert slots <= 2 and short is False and short_slots == slots
+    assert [woken for woken, _ in ended] == [False] * 20
+    assert min(elapsed for _, elapsed in ended) >= timeouts[0]  # rounded up, never down
+
+
+def test_a_signal_moved_to_another_event_loop_still_ends_its_long_waits() -> None:
+    signal = WorkSignal(tick=0.05)
+
+    async def left_behind():
+        cancelled = asyncio.ensure_future(signal.wait(0.5))
+        await asyncio.sleep(0)
+        cancelled.cancel()  # its slot stays, timed on this loop, which then closes
+
+    async def once():
+        return await asyncio.wait_for(signal.wait(0.5), 5)
+
+    asyncio.run(left_behind())
+    assert asyncio.run(once()) is False  # most often the same slot: its timer is on the closed loop
+    assert asyncio.run(once()) is False

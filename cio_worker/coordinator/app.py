@@ -107,7 +107,8 @@ def poll_length(wait: float, draw: float) -> float:
     """How long a long poll of ``wait`` seconds waits, for a ``draw`` in [0, 1): a random point
     of its last quarter. A fleet that booted together would otherwise have all its polls end,
     and come back, in the same second, every poll; each poll an idle agent makes costs the
-    coordinator about as much as any request, so the polls end late rather than anywhere."""
+    coordinator about as much as any request, so the polls end late rather than anywhere. The
+    wait itself ends on ``WorkSignal``'s grid, up to a tenth of a second after this."""
     return wait * (0.75 + 0.25 * draw) if wait > 2 else wait
 
 
