@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -73,7 +72,7 @@ def test_status_release_and_kill(farm):
 
 def test_run_task_renders_one_document_by_hand(farm):
     tmp, shot, queue, storage, env = farm
-    job = submit(farm)
+    submit(farm)
     with open_queue(queue) as q:
         lease = q.claim("by-hand", 60)
     doc = tmp / "task.json"

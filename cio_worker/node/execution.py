@@ -545,15 +545,17 @@ def _run(prepared: Prepared, doc: TaskDocument, ctx: ExecutionContext, control: 
             "agent host": socket.gethostname(),
         },
     )
-    on_line = monitor.feed
+    on_line: Callable[[str], None] = monitor.feed
     line_filter: LineFilter | None = MONITORED_LINES  # the monitor reads a few lines; skip the rest
     if ctx.echo is not None:
         echo = ctx.echo
         line_filter = None
 
-        def on_line(line: str) -> None:
+        def feed_and_echo(line: str) -> None:
             monitor.feed(line)
             echo(line)
+
+        on_line = feed_and_echo
 
     process = ctx.runner.start(spec, on_line=on_line, line_filter=line_filter)
     control.attach(process)

@@ -256,7 +256,7 @@ class TaskLog:
     def skip(self, size: int) -> None:
         """``size`` bytes of output the reader jumped over: counted, noted once, never stored."""
         if not self.skipped and not self._full:
-            self._write([f"[cio_worker] the command is writing faster than the agent reads: unread output is "
+            self._write(["[cio_worker] the command is writing faster than the agent reads: unread output is "
                          "skipped (the footer says how much)\n".encode()])
         self.skipped += size
         self.dropped += size
