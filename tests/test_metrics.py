@@ -1,8 +1,9 @@
 """The coordinator's ``/metrics`` as Prometheus scrapes it: a real coordinator on 127.0.0.1, real
 claims and reports over HTTP, the page parsed by prometheus_client's own parser. Tasks and workers
 by state follow the queue; claims, their latency and waits, completions, failures, releases,
-retries and expired leases follow what agents did; requests are counted by route template and
-status. Two apps in one process count apart; a scrape storm costs one count of the queue."""
+retries and expired leases follow what agents did (a report resent after a lost answer, once);
+requests are counted by route template and status. Two apps in one process count apart; a scrape
+storm costs one count of the queue."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from cio_worker.coordinator.app import CoordinatorConfig, create_app
 from cio_worker.coordinator.metrics import QueueCollector
 from cio_worker.errors import QueueError
 from cio_worker.queue import NewTask, SqliteQueue, open_queue
-from cio_worker.queue.base import Lease, WorkerStatus
-from tests.fleet import JOB, serving_app
+from cio_worker.queue.base import AttemptFigures, Lease, WorkerStatus
+from cio_worker.queue.http import HttpQueue
+from tests.fleet import JOB, CoordinatorProxy, serving_app
 from tests.waiting import wait_for
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -132,6 +134,82 @@ def test_a_scrape_follows_the_farms_claims_and_reports(farm) -> None:
     assert value(reaped, "cio_leases_expired_total") == 1
     assert value(reaped, "cio_tasks", state="pending") == 1 and value(reaped, "cio_tasks", state="leased") == 2
     assert last["task_id"] in {t.id for t in queue.tasks(last["job_id"]) if t.state == "pending"}
+
+
+REPORTS = ("/v1/complete", "/v1/fail", "/v1/release")
+FIGURES = AttemptFigures(wall_seconds=120.0, sync_bytes=5_000_000, upload_bytes=700_000, drain_seconds=4.0,
+                         cost=0.0125, currency="USD", storage_scheme="s3")
+
+
+class FirstAnswersLost(CoordinatorProxy):
+    """Forwards every request; of each report route, the first is applied by the coordinator and
+    its answer dropped (a reset), so the agent resends the same report (the same op id)."""
+
+    def draw(self, method: str, path: str) -> str | None:
+        with self.lock:
+            if path not in REPORTS or self.injected[path]:
+                return None
+            self.injected[path] += 1
+        return "drop_response"
+
+
+def test_a_report_resent_after_its_answer_was_lost_counts_once(farm) -> None:
+    url, queue, _, tokens = farm
+    proxy = FirstAnswersLost(url)
+    agent = HttpQueue(proxy.url, tokens["agent"], sleep=lambda _: None)  # resends at once
+    try:
+        agent.register_worker("w-a", {})
+        done, failed, released = (agent.claim("w-a", 600) for _ in range(3))
+        agent.complete(done, None, None, FIGURES)
+        assert agent.fail(failed, "boom", None, FIGURES) == "pending"
+        assert agent.release(released, "preempted", figures=FIGURES) == "pending"
+    finally:
+        agent.close()
+        proxy.stop()
+    for path in REPORTS:  # each report reached the coordinator twice, alike, the first answer lost
+        first, resent = proxy.bodies(path)
+        assert first.body == resent.body and proxy.injected[path] == 1
+    assert sorted(a.outcome for a in queue.attempts(done.job_id)) == ["done", "failed", "preempted"]
+
+    seen = scrape(url)
+    for path in REPORTS:
+        assert value(seen, "cio_http_requests_total", route=path, method="POST", status="200") == 2
+    assert value(seen, "cio_completions_total") == 1
+    assert value(seen, "cio_failures_total", outcome="retry") == 1
+    assert value(seen, "cio_releases_total", cause="preempted", outcome="retry") == 1
+    assert value(seen, "cio_retries_total", cause="failed") == 1
+    assert value(seen, "cio_retries_total", cause="preempted") == 1
+    for outcome in ("done", "failed", "preempted"):
+        assert value(seen, "cio_attempt_wall_seconds_count", outcome=outcome) == 1, outcome
+        assert value(seen, "cio_agent_drain_seconds_count", outcome=outcome) == 1, outcome
+    assert value(seen, "cio_agent_bytes_synced_total", scheme="s3") == 3 * FIGURES.sync_bytes
+    assert value(seen, "cio_agent_bytes_uploaded_total", scheme="s3") == 3 * FIGURES.upload_bytes
+    assert value(seen, "cio_attempt_cost_total", currency="USD") == pytest.approx(3 * FIGURES.cost)
+
+
+def test_a_resent_report_wakes_no_waiting_claim(farm) -> None:
+    """A fail or release resent after a lost answer sends no task back, so a long poll waiting
+    for work is not woken (woken, it would ask the queue again for nothing)."""
+    url, _, app, tokens = farm
+    agent = Agent(url, tokens["agent"], "w-a")
+    assert agent.post("/v1/workers/register", {"worker": "w-a", "info": {}}).status_code == 200
+    leases = [agent.claim() for _ in range(4)]
+    assert agent.report("/v1/fail", leases[0], reason="boom", op_id="f1") == "pending"
+    assert agent.report("/v1/release", leases[1], cause="preempted", op_id="r1") == "pending"
+    assert agent.claim() is not None and agent.claim() is not None  # both tasks are at work again
+    assert agent.claim() is None  # the queue is empty: a long poll now waits without asking it
+    asked = app.state.claims.items
+    polls: list[dict | None] = []
+    waiter = threading.Thread(target=lambda: polls.append(Agent(url, tokens["agent"], "w-a").claim(wait=2)))
+    waiter.start()
+    try:
+        wait_for(lambda: app.state.signal.waiting == 1, 30, "the long poll to wait")
+        assert agent.report("/v1/fail", leases[0], reason="boom", op_id="f1") == "pending"  # resent
+        assert agent.report("/v1/release", leases[1], cause="preempted", op_id="r1") == "pending"
+    finally:
+        waiter.join(60)
+    assert polls == [None]
+    assert app.state.claims.items == asked  # never woken to ask the queue
 
 
 def test_what_only_agents_know_is_named_without_made_up_values(farm) -> None:

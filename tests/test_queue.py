@@ -786,6 +786,35 @@ def test_complete_many_applies_each_report_alone(backend: str, tmp_path: Path, r
         q.close()
 
 
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_replayed_report_is_told_from_one_applied_now(backend: str, tmp_path: Path, request) -> None:
+    """What a coordinator counts by: a report's outcome says whether this call applied it or it
+    is a copy (its op id) of one applied before, resent or in the same batch; the plain calls
+    answer both alike, as before."""
+    from cio_worker.queue.sql import ReportOutcome
+
+    q = database_queue(backend, tmp_path, request)
+    try:
+        job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 4)])
+        q.register_worker("a", {})
+        done, failed, released = (q.claim("a", 60) for _ in range(3))
+        assert q.complete_outcomes([(done, None, "op-c"), (done, None, "op-c")]) == [
+            ReportOutcome("done"), ReportOutcome("done", replay=True)]
+        assert q.complete_outcomes([(done, None, "op-c")]) == [ReportOutcome("done", replay=True)]
+        assert q.fail_outcome(failed, "boom", "op-f") == ReportOutcome("pending")
+        assert q.fail_outcome(failed, "boom", "op-f") == ReportOutcome("pending", replay=True)
+        assert q.release_outcome(released, "preempted", op_id="op-r") == ReportOutcome("pending")
+        assert q.release_outcome(released, "preempted", op_id="op-r") == ReportOutcome("pending", replay=True)
+        assert q.complete_many([(done, None, "op-c")]) == [None]
+        assert q.fail(failed, "boom", "op-f") == "pending"
+        assert q.release(released, "preempted", op_id="op-r") == "pending"
+        [refused] = q.complete_outcomes([(done, None, "op-other")])  # a new report on the ended lease
+        assert isinstance(refused, LeaseLost)
+        assert sorted(a.outcome for a in q.attempts(job_id)) == ["done", "failed", "preempted"]
+    finally:
+        q.close()
+
+
 def _open_queue_without_overrides(path: Path) -> tuple[str, str]:
     """(code, message) of the QueueError that opening ``path`` gives in a child process that file
     permissions apply to: root without the capabilities that let it ignore them."""

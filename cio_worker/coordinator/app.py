@@ -46,7 +46,7 @@ from cio_worker.errors import CioError, DocumentError, LeaseLost, QueueError
 from cio_worker.queue import wire
 from cio_worker.queue.base import LOG_SHIPMENT_CAP, Lease, WorkerStatus
 from cio_worker.queue.credentials import TokenRow
-from cio_worker.queue.sql import Completion, SqlQueue
+from cio_worker.queue.sql import Completion, ReportOutcome, SqlQueue
 
 T = TypeVar("T")
 log = logging.getLogger("cio_worker.coordinator")
@@ -576,9 +576,10 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         figures = figures_of(body)
-        await completions.submit((lease, download, body.op_id, figures))
-        metrics.completions.inc()
-        metrics.attempt("done", figures)
+        outcome = await completions.submit((lease, download, body.op_id, figures))
+        if not outcome.replay:  # a copy resent after a lost answer was counted when it was applied
+            metrics.completions.inc()
+            metrics.attempt("done", figures)
         return {"state": "done"}
 
     async def undelivered_claim(answer: dict) -> None:
@@ -595,8 +596,8 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     claims: Batcher[tuple[str, float], Lease | None] = Batcher(
         lambda items: call(queue.claim_many, [worker for worker, _ in items], items[0][1]),
         key=lambda item: item[1], orphaned=give_back, max_inflight=inflight)
-    completions: Batcher[Completion, None] = Batcher(
-        lambda items: call(queue.complete_many, items), max_inflight=inflight)
+    completions: Batcher[Completion, ReportOutcome] = Batcher(
+        lambda items: call(queue.complete_outcomes, items), max_inflight=inflight)
     registrations: Batcher[tuple[str, dict], None] = Batcher(
         lambda items: call(queue.register_many, items), max_inflight=inflight)
     app.state.claims, app.state.completions = claims, completions
@@ -628,25 +629,27 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     async def fail(body: FailBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         figures = figures_of(body)
-        state = await call(queue.fail, lease, body.reason, body.op_id, figures)
-        metrics.failed(state)
-        metrics.attempt("failed", figures)
-        if state == "pending":
-            work_arrived(1)
-        return {"state": state}
+        outcome = await call(queue.fail_outcome, lease, body.reason, body.op_id, figures)
+        if not outcome.replay:
+            metrics.failed(outcome.state)
+            metrics.attempt("failed", figures)
+            if outcome.state == "pending":
+                work_arrived(1)
+        return {"state": outcome.state}
 
     @app.post("/v1/release", tags=["agents"])
     async def release(body: ReleaseBody, _: TokenRow = agent) -> dict:
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         figures = figures_of(body)
-        state = await call(queue.release, lease, body.cause, body.frames_done, download, body.reason, body.op_id,
-                           figures)
-        metrics.released(body.cause, state)
-        metrics.attempt(body.cause, figures)
-        if state == "pending":
-            work_arrived(1)
-        return {"state": state}
+        outcome = await call(queue.release_outcome, lease, body.cause, body.frames_done, download, body.reason,
+                             body.op_id, figures)
+        if not outcome.replay:
+            metrics.released(body.cause, outcome.state)
+            metrics.attempt(body.cause, figures)
+            if outcome.state == "pending":
+                work_arrived(1)
+        return {"state": outcome.state}
 
     @app.post("/v1/logs/append", tags=["agents"])
     async def append_log(body: AppendLogBody, _: TokenRow = agent) -> dict:

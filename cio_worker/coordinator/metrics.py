@@ -1,11 +1,13 @@
 """The coordinator's figures in Prometheus's format, served at ``/metrics`` (prometheus_client).
 
-Requests, claims and reports are counted where the coordinator answers them. Tasks and workers by
-state are read from the queue when scraped, at most once a ``ttl``: however many scrape at once,
-that is one query a second. Each app has its own registry, so two coordinators in one process
-count apart. What only agents know (bytes synced and uploaded, drain times, each attempt's wall
-time and cost) comes with their final reports (the figures of complete, fail, release): counted as
-the reports arrive, never read back from the queue; a family has no samples until a report carries it.
+Requests, claims and reports are counted where the coordinator answers them; a report once, when
+the queue applies it (a copy resent after a lost answer is answered from the queue's record and
+not counted again). Tasks and workers by state are read from the queue when scraped, at most once
+a ``ttl``: however many scrape at once, that is one query a second. Each app has its own registry,
+so two coordinators in one process count apart. What only agents know (bytes synced and
+uploaded, drain times, each attempt's wall time and cost) comes with their final reports (the
+figures of complete, fail, release): counted as the reports are applied, never read back from the
+queue; a family has no samples until a report carries it.
 """
 
 from __future__ import annotations
@@ -188,8 +190,9 @@ class CoordinatorMetrics:
             self.retries.labels(cause).inc()
 
     def attempt(self, outcome: str, figures: AttemptFigures | None) -> None:
-        """An attempt ended (a report was applied) with these figures (None: the agent sent none).
-        A report resent after a lost answer counts again here (the queue records it once)."""
+        """An attempt ended (a report was applied now) with these figures (None: the agent sent
+        none). Call it once per report: not for a copy resent after a lost answer, which the queue
+        answers as a replay (``ReportOutcome.replay``) without recording it again."""
         if figures is None:
             return
         scheme = figures.storage_scheme or "unknown"

@@ -291,6 +291,16 @@ class _Applied(Exception):
         self.answer = answer
 
 
+@dataclass(frozen=True)
+class ReportOutcome:
+    """A final report's answer (complete, fail, release): the task's state after it, and whether
+    it was a ``replay``, a copy of a report applied before (its op id, e.g. resent after a lost
+    answer), answered alike and changing nothing this time."""
+
+    state: str
+    replay: bool = False
+
+
 class SqlQueue(Queue):
     """The shared logic; subclasses connect, lock and tell the time."""
 
@@ -737,7 +747,12 @@ class SqlQueue(Queue):
         (applied, or applied before) or the error that report alone gets; a refused report changes
         nothing. Should the transaction itself fail, each report is tried on its own, so that one
         cannot cost the others."""
-        answers: list[CioError | None] = [None] * len(reports)
+        return [a if isinstance(a, CioError) else None for a in self.complete_outcomes(reports)]
+
+    def complete_outcomes(self, reports: Sequence[Completion]) -> list[ReportOutcome | CioError]:
+        """``complete_many``, each report applied answered by its ``ReportOutcome`` (which tells a
+        report applied now from a replay of one applied before)."""
+        answers: list[ReportOutcome | CioError] = [ReportOutcome("done")] * len(reports)
         order = []
         for i, report in enumerate(reports):
             lease, download, op_id, figures = _completion(report)
@@ -762,13 +777,13 @@ class SqlQueue(Queue):
                 answers[order[0]] = exc
                 return answers
             for i in order:
-                answers[i] = self.complete_many([reports[i]])[0]
+                answers[i] = self.complete_outcomes([reports[i]])[0]
         return answers
 
-    def _complete_in(self, tx: Tx, reports: Sequence[Completion]) -> list[CioError | None]:
+    def _complete_in(self, tx: Tx, reports: Sequence[Completion]) -> list[ReportOutcome | CioError]:
         now = self._now(tx)
         rows = self._rows_for_update(tx, [report[0] for report in reports])
-        answers: list[CioError | None] = [None] * len(reports)
+        answers: list[ReportOutcome | CioError] = [ReportOutcome("done")] * len(reports)
         finals, remembered, finished, attempts = [], [], [], []
         applied: dict[tuple[str, str], str | None] = {}  # reports applied in this batch: their op id
         for i, report in enumerate(reports):
@@ -776,13 +791,15 @@ class SqlQueue(Queue):
             key = (lease.job_id, lease.task_id)
             if key in applied:  # a copy of a report in the same batch
                 if op_id is not None and applied[key] == op_id:
+                    answers[i] = ReportOutcome("done", replay=True)
                     continue
                 answers[i] = LeaseLost(f"{lease.label}: the lease of {lease.worker} is gone (the task is now done); "
                                        "drop this attempt's results and do not report it")
                 continue
             try:
                 row = self._judge(tx, lease, op_id, rows.get(_row_key(lease)))
-            except _Applied:
+            except _Applied as replayed:
+                answers[i] = ReportOutcome(replayed.answer, replay=True)
                 continue
             except (LeaseLost, QueueError) as exc:  # raised before the report wrote anything
                 answers[i] = exc
@@ -804,6 +821,11 @@ class SqlQueue(Queue):
         return answers
 
     def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:
+        return self.fail_outcome(lease, reason, op_id, figures).state
+
+    def fail_outcome(self, lease: Lease, reason: str, op_id: str | None = None,
+                     figures: AttemptFigures | None = None) -> ReportOutcome:
+        """``fail``, answered with whether this call applied the report or replayed one."""
         if not isinstance(reason, str):
             raise DocumentError("reason", f"must be text, not {type(reason).__name__}")
         if figures is not None:
@@ -815,7 +837,7 @@ class SqlQueue(Queue):
             try:
                 row = self._held(tx, lease, op_id)
             except _Applied as applied:
-                return applied.answer
+                return ReportOutcome(applied.answer, replay=True)
             failed = row["attempts_failed"] + 1
             tx.execute(
                 "UPDATE tasks SET attempts_failed = ? WHERE job_number = ? AND number = ?",
@@ -829,7 +851,7 @@ class SqlQueue(Queue):
             self._worker_finished(tx, lease.worker, now, "tasks_failed")
             self._record_attempts(tx, [_attempt_values(row, lease.worker, "failed", reason, now, figures)])
             self._remember(tx, op_id, lease, "fail", state, now)
-            return state
+            return ReportOutcome(state)
 
     def _judge_failure(self, tx: Tx, row: Row, worker: str, reason: str, failed: int, budget: int, now: float) -> str:
         """A failed attempt of ``row`` by ``worker`` (its ``failed``th): retried while the budget
@@ -937,6 +959,19 @@ class SqlQueue(Queue):
         op_id: str | None = None,
         figures: AttemptFigures | None = None,
     ) -> str:
+        return self.release_outcome(lease, cause, frames_done, download, reason, op_id, figures).state
+
+    def release_outcome(
+        self,
+        lease: Lease,
+        cause: str = "preempted",
+        frames_done: str = "",
+        download: NewDownload | None = None,
+        reason: str = "",
+        op_id: str | None = None,
+        figures: AttemptFigures | None = None,
+    ) -> ReportOutcome:
+        """``release``, answered with whether this call applied the report or replayed one."""
         if cause not in RELEASE_CAUSES:
             raise DocumentError("cause", f"{cause!r} is not a release cause (use {' or '.join(RELEASE_CAUSES)}; fail() for failures)")
         if not isinstance(reason, str):
@@ -955,7 +990,7 @@ class SqlQueue(Queue):
             try:
                 row = self._held(tx, lease, op_id)
             except _Applied as applied:
-                return applied.answer
+                return ReportOutcome(applied.answer, replay=True)
             task_frames = FrameSet.parse(row["frames"])
             extra = given - task_frames
             if extra:
@@ -985,7 +1020,7 @@ class SqlQueue(Queue):
             )
             self._record_attempts(tx, [_attempt_values(row, lease.worker, cause, reason.strip(), now, figures)])
             self._remember(tx, op_id, lease, "release", state, now)
-            return state
+            return ReportOutcome(state)
 
     # A statement naming many rows names them in one parameter, so that its text is the same for
     # any count: the driver parses and caches it once (psycopg's parse of a statement with hundreds
