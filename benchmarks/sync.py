@@ -628,6 +628,8 @@ def child_main(spec_path: str) -> int:
 
     timed("cold", "dest", True, "md5.db")
     out["rss_cold_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # The sync's worker processes, if it split the download: the largest one's peak (each holds a share).
+    out["rss_workers_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     timed("warm", "dest", True, "md5.db")
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     timed("from cache, checked", "dest-checked", True, "md5-checked.db")
@@ -687,9 +689,10 @@ def measure_scale(args: argparse.Namespace, ctx: Context, backend: FileBackend, 
                     if not only_cache:
                         results.add("file", data.name, "download", "ours", (got["cold"], got["warm"]))
                         scale.setdefault(data.name, {}).setdefault("rss_mb", []).append(got["rss_mb"])
+                        scale[data.name].setdefault("rss_workers_mb", []).append(got.get("rss_workers_mb", 0.0))
                     say(f"  run {run + 1} file {data.name} ours: cold {got['cold']:.3f} s, nothing to do {got['warm']:.3f} s, "
                         f"from cache {got[CACHE_TEMPS[0]]:.3f} s checked / {got[CACHE_TEMPS[1]]:.3f} s unchecked, "
-                        f"peak RSS {got['rss_mb']:.0f} MB")  # fmt: skip
+                        f"peak RSS {got['rss_mb']:.0f} MB (each worker process: {got.get('rss_workers_mb', 0):.0f} MB)")  # fmt: skip
                 else:
                     pair = download_pair(ctx, tool, backend, data, dest, None)
                     results.add("file", data.name, "download", tool, pair)
@@ -867,7 +870,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(f"- the cache's MD5 check ({info['label']}): {check['seconds']:+.3f} s over no check "
                          f"({check['ratio']:.2f} ×), {per}")  # fmt: skip
         if info.get("rss_mb"):
-            lines.append(f"- peak RSS ({info.get('label', name)}, child process): {', '.join(f'{v:.0f}' for v in info['rss_mb'])} MB")
+            lines.append(f"- peak RSS ({info.get('label', name)}, child process): {', '.join(f'{v:.0f}' for v in info['rss_mb'])} MB"
+                         f"; its largest sync worker process: {', '.join(f'{v:.0f}' for v in info.get('rss_workers_mb', []))} MB")
     if report["open_storage_seconds"]:
         opened = ", ".join(f"{k} {v * 1000:.0f} ms" for k, v in report["open_storage_seconds"].items())
         lines.append(f"- opening our storage object (excluded above): {opened}")

@@ -77,6 +77,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="per-task log size cap (default %(default)s)")
     parser.add_argument("--storage-concurrency", type=int, default=0, metavar="N",
                         help="parallel transfers (0: automatic)")
+    parser.add_argument("--sync-processes", type=int, default=0, metavar="N",
+                        help="processes a large download from a file:// store is split over (0: one a core, "
+                        "at most 4, from 5,000 files on; 1: never split)")
 
 
 def node_context(args: argparse.Namespace, path_map, *, say=lambda line: None, progress=None) -> "ExecutionContext":
@@ -104,6 +107,7 @@ def node_context(args: argparse.Namespace, path_map, *, say=lambda line: None, p
         kill_grace=args.kill_grace,
         task_timeout=args.task_timeout,
         log_cap_bytes=int(args.log_cap_mb * 1024 * 1024),
+        sync_processes=args.sync_processes,
         say=say,
         progress=progress or (lambda phase: None),
     )

@@ -104,6 +104,12 @@ class ContentCache:
         except OSError as exc:
             raise CacheError(f"cannot create the content cache at {self.root}: {exc}") from exc
 
+    def __reduce__(self) -> tuple:
+        """Pickled (for a sync worker process): a cache over the same directory with the same
+        settings, on the real clock (the worker only copies out and adopts; it never evicts)."""
+        return (partial(ContentCache, grace_seconds=self.grace_seconds, stale_temp_seconds=self.stale_temp_seconds,
+                        verify=self.verify), (str(self.root), self.budget_bytes))
+
     # -- lookups ------------------------------------------------------------------------------
 
     def object_path(self, md5: str) -> Path:

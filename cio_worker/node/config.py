@@ -66,6 +66,7 @@ class AgentSettings:
     log_cap_mb: float = _key(64.0, float, above=0)
     prices: str | None = _key(None, str)  # a price table (TOML) for attempts' costs; None: the packaged one
     storage_concurrency: int = _key(0, int, minimum=0)
+    sync_processes: int = _key(0, int, minimum=0)
     lease_seconds: float = _key(60.0, float, above=0)
     heartbeat_seconds: float = _key(10.0, float, above=0)
     poll_seconds: float = _key(2.0, float, above=0)

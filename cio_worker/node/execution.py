@@ -54,6 +54,7 @@ class ExecutionContext:
     kill_grace: float = 10.0
     task_timeout: float | None = None
     log_cap_bytes: int = 64 * 1024 * 1024
+    sync_processes: int = 0  # a large file:// download split over processes (0: automatic; 1: never)
     threads: int = 0  # CIO_THREADS for the renderer; 0: the machine's cores
     progress: Callable[[str], Progress | None] = lambda phase: None  # sync/upload progress per phase
     say: Callable[[str], None] = lambda line: None  # short status lines for a person or the log
@@ -218,7 +219,8 @@ def execute(doc: TaskDocument, ctx: ExecutionContext, control: TaskControl | Non
         ctx.say(f"syncing {len(job.upload_files)} inputs")
         sync_progress = _StopOnRequest(ctx.progress("sync"), control)
         control.set_phase("syncing", sync_progress.percent)
-        syncer = InputSync(storage, ctx.cache, ctx.md5cache, ctx.path_map, progress=sync_progress)
+        syncer = InputSync(storage, ctx.cache, ctx.md5cache, ctx.path_map, progress=sync_progress,
+                           processes=ctx.sync_processes)
         outcome.sync = syncer.sync(job.upload_files)
         outcome.timings["sync"] = ctx.clock() - started
         if render_user is not None:

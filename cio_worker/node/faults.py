@@ -24,6 +24,7 @@ NODE_FAULT_CODES = frozenset({
     "command_not_executable",  # it is there but cannot be run (status 126)
     "disk_full",  # no space / quota left on this machine's disk
     "licence_unreachable",  # the licence server did not answer this node (clarisse.py)
+    "sync_worker_died",  # an input sync worker process was killed (out of memory, a signal): sync.py
 })
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 

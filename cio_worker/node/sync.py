@@ -24,7 +24,9 @@ Order of work:
    the cache, then one into place: no temporary name, no rename, nothing left if the process
    dies); elsewhere (``storage.download``) to a temporary name beside its first destination,
    which the cache links and which is renamed into place. The other destinations of that
-   content copy it.
+   content copy it. A download of ``split_from`` contents or more from a store whose cost is per
+   file on this machine (``file://``) is split over a process a core (``node/sync_worker.py``),
+   each placing its share with this same code; their MD5 records come back to be written here.
 4. Place: temporary sibling, size checked, chmod to the mode's permission bits, ``os.replace``
    into place (a download without a name: its mode set, then linked into place; a link to a
    temporary sibling and a rename only when something is already there). The MD5 records of
@@ -41,6 +43,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import subprocess
+import sys
 import posixpath
 import stat
 import threading
@@ -48,6 +53,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
+from multiprocessing.connection import Connection
+from multiprocessing.connection import wait as wait_for_any
+from pathlib import Path
 from operator import attrgetter
 from typing import Callable, Sequence
 
@@ -110,10 +118,21 @@ class _Placed:
 
     placed: int = 0
     from_cache: int = 0
-    downloaded_bytes: int | None = None  # set when the content came from storage
-    damaged: bool = False
+    downloaded: int = 0  # contents that came from storage
+    downloaded_bytes: int = 0
+    damaged: int = 0  # cached copies found damaged
     again: list[_Target] = field(default_factory=list)  # to fetch from storage (cache lost it)
     failures: list[_Failure] = field(default_factory=list)
+
+    def add(self, other: _Placed) -> None:
+        """Sum ``other`` into this one (a sync worker sends one sum, not one per content)."""
+        self.placed += other.placed
+        self.from_cache += other.from_cache
+        self.downloaded += other.downloaded
+        self.downloaded_bytes += other.downloaded_bytes
+        self.damaged += other.damaged
+        self.again += other.again
+        self.failures += other.failures
 
 
 class _Vanished(Exception):
@@ -157,6 +176,11 @@ class _DownloadItems(Sequence[DownloadItem]):
 
 
 class InputSync:
+    WORKER_GRACE = 10.0  # seconds a sync worker process has to end once its parent stops listening
+    # More processes than this by default would mostly wait on the same directories' locks, each
+    # holding its share in memory and a Python of its own (about 25 MB).
+    MAX_PROCESSES = 4
+
     def __init__(
         self,
         storage: Storage,
@@ -167,6 +191,8 @@ class InputSync:
         concurrency: int = 0,
         clock: Callable[[], float] = time.monotonic,
         unnamed: Callable[[], UnnamedFiles | None] = UnnamedFiles.open,
+        processes: int = 0,
+        split_from: int = 5000,
     ) -> None:
         self.storage = storage
         self.cache = cache
@@ -177,6 +203,11 @@ class InputSync:
         self.workers = concurrency if concurrency > 0 else max(2, os.cpu_count() or 2)
         self.clock = clock
         self.unnamed = unnamed  # None from it: every download goes through a temporary name
+        # A download of ``split_from`` contents or more from a store that ``splits_over_processes``
+        # is split over this many processes (0: a process a core, at most ``MAX_PROCESSES``; 1:
+        # never split).
+        self.processes = processes if processes > 0 else min(self.MAX_PROCESSES, os.cpu_count() or 1)
+        self.split_from = split_from
 
     def sync(self, files: Sequence[UploadFile]) -> SyncResult:
         started = self.clock()
@@ -418,9 +449,8 @@ class InputSync:
             result.placed += outcome.placed
             result.from_cache += outcome.from_cache
             result.cache_damaged += outcome.damaged
-            if outcome.downloaded_bytes is not None:
-                result.downloaded += 1
-                result.bytes_downloaded += outcome.downloaded_bytes
+            result.downloaded += outcome.downloaded
+            result.bytes_downloaded += outcome.downloaded_bytes
             for target in outcome.again:
                 again.setdefault(target.md5, []).append(target)
             failures.extend(outcome.failures)
@@ -432,10 +462,79 @@ class InputSync:
     ) -> None:  # fmt: skip
         """Fetch every group's content once, each placed as soon as it arrives (while the rest
         still come): as a file without a name where the destination's filesystem and the backend
-        can (``_download_unnamed``), else under a temporary name beside its first destination."""
+        can (``_download_unnamed``), else under a temporary name beside its first destination.
+        A large one from a local store is split over processes (``_download_in_processes``)."""
+        if self.processes > 1 and len(groups) >= max(2, self.split_from) and self.storage.splits_over_processes:
+            groups = self._download_in_processes(groups, min(self.processes, len(groups)), outcomes, records,
+                                                 failures, names is not None)
         if names is not None and groups:
             groups = self._download_unnamed(groups, names, outcomes, records, failures)
         self._download_named(groups, outcomes, records, failures, names)
+
+    def _download_in_processes(
+        self, groups: dict[str, list[_Target]], count: int, outcomes: list[_Placed], records: list[_Record],
+        failures: list[_Failure], unnamed: bool,
+    ) -> dict[str, list[_Target]]:  # fmt: skip
+        """Fetch and place ``groups`` in ``count`` worker processes (``node/sync_worker.py``), a
+        share of the contents each, as this process would (the same code, the same cache); their
+        progress comes back as they go, then their outcomes and MD5 records. A worker that ends
+        without an answer fails its share (the node's fault, not the task's). Anything raised here
+        (a stop requested through the progress) ends every worker first: each fails its next
+        report, cleans up as a failed download does, and ends (killed after ``WORKER_GRACE``
+        seconds). Returns the groups left to do here: all of them when no worker could start."""
+        progress = self.progress or NullProgress()
+        shares: list[dict[str, list[_Target]]] = [{} for _ in range(count)]
+        for i, (md5, targets) in enumerate(groups.items()):
+            shares[i % count][md5] = targets
+        workers: dict[Connection, tuple[subprocess.Popen, dict[str, list[_Target]]]] = {}
+        try:
+            try:
+                for share in shares:
+                    conn, process = _start_worker()
+                    workers[conn] = (process, share)
+            except OSError as exc:  # no process to be had (limits, memory): this one does it all
+                log.warning("input sync: cannot start worker processes (%s); syncing in this one", exc)
+                return groups  # (those started get no share: they end at once)
+            progress.start(len(groups), sum(targets[0].size for targets in groups.values()))
+            for conn, (_, share) in workers.items():
+                try:
+                    conn.send((self.storage, self.cache, share, unnamed))
+                except OSError:
+                    pass  # it is gone already: its answer below is the end of the pipe
+            pending = dict(workers)
+            while pending:
+                for conn in wait_for_any(list(pending)):
+                    process, share = pending[conn]
+                    try:
+                        message = conn.recv()
+                    except (EOFError, OSError):  # it died (killed, out of memory) before it answered
+                        del pending[conn]
+                        error = CioError(f"an input sync worker process ended with exit code {process.wait()} before "
+                                         "it finished; its inputs were not all placed", code="sync_worker_died")  # fmt: skip
+                        failures.extend(_Failure(targets, None, error) for targets in share.values())
+                        continue
+                    if message[0] == "moved":
+                        progress.advance(message[1])
+                        for key in message[2]:
+                            progress.file_done(key)
+                        continue
+                    del pending[conn]
+                    if message[0] == "done":
+                        outcomes.extend(message[1])
+                        records.extend(message[2])
+                        failures.extend(message[3])
+                    else:  # the whole share failed (its store or cache would not open)
+                        failures.extend(_Failure(targets, hashstore_key(md5), message[1]) for md5, targets in share.items())
+        finally:
+            for conn in workers:
+                conn.close()  # a worker still at work fails its next report, cleans up and ends
+            for process, _ in workers.values():
+                try:
+                    process.wait(self.WORKER_GRACE)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+        return {}
 
     def _download_unnamed(
         self, groups: dict[str, list[_Target]], names: UnnamedFiles, outcomes: list[_Placed], records: list[_Record],
@@ -534,7 +633,7 @@ class InputSync:
         first = targets[0]
         try:
             st = os.stat(temp) if fd < 0 else os.fstat(fd)
-            outcome.downloaded_bytes = st.st_size
+            outcome.downloaded, outcome.downloaded_bytes = 1, st.st_size
             _check_size(first, st.st_size)
             if stat.S_IMODE(st.st_mode) != first.mode:
                 os.chmod(temp, first.mode) if fd < 0 else os.fchmod(fd, first.mode)
@@ -575,7 +674,7 @@ class InputSync:
                 outcome.placed = 1
                 self._place_rest(targets, first.path, outcome, records, names)
             except DamagedObject:
-                outcome.damaged = True
+                outcome.damaged = 1
                 outcome.again = list(targets)
             except _Vanished:
                 outcome.again = list(targets)
@@ -752,6 +851,26 @@ def _note(records: list[_Record], target: _Target) -> None:
         records.append((target.path, *FileStamp.row_of(os.stat(target.path)), target.md5))
     except OSError:
         pass
+
+
+def _start_worker() -> tuple[Connection, subprocess.Popen]:
+    """A sync worker process (``node/sync_worker.py``) running this very code, and our end of its
+    socket pair."""
+    if not sys.executable:
+        raise OSError("no Python executable to start a sync worker with (an embedded interpreter)")
+    ours, theirs = socket.socketpair()
+    try:
+        here = str(Path(__file__).resolve().parents[2])  # the directory that holds cio_worker
+        path = os.environ.get("PYTHONPATH")
+        env = {**os.environ, "PYTHONPATH": here + (os.pathsep + path if path else "")}
+        process = subprocess.Popen([sys.executable, "-m", "cio_worker.node.sync_worker", str(theirs.fileno())],
+                                   pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env, close_fds=True)  # fmt: skip
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    return Connection(ours.detach()), process
 
 
 def _link_into_place(names: UnnamedFiles, fd: int, path: str) -> None:

@@ -103,6 +103,9 @@ class Storage(abc.ABC):
     """A content store rooted at ``url``."""
 
     url: str
+    # True where a download's cost is per file on this machine's CPU (a local filesystem), so a
+    # large one is worth splitting over processes; the object then pickles into a working copy.
+    splits_over_processes: bool = False
 
     @abc.abstractmethod
     def exists(self, keys: Iterable[str]) -> set[str]:

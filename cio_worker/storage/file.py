@@ -28,6 +28,8 @@ from cio_worker.storage.common import (
 
 
 class FileStorage(Storage):
+    splits_over_processes = True  # system calls and hashing per file; no connection to carry
+
     def __init__(self, url: str, options: StorageOptions | None = None) -> None:
         parsed = urlparse(url)
         if parsed.scheme != "file" or parsed.netloc not in ("", "localhost"):
