@@ -125,7 +125,7 @@ def test_a_worker_that_dies_fails_its_share_as_the_nodes_fault_and_the_other_sha
     files = many(farm, 30)
     with pytest.raises(CioError) as info:
         split_syncer(farm).sync(files)
-    assert info.value.code == "sync_worker_died" and "exit code -9" in str(info.value)
+    assert info.value.code == "sync_worker_died" and "killed by signal 9" in str(info.value)
     assert node_fault(info.value)  # given back at no cost to the task
     assert started.all_ended()
     placed = [f for f in files if farm.local(f.destination).exists()]

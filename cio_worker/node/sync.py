@@ -509,8 +509,10 @@ class InputSync:
                         message = conn.recv()
                     except (EOFError, OSError):  # it died (killed, out of memory) before it answered
                         del pending[conn]
-                        error = CioError(f"an input sync worker process ended with exit code {process.wait()} before "
-                                         "it finished; its inputs were not all placed", code="sync_worker_died")  # fmt: skip
+                        code = process.wait()
+                        how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
+                        error = CioError(f"an input sync worker process {how} before it finished (out of memory?); "
+                                         "its inputs were not all placed", code="sync_worker_died")  # fmt: skip
                         failures.extend(_Failure(targets, None, error) for targets in share.values())
                         continue
                     if message[0] == "moved":
