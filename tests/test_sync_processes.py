@@ -171,3 +171,16 @@ def test_the_worker_runs_the_agents_own_code(farm, monkeypatch, tmp_path):
     files = many(farm, 10)
     split_syncer(farm).sync(files)
     assert_placed(farm, files)
+
+
+def test_the_node_option_reaches_the_tasks_context(tmp_path):
+    import argparse
+
+    from cio_worker.cli.common import add_node_arguments, node_context
+    from cio_worker.job.paths import PathMap
+
+    parser = argparse.ArgumentParser()
+    add_node_arguments(parser)
+    base = ["--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")]
+    assert node_context(parser.parse_args(base), PathMap()).sync_processes == 0  # automatic
+    assert node_context(parser.parse_args(base + ["--sync-processes", "1"]), PathMap()).sync_processes == 1
