@@ -412,8 +412,8 @@ def bench_per_task(scratch: Path, runs: int, tasks: int) -> dict[str, Any]:
     artist_md5 = Md5Cache(base / "artist-md5.db")
     node = base / "node"
     args = argparse.Namespace(work_dir=str(node / "work"), cache_dir=str(node / "cache"), cache_budget_gb=20.0,
-                              no_cache=False, storage_concurrency=0, kill_grace=10.0, task_timeout=None,
-                              log_cap_mb=64.0)
+                              no_cache=False, storage_concurrency=0, sync_processes=0, kill_grace=10.0,
+                              task_timeout=None, log_cap_mb=64.0)
     agent_log = setup_logging("INFO", open(base / "agent.log", "a", encoding="utf-8"))
     try:
         from cio_worker.storage.progress import LoggingProgress  # as `cio-worker agent` does, when it exists
