@@ -121,9 +121,15 @@ def _as_text(answer: tuple) -> tuple:
     def text(exc: BaseException) -> CioError:
         return CioError(f"{type(exc).__name__}: {exc}", code=getattr(exc, "code", None) or "place_failed")
 
+    def texts(failures: list[_Failure]) -> list[_Failure]:
+        return [_Failure(f.targets, f.key, text(f.error)) for f in failures]
+
     if answer[0] == "failed":
         return ("failed", text(answer[1]))
-    return (*answer[:3], [_Failure(f.targets, f.key, text(f.error)) for f in answer[3]])
+    _, outcomes, records, failures = answer
+    for outcome in outcomes:
+        outcome.failures = texts(outcome.failures)
+    return ("done", outcomes, records, texts(failures))
 
 
 def main(argv: list[str]) -> int:
