@@ -186,22 +186,29 @@ def test_the_node_option_reaches_the_tasks_context(tmp_path):
     assert node_context(parser.parse_args(base + ["--sync-processes", "1"]), PathMap()).sync_processes == 1
 
 
-def test_a_workers_error_that_does_not_pickle_reaches_the_agent_as_text_naming_its_type():
+class Odd(Exception):
+    """Pickles, but its arguments do not rebuild it: unpickling fails."""
+
+    def __init__(self, message: str, extra: int) -> None:
+        super().__init__(message)
+        self.extra = extra
+
+
+def test_a_workers_error_that_does_not_come_out_of_a_pickle_reaches_the_agent_as_text_naming_its_type():
     import pickle
 
     from cio_worker.node.sync import _Failure, _Placed, _Target
-    from cio_worker.node.sync_worker import _as_text
-
-    class Odd(Exception):  # its arguments do not rebuild it: pickle.loads fails
-        def __init__(self, message: str, extra: int) -> None:
-            super().__init__(message)
-            self.extra = extra
+    from cio_worker.node.sync_worker import _portable
 
     target = _Target("C:/a.exr", "/r/a.exr", "md5", 1, 0o644, "/r")
+    kept = StorageError("gone", code="not_found")
     answer = ("done", [_Placed(placed=1, failures=[_Failure([target], None, Odd("in place", 1))])], [],
-              [_Failure([target], "hashstore/k", Odd("in fetch", 2))])  # fmt: skip
+              [_Failure([target], "hashstore/k", Odd("in fetch", 2)), _Failure([target], "hashstore/j", kept)])  # fmt: skip
     with pytest.raises(TypeError):
         pickle.loads(pickle.dumps(answer))
-    _, outcomes, _, failures = pickle.loads(pickle.dumps(_as_text(answer)))
+    _, outcomes, _, failures = pickle.loads(pickle.dumps(_portable(answer)))
     assert str(outcomes[0].failures[0].error) == "Odd: in place" and str(failures[0].error) == "Odd: in fetch"
     assert isinstance(failures[0].error, CioError) and failures[0].key == "hashstore/k"
+    assert type(failures[1].error) is StorageError and failures[1].error.code == "not_found"  # kept as it was
+    failed = pickle.loads(pickle.dumps(_portable(("failed", Odd("no share", 3)))))
+    assert str(failed[1]) == "Odd: no share"

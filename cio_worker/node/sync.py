@@ -515,6 +515,12 @@ class InputSync:
                                          "its inputs were not all placed", code="sync_worker_died")  # fmt: skip
                         failures.extend(_Failure(targets, None, error) for targets in share.values())
                         continue
+                    except Exception as exc:  # noqa: BLE001  (an answer that does not unpickle here)
+                        del pending[conn]
+                        error = CioError(f"an input sync worker's answer could not be read ({type(exc).__name__}: {exc}); "
+                                         "its inputs were not all placed", code="place_failed")  # fmt: skip
+                        failures.extend(_Failure(targets, None, error) for targets in share.values())
+                        continue
                     if message[0] == "moved":
                         progress.advance(message[1])
                         for key in message[2]:

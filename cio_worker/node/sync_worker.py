@@ -12,6 +12,7 @@ not through ``multiprocessing``, whose "spawn" re-imports the agent's main modul
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 import threading
 import time
@@ -107,29 +108,32 @@ def serve(conn: Connection) -> None:
     except BaseException as exc:  # noqa: BLE001  (told to the parent, which fails the share)
         answer = ("failed", exc)
     try:
-        try:
-            conn.send(answer)
-        except OSError:
-            raise
-        except Exception:  # noqa: BLE001  (an error that does not pickle: sent as text, its type named)
-            conn.send(_as_text(answer))
+        conn.send(_portable(answer))
     except OSError:
         pass  # nobody is listening any more: nothing to tell
 
 
-def _as_text(answer: tuple) -> tuple:
-    def text(exc: BaseException) -> CioError:
-        return CioError(f"{type(exc).__name__}: {exc}", code=getattr(exc, "code", None) or "place_failed")
+def _portable(answer: tuple) -> tuple:
+    """``answer`` with each error that would not come out of a pickle whole (an exception whose
+    arguments do not rebuild it, or a class the parent cannot import) as a CioError of its text,
+    its type named and its code kept."""
 
-    def texts(failures: list[_Failure]) -> list[_Failure]:
-        return [_Failure(f.targets, f.key, text(f.error)) for f in failures]
+    def sendable(exc: BaseException) -> BaseException:
+        try:
+            pickle.loads(pickle.dumps(exc))
+            return exc
+        except Exception:  # noqa: BLE001  (any way a pickle can fail)
+            return CioError(f"{type(exc).__name__}: {exc}", code=getattr(exc, "code", None) or "place_failed")
+
+    def sendables(failures: list[_Failure]) -> list[_Failure]:
+        return [_Failure(f.targets, f.key, sendable(f.error)) for f in failures]
 
     if answer[0] == "failed":
-        return ("failed", text(answer[1]))
+        return ("failed", sendable(answer[1]))
     _, outcomes, records, failures = answer
     for outcome in outcomes:
-        outcome.failures = texts(outcome.failures)
-    return ("done", outcomes, records, texts(failures))
+        outcome.failures = sendables(outcome.failures)
+    return ("done", outcomes, records, sendables(failures))
 
 
 def main(argv: list[str]) -> int:
