@@ -508,19 +508,14 @@ class InputSync:
                     try:
                         message = conn.recv()
                     except (EOFError, OSError):  # it died (killed, out of memory) before it answered
-                        del pending[conn]
                         code = process.wait()
                         how = f"was killed by signal {-code}" if code < 0 else f"ended with exit code {code}"
-                        error = CioError(f"an input sync worker process {how} before it finished (out of memory?); "
-                                         "its inputs were not all placed", code="sync_worker_died")  # fmt: skip
-                        failures.extend(_Failure(targets, None, error) for targets in share.values())
-                        continue
+                        message = ("lost", CioError(f"an input sync worker process {how} before it finished (out of "
+                                                    "memory?); its inputs were not all placed", code="sync_worker_died"))
                     except Exception as exc:  # noqa: BLE001  (an answer that does not unpickle here)
-                        del pending[conn]
-                        error = CioError(f"an input sync worker's answer could not be read ({type(exc).__name__}: {exc}); "
-                                         "its inputs were not all placed", code="place_failed")  # fmt: skip
-                        failures.extend(_Failure(targets, None, error) for targets in share.values())
-                        continue
+                        message = ("lost", CioError(f"an input sync worker's answer could not be read "
+                                                    f"({type(exc).__name__}: {exc}); its inputs were not all placed",
+                                                    code="place_failed"))  # fmt: skip
                     if message[0] == "moved":
                         progress.advance(message[1])
                         for key in message[2]:
@@ -531,6 +526,8 @@ class InputSync:
                         outcomes.extend(message[1])
                         records.extend(message[2])
                         failures.extend(message[3])
+                    elif message[0] == "lost":  # the node's doing, none of the store's
+                        failures.extend(_Failure(targets, None, message[1]) for targets in share.values())
                     else:  # the whole share failed (its store or cache would not open)
                         failures.extend(_Failure(targets, hashstore_key(md5), message[1]) for md5, targets in share.items())
         finally:
