@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 import socket
+import stat
 import subprocess
 import sys
-import posixpath
-import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -55,8 +55,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_any
-from pathlib import Path
 from operator import attrgetter
+from pathlib import Path
 from typing import Callable, Sequence
 
 from cio_worker.errors import ChecksumError, CioError, DocumentError, PathError, StorageError
