@@ -184,6 +184,17 @@ def test_the_node_option_reaches_the_tasks_context(tmp_path):
     base = ["--work-dir", str(tmp_path / "work"), "--cache-dir", str(tmp_path / "cache")]
     assert node_context(parser.parse_args(base), PathMap()).sync_processes == 0  # automatic
     assert node_context(parser.parse_args(base + ["--sync-processes", "1"]), PathMap()).sync_processes == 1
+    for bad in ("-1", "two"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + ["--sync-processes", bad])
+
+
+def test_the_worker_started_by_hand_says_how_it_is_started():
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "cio_worker.node.sync_worker"], capture_output=True, text=True,
+                          timeout=60)  # fmt: skip
+    assert done.returncode == 2 and "usage:" in done.stderr and "Traceback" not in done.stderr
 
 
 class Odd(Exception):

@@ -14,7 +14,7 @@ import socket
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import unquote, urlparse
 
 from cio_worker.errors import QueueError, StorageError
@@ -57,6 +57,21 @@ def queue_token(args: argparse.Namespace) -> str | None:
     return os.environ.get("CIO_TOKEN") or None
 
 
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``, else a usage error saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        return value
+
+    return parse
+
+
 def add_node_arguments(parser: argparse.ArgumentParser) -> None:
     """Where a node keeps its work, cache and logs, and how it runs commands."""
     home = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cio-worker"
@@ -75,9 +90,9 @@ def add_node_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seconds between SIGTERM and SIGKILL when stopping a render (default %(default)s)")
     parser.add_argument("--log-cap-mb", type=float, default=64.0, metavar="MB",
                         help="per-task log size cap (default %(default)s)")
-    parser.add_argument("--storage-concurrency", type=int, default=0, metavar="N",
+    parser.add_argument("--storage-concurrency", type=whole_number(0), default=0, metavar="N",
                         help="parallel transfers (0: automatic)")
-    parser.add_argument("--sync-processes", type=int, default=0, metavar="N",
+    parser.add_argument("--sync-processes", type=whole_number(0), default=0, metavar="N",
                         help="processes a large download from a file:// store is split over (0: one a core, "
                         "at most 4, from 5,000 files on; 1: never split)")
 

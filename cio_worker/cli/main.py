@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Sequence, TextIO
 
 from cio_worker import __version__
-from cio_worker.cli.common import JsonFormatter
+from cio_worker.cli.common import JsonFormatter, whole_number
 from cio_worker.errors import CioError
 from cio_worker.job.paths import PathMap
 
@@ -364,11 +364,4 @@ def run_frames(args: argparse.Namespace, streams: Streams) -> int:
     return EXIT_OK
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+_positive_int = whole_number(1)

@@ -444,16 +444,18 @@ class InputSync:
         self._download(fetch, outcomes, records, failures, names)
         for job in jobs:
             job.result()
-        again: dict[str, list[_Target]] = {}
+        total = _Placed()
         for outcome in outcomes:
-            result.placed += outcome.placed
-            result.from_cache += outcome.from_cache
-            result.cache_damaged += outcome.damaged
-            result.downloaded += outcome.downloaded
-            result.bytes_downloaded += outcome.downloaded_bytes
-            for target in outcome.again:
-                again.setdefault(target.md5, []).append(target)
-            failures.extend(outcome.failures)
+            total.add(outcome)
+        result.placed += total.placed
+        result.from_cache += total.from_cache
+        result.cache_damaged += total.damaged
+        result.downloaded += total.downloaded
+        result.bytes_downloaded += total.downloaded_bytes
+        failures.extend(total.failures)
+        again: dict[str, list[_Target]] = {}
+        for target in total.again:
+            again.setdefault(target.md5, []).append(target)
         return again
 
     def _download(

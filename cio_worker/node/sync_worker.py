@@ -137,6 +137,10 @@ def _portable(answer: tuple) -> tuple:
 
 
 def main(argv: list[str]) -> int:
+    if len(argv) != 2 or not argv[1].isdigit():
+        print("usage: python -m cio_worker.node.sync_worker FD (started by the agent's input sync, "
+              "FD its end of a socket pair)", file=sys.stderr)
+        return 2
     conn = Connection(int(argv[1]))
     try:
         serve(conn)
