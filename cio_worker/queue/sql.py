@@ -1047,9 +1047,14 @@ class SqlQueue(Queue):
         if not keys:
             return {}
         which, params = self._pairs_in("t.job_number", "t.number", keys)
+        # The budgets as subqueries, not a join: a join lets a planner without statistics on a new
+        # job's tasks (PostgreSQL's, until autovacuum analyses them) scan all of the job's tasks
+        # for each key (15 ms for 13 keys among 5,000 tasks, growing with the job) instead of
+        # looking each key up in the primary key.
         rows = tx.execute(
-            "SELECT t.*, j.retry_preempted, j.retry_failed FROM tasks t JOIN jobs j ON j.number = t.job_number"
-            f" WHERE {which} ORDER BY t.job_number, t.number" + self.ROW_LOCK,
+            "SELECT t.*, (SELECT j.retry_preempted FROM jobs j WHERE j.number = t.job_number) AS retry_preempted,"
+            " (SELECT j.retry_failed FROM jobs j WHERE j.number = t.job_number) AS retry_failed"
+            f" FROM tasks t WHERE {which} ORDER BY t.job_number, t.number" + self.ROW_LOCK,
             params,
         ).fetchall()
         return {(r["job_number"], r["number"]): r for r in rows}
