@@ -33,6 +33,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -117,9 +118,31 @@ class Coordinator:
                 self.process.wait()
 
 
+def tree_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each live process in ``pid``'s tree."""
+    out: dict[int, float] = {}
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return out
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            out[proc.pid] = t.user + t.system
+        except psutil.Error:
+            pass
+    return out
+
+
+def tree_cpu_since(pid: int, before: dict[int, float]) -> float:
+    """CPU seconds ``pid``'s tree used since ``before`` (processes that exited meanwhile not counted)."""
+    return sum(cpu - before.get(p, 0.0) for p, cpu in tree_cpu(pid).items())
+
+
 # -- phases ------------------------------------------------------------------------------------------
 
-def raw_phase(db_url: str, n_tasks: int, threads: int) -> Phase:
+def raw_phase(db_url: str, n_tasks: int, threads: int, db_pid: int) -> Phase:
     setup = PostgresQueue(db_url)
     setup.create_job(JOB, tasks(n_tasks))
     setup.close()
@@ -142,18 +165,28 @@ def raw_phase(db_url: str, n_tasks: int, threads: int) -> Phase:
             latencies.extend(mine)
             done[0] += len(mine) - 1
 
-    started = time.perf_counter()
+    me = psutil.Process()
+    client0 = sum(me.cpu_times()[:2])
+    # the threads' backends exit with their connections: sample the tree just before they close
+    db0, db_used = tree_cpu(db_pid), [0.0]
     pool = [threading.Thread(target=worker, args=(i,)) for i in range(threads)]
+    started = time.perf_counter()
     for t in pool:
         t.start()
+    while any(t.is_alive() for t in pool):
+        db_used[0] = max(db_used[0], tree_cpu_since(db_pid, db0))
+        time.sleep(0.05)
     for t in pool:
         t.join()
     seconds = time.perf_counter() - started
     return Phase("raw SQL (PostgresQueue, threads)", done[0], seconds, done[0] / seconds,
-                 pct_ms(latencies, 50), pct_ms(latencies, 99), {"threads": threads})
+                 pct_ms(latencies, 50), pct_ms(latencies, 99),
+                 {"threads": threads, "postgres_cpu_us_per_cycle": 1e6 * db_used[0] / max(1, done[0]),
+                  "client_cpu_us_per_cycle": 1e6 * (sum(me.cpu_times()[:2]) - client0) / max(1, done[0])})
 
 
-async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tasks: int, agents: int) -> Phase:
+async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tasks: int, agents: int,
+                           coordinator: Coordinator, db_pid: int, profile: Path | None = None) -> Phase:
     q = PostgresQueue(db_url)
     q.create_job(JOB, tasks(n_tasks))
     q.close()
@@ -177,11 +210,21 @@ async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tas
                 done += 1
         conn.close()
 
+    me = psutil.Process()
+    spy = await py_spy(coordinator, profile, 600)
+    cpu0, db0, client0 = coordinator.cpu_seconds(), tree_cpu(db_pid), sum(me.cpu_times()[:2])
     started = time.perf_counter()
     await asyncio.gather(*(agent(i) for i in range(agents)))
     seconds = time.perf_counter() - started
+    if spy is not None:  # py-spy writes what it has on SIGINT
+        spy.send_signal(signal.SIGINT)
+        await spy.wait()
+    per_cycle = {"coordinator_cpu_us_per_cycle": coordinator.cpu_seconds() - cpu0,
+                 "postgres_cpu_us_per_cycle": tree_cpu_since(db_pid, db0),
+                 "client_cpu_us_per_cycle": sum(me.cpu_times()[:2]) - client0}
     return Phase("coordinator (HTTP, async agents)", done, seconds, done / seconds,
-                 pct_ms(latencies, 50), pct_ms(latencies, 99), {"agents": agents})
+                 pct_ms(latencies, 50), pct_ms(latencies, 99),
+                 {"agents": agents, **{k: 1e6 * v / max(1, done) for k, v in per_cycle.items()}})
 
 
 async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
@@ -445,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--phases", default="raw,throughput,burst,cost,pollcost,idle",
                         help="which phases to run, comma-separated (default: all)")
     parser.add_argument("--profile", type=Path, default=None,
-                        help="record the coordinator with py-spy (collapsed stacks) into this file during the idle phase")
+                        help="record the coordinator with py-spy (collapsed stacks) into this file during the idle phase (FILE.throughput, FILE.cost, FILE.pollcost: during those)")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--probe", nargs=3, metavar=("URL", "TOKEN", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -480,9 +523,11 @@ def main(argv: list[str] | None = None) -> int:
 
         chosen = {p.strip() for p in args.phases.split(",") if p.strip()}
         if "raw" in chosen:
-            ran(raw_phase(db_url, args.tasks, args.raw_threads))
+            ran(raw_phase(db_url, args.tasks, args.raw_threads, server.process.pid))
         if "throughput" in chosen:
-            ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents)))
+            ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents,
+                                     coordinator, server.process.pid,
+                                     args.profile.with_suffix(".throughput") if args.profile else None)))
         if "burst" in chosen:
             ran(run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
         for kind in ("cost", "pollcost"):
