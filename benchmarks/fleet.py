@@ -217,7 +217,11 @@ async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tas
     await asyncio.gather(*(agent(i) for i in range(agents)))
     seconds = time.perf_counter() - started
     if spy is not None:  # py-spy writes what it has on SIGINT
-        spy.send_signal(signal.SIGINT)
+        if spy.returncode is None:
+            try:
+                spy.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass  # it ended already (e.g. it could not attach)
         await spy.wait()
     per_cycle = {"coordinator_cpu_us_per_cycle": coordinator.cpu_seconds() - cpu0,
                  "postgres_cpu_us_per_cycle": tree_cpu_since(db_pid, db0),
