@@ -17,7 +17,8 @@ from cio_worker.errors import StorageError
 from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.storage.progress import LoggingProgress, TerminalProgress
 from cio_worker.storage import TransferError
-from cio_worker.storage.common import Activity, fetch_parts, part_size_for, present_keys, run_batch
+from cio_worker.storage.common import (Activity, fetch_parts, part_size_for, present_keys, run_batch, temp_sibling,
+                                       temp_sibling_str)
 from cio_worker.storage.retry import Retrier, RetryPolicy
 
 KiB = 1024
@@ -324,3 +325,20 @@ def test_a_download_makes_the_missing_directory_of_its_destination(tmp_path: Pat
     FileStorage(f"file://{tmp_path / 'store'}", StorageOptions(concurrency=8)).download(
         [DownloadItem(f"hashstore/k{i}", str(dest / f"{i}"), md5_b64_of_bytes(b"content %d" % i)) for i in range(64)])
     assert sorted(p.read_bytes() for p in dest.iterdir()) == sorted(b"content %d" % i for i in range(64))
+
+
+# --- temporary names
+
+
+def test_a_temporary_name_is_never_made_twice(tmp_path: Path) -> None:
+    """A transfer abandoned after a stall keeps its thread (left to its socket's timeout) and may
+    still write to, or remove, its temporary file; the next attempt at the same destination, run
+    from the same thread, must not get that name (it did when names were per thread: the retry's
+    file vanished before its rename)."""
+    dest = tmp_path / "renders" / "beauty.0001.exr"
+    same_thread = [temp_sibling(dest) for _ in range(3)] + [Path(temp_sibling_str(str(dest))) for _ in range(3)]
+    with ThreadPoolExecutor(4) as pool:
+        other_threads = list(pool.map(lambda _: temp_sibling(dest), range(40)))
+    names = same_thread + other_threads
+    assert len(set(names)) == len(names)
+    assert all(n.parent == dest.parent and n.name.startswith(".beauty.0001.exr.part-") for n in names)

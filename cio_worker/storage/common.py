@@ -6,6 +6,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import io
+import itertools
 import os
 import threading
 import time
@@ -365,15 +366,22 @@ def remove_quietly(path: str | os.PathLike[str]) -> None:
         pass
 
 
+# Numbers the temporary names this process makes: a name is never made twice, so a transfer
+# abandoned after a stall (its thread left to its socket's timeout) cannot write to or remove the
+# temporary file of a later attempt at the same destination. (A name per thread could: the next
+# attempt, run from the same thread, made the same name.)
+_temp_serial = itertools.count()
+
+
 def temp_sibling(path: Path) -> Path:
-    """A hidden temporary name beside ``path`` for write-then-rename."""
-    return path.with_name(f".{path.name}.part-{os.getpid()}-{threading.get_ident()}")
+    """A hidden temporary name beside ``path`` for write-then-rename, new at every call."""
+    return path.with_name(f".{path.name}.part-{os.getpid()}-{next(_temp_serial)}")
 
 
 def temp_sibling_str(path: str) -> str:
     """``temp_sibling`` of a path held as a string (no Path object per file)."""
     head, _, name = path.rpartition("/")
-    return f"{head}/.{name}.part-{os.getpid()}-{threading.get_ident()}"
+    return f"{head}/.{name}.part-{os.getpid()}-{next(_temp_serial)}"
 
 
 def default_concurrency(sizes: Iterable[int | None], cpu_count: int | None = None) -> int:
