@@ -787,6 +787,41 @@ def test_complete_many_applies_each_report_alone(backend: str, tmp_path: Path, r
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_batch_of_completions_records_every_attempt_event_and_operation_as_sent(backend: str, tmp_path: Path,
+                                                                                  request) -> None:
+    """A batch's rows go to the database together (on PostgreSQL as one statement a table, each
+    column an array): figures absent, partial (whole numbers in real-valued columns), whole;
+    text with quotes, braces and non-ASCII; every row read back as it was sent."""
+    from cio_worker.queue.base import AttemptFigures
+
+    q = database_queue(backend, tmp_path, request)
+    try:
+        job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 5)])
+        leases = q.claim_many(["w-1", "w-2", "w-3", "w-4"], 60)
+        figures = [None, AttemptFigures(wall_seconds=7, peak_rss_bytes=2**40),
+                   AttemptFigures(wall_seconds=1.5, cpu_seconds=0.25, sync_bytes=3, instance_type='n1 "{é}"',
+                                  hourly_price=0.38, cost=0.001, currency="USD", log="s3://b/p/_logs/{x}.log"),
+                   AttemptFigures()]
+        answers = q.complete_many([(lease, None, f"op-{i}-'{{é}}'", f) for i, (lease, f) in enumerate(zip(leases, figures))])
+        assert answers == [None] * 4
+        recorded = {a.task_id: a for a in q.attempts(job_id)}
+        for lease, sent in zip(leases, figures):
+            got = recorded[lease.task_id]
+            assert (got.worker, got.outcome, got.attempt) == (lease.worker, "done", 1)
+            expected = AttemptFigures() if sent is None else sent
+            assert got.figures.to_dict() == {**expected.to_dict(), "drain_seconds": None, "storage_scheme": ""}
+        done = [e for e in q.events(job_id) if e.kind == "done"]
+        assert sorted((e.task_id, e.worker) for e in done) == sorted((l.task_id, l.worker) for l in leases)
+        claimed = [e for e in q.events(job_id) if e.kind == "claimed"]
+        assert sorted(e.detail for e in claimed) == ["attempt 1"] * 4
+        # every operation id was recorded as sent: each copy is answered as applied before
+        again = q.complete_outcomes([(lease, None, f"op-{i}-'{{é}}'", None) for i, lease in enumerate(leases)])
+        assert [(o.state, o.replay) for o in again] == [("done", True)] * 4
+    finally:
+        q.close()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_replayed_report_is_told_from_one_applied_now(backend: str, tmp_path: Path, request) -> None:
     """What a coordinator counts by: a report's outcome says whether this call applied it or it
     is a copy (its op id) of one applied before, resent or in the same batch; the plain calls

@@ -143,12 +143,46 @@ class _PgTx:
         with self.conn.cursor() as cur:
             cur.executemany(self._sql(sql), [tuple(p) for p in params])
 
+    def execute_binary(self, sql: str, params: Sequence[Any]) -> None:
+        """``execute`` with the parameters sent in PostgreSQL's binary format (arrays without
+        quoting each element); for statements whose result nobody reads."""
+        self.conn.execute(sql.replace("%", "%%").replace("?", "%b"), tuple(params))
+
+
+# The Python type each column type of the schema's is sent as.
+_PYTHON_TYPE: dict[str, Callable[[Any], Any]] = {
+    "bigint": int, "integer": int, "double precision": float, "text": str,
+}
+
 
 class PostgresQueue(SqlQueue):
     REAP_INTERVAL = 0.5
     CLAIM_LOCK = " FOR UPDATE SKIP LOCKED"
     REAP_LOCK = " FOR UPDATE OF t SKIP LOCKED"
     ROW_LOCK = " FOR UPDATE OF t"
+
+    # table -> column -> its type, read from the schema once per process (every database this code
+    # opens has this code's schema version)
+    _column_types: dict[str, dict[str, str]] = {}
+
+    def _insert_rows(self, tx: _PgTx, table: str, columns: Sequence[str],  # type: ignore[override]
+                     rows: Sequence[Sequence[Any]]) -> None:
+        """One statement however many rows: each column's values as one array, unnested. An
+        ``executemany`` costs psycopg a statement sent and a result handled for each row; for the
+        rows a batch of claims and completions writes that was a large part of a busy
+        coordinator's CPU (benchmarks/README.md, Fleet, sixth round)."""
+        if len(rows) < 2:
+            super()._insert_rows(tx, table, columns, rows)
+            return
+        types = self._column_types.get(table)
+        if types is None:
+            types = self._column_types[table] = {r["column_name"]: r["data_type"] for r in tx.execute(
+                "SELECT column_name, data_type FROM information_schema.columns"
+                " WHERE table_schema = current_schema() AND table_name = ?", (table,)).fetchall()}
+        arrays = [[None if v is None else cast(v) for v in values]  # one Python type per array
+                  for cast, values in zip((_PYTHON_TYPE[types[c]] for c in columns), zip(*rows))]
+        placeholders = ", ".join(f"?::{types[c]}[]" for c in columns)
+        tx.execute_binary(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({placeholders})", arrays)
 
     def _one_of(self, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         return f"{column} = ANY(?)", (list(values),)

@@ -226,6 +226,7 @@ WEB_SESSIONS: tuple[str, ...] = (
 )
 
 
+_EVENT_COLUMNS = ("job_number", "task_number", "time", "kind", "worker", "detail")
 # The columns of an attempt's figures in the attempts table (AttemptFigures' names).
 _ATTEMPT_FIGURES = ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "sync_bytes", "sync_seconds", "upload_bytes",
                     "upload_seconds", "instance_type", "hourly_price", "cost", "currency", "log")
@@ -348,16 +349,11 @@ class SqlQueue(Queue):
             ).fetchone()["number"]
             job_id = job_id_text(number)
             tx.execute("UPDATE jobs SET document = ? WHERE number = ?", (json.dumps(replace(info, id=job_id).to_dict()), number))
-            if checked:
-                tx.executemany(
-                    "INSERT INTO tasks (job_number, number, frames, command, tile, tiles, scout, state, updated)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (number, i, t.frames, t.command, t.tile, t.tiles, int(t.scout),
-                         "holding" if hold and not t.scout else "pending", now)
-                        for i, t in enumerate(checked)
-                    ],
-                )
+            self._insert_rows(
+                tx, "tasks", ("job_number", "number", "frames", "command", "tile", "tiles", "scout", "state", "updated"),
+                [(number, i, t.frames, t.command, t.tile, t.tiles, int(t.scout),
+                  "holding" if hold and not t.scout else "pending", now) for i, t in enumerate(checked)],
+            )
             detail = f"{len(checked)} tasks"
             if hold:
                 detail += f"; {len(checked) - scouts} held until the job is released, {scouts} scout tasks pending"
@@ -653,18 +649,15 @@ class SqlQueue(Queue):
         return {r["worker"] for r in tx.execute(
             f"SELECT DISTINCT worker FROM job_blocks WHERE since IS NOT NULL AND {among}", params).fetchall()}
 
-    @staticmethod
-    def _lease_rows(tx: Tx, claimed: Sequence[tuple[Row, str, str, int]], now: float, expires: float) -> None:
+    def _lease_rows(self, tx: Tx, claimed: Sequence[tuple[Row, str, str, int]], now: float, expires: float) -> None:
         """Write the leases of one claim round: the tasks, their events, their workers."""
         tx.executemany(
             "UPDATE tasks SET state = 'leased', worker = ?, lease_token = ?, lease_expires = ?, updated = ?"
             " WHERE job_number = ? AND number = ?",
             [(w, token, expires, now, r["job_number"], r["number"]) for r, w, token, _ in claimed],
         )
-        tx.executemany(
-            "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            [(r["job_number"], r["number"], now, "claimed", w, f"attempt {a}") for r, w, _, a in claimed],
-        )
+        self._insert_rows(tx, "events", _EVENT_COLUMNS,
+                          [(r["job_number"], r["number"], now, "claimed", w, f"attempt {a}") for r, w, _, a in claimed])
         tx.executemany(
             "UPDATE workers SET state = 'syncing', job_number = ?, task_number = ?, progress = NULL, detail = '',"
             " last_contact = ? WHERE id = ?",
@@ -1026,6 +1019,11 @@ class SqlQueue(Queue):
     # any count: the driver parses and caches it once (psycopg's parse of a statement with hundreds
     # of placeholders was most of a grouped write's cost). Each engine spells it its own way.
 
+    def _insert_rows(self, tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+        """Insert ``rows`` (values in the order of ``columns``) into ``table``."""
+        if rows:
+            tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(columns)})", rows)
+
     def _one_of(self, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         """``column`` is one of ``values``: (the condition, its parameters)."""
         return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(list(values)),)
@@ -1097,10 +1095,8 @@ class SqlQueue(Queue):
             " frames_done = COALESCE(?, frames_done) WHERE job_number = ? AND number = ?",
             [(f.state, f.reason, now, f.frames_done, f.row["job_number"], f.row["number"]) for f in finals],
         )
-        tx.executemany(
-            "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            [(f.row["job_number"], f.row["number"], now, f.kind, f.row["worker"], f.event_text()) for f in finals],
-        )
+        self._insert_rows(tx, "events", _EVENT_COLUMNS,
+                          [(f.row["job_number"], f.row["number"], now, f.kind, f.row["worker"], f.event_text()) for f in finals])
 
     # -- operations -------------------------------------------------------------------------------
 
@@ -1115,28 +1111,20 @@ class SqlQueue(Queue):
             raise LeaseLost(f"{lease.label}: operation {op_id!r} was applied for another worker")
         return row["result"]
 
-    @staticmethod
-    def _remember(tx: Tx, op_id: str | None, lease: Lease, kind: str, result: str, now: float) -> None:
+    def _remember(self, tx: Tx, op_id: str | None, lease: Lease, kind: str, result: str, now: float) -> None:
         if op_id is not None:
-            SqlQueue._remember_all(tx, [(op_id, lease.worker, kind, result, now)])
+            self._remember_all(tx, [(op_id, lease.worker, kind, result, now)])
 
-    @staticmethod
-    def _remember_all(tx: Tx, operations: Sequence[tuple[str, str, str, str, float]]) -> None:
+    def _remember_all(self, tx: Tx, operations: Sequence[tuple[str, str, str, str, float]]) -> None:
         """Record (op id, worker, kind, result, time) of applied reports, to answer their copies."""
-        if operations:
-            tx.executemany("INSERT INTO operations (id, worker, kind, result, created) VALUES (?, ?, ?, ?, ?)", operations)
+        self._insert_rows(tx, "operations", ("id", "worker", "kind", "result", "created"), operations)
 
     # -- attempts and their logs ------------------------------------------------------------------
 
-    @staticmethod
-    def _record_attempts(tx: Tx, values: Sequence[tuple[Any, ...]]) -> None:
+    def _record_attempts(self, tx: Tx, values: Sequence[tuple[Any, ...]]) -> None:
         """Insert ended attempts (``_attempt_values``): once each, as their report is applied once."""
-        if values:
-            tx.executemany(
-                "INSERT INTO attempts (job_number, task_number, attempt, worker, outcome, reason, started, ended, "
-                f"{', '.join(_ATTEMPT_FIGURES)}) VALUES ({_marks(range(8 + len(_ATTEMPT_FIGURES)))})",
-                values,
-            )
+        self._insert_rows(tx, "attempts", ("job_number", "task_number", "attempt", "worker", "outcome", "reason",
+                                           "started", "ended", *_ATTEMPT_FIGURES), values)
 
     def attempts(self, job_id: str, task_id: str | None = None) -> list[AttemptRow]:
         with self._transaction(write=False) as tx:
@@ -1522,12 +1510,8 @@ class SqlQueue(Queue):
             cached = self._jobs_cache[number] = job_from_stored(data)
         return cached
 
-    @staticmethod
-    def _event(tx: Tx, job: int, task: int | None, now: float, kind: str, worker: str, detail: str) -> None:
-        tx.execute(
-            "INSERT INTO events (job_number, task_number, time, kind, worker, detail) VALUES (?, ?, ?, ?, ?, ?)",
-            (job, task, now, kind, worker, detail),
-        )
+    def _event(self, tx: Tx, job: int, task: int | None, now: float, kind: str, worker: str, detail: str) -> None:
+        self._insert_rows(tx, "events", _EVENT_COLUMNS, [(job, task, now, kind, worker, detail)])
 
     # -- figures ----------------------------------------------------------------------------------
 
