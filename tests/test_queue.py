@@ -791,13 +791,18 @@ def test_a_batch_of_completions_records_every_attempt_event_and_operation_as_sen
                                                                                   request) -> None:
     """A batch's rows go to the database together (on PostgreSQL as one statement a table, each
     column an array): figures absent, partial (whole numbers in real-valued columns), whole;
-    text with quotes, braces and non-ASCII; every row read back as it was sent."""
+    text with quotes, braces and non-ASCII; every row read back as it was sent, and a worker
+    that ended two tasks in the batch counted twice."""
     from cio_worker.queue.base import AttemptFigures
 
     q = database_queue(backend, tmp_path, request)
     try:
         job_id = q.create_job(job_spec(), [task(str(n)) for n in range(1, 5)])
-        leases = q.claim_many(["w-1", "w-2", "w-3", "w-4"], 60)
+        for worker in ("w-1", "w-2", "w-3"):
+            q.register_worker(worker, {})
+        leases = q.claim_many(["w-1", "w-2", "w-3", "w-3"], 60)  # w-3 runs two (an agent of two slots)
+        busy = {w.id: (w.state, w.task_id) for w in q.workers()}
+        assert (busy["w-1"], busy["w-3"]) == (("syncing", leases[0].task_id), ("syncing", leases[3].task_id))
         figures = [None, AttemptFigures(wall_seconds=7, peak_rss_bytes=2**40),
                    AttemptFigures(wall_seconds=1.5, cpu_seconds=0.25, sync_bytes=3, instance_type='n1 "{é}"',
                                   hourly_price=0.38, cost=0.001, currency="USD", log="s3://b/p/_logs/{x}.log"),
@@ -810,6 +815,8 @@ def test_a_batch_of_completions_records_every_attempt_event_and_operation_as_sen
             assert (got.worker, got.outcome, got.attempt) == (lease.worker, "done", 1)
             expected = AttemptFigures() if sent is None else sent
             assert got.figures.to_dict() == {**expected.to_dict(), "drain_seconds": None, "storage_scheme": ""}
+        assert {w.id: (w.tasks_done, w.state) for w in q.workers()} == {"w-1": (1, "idle"), "w-2": (1, "idle"),
+                                                                        "w-3": (2, "idle")}
         done = [e for e in q.events(job_id) if e.kind == "done"]
         assert sorted((e.task_id, e.worker) for e in done) == sorted((l.task_id, l.worker) for l in leases)
         claimed = [e for e in q.events(job_id) if e.kind == "claimed"]

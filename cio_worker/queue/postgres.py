@@ -174,15 +174,39 @@ class PostgresQueue(SqlQueue):
         if len(rows) < 2:
             super()._insert_rows(tx, table, columns, rows)
             return
+        placeholders, arrays = self._unnested(tx, table, columns, rows)
+        tx.execute_binary(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({placeholders})", arrays)
+
+    def _update_rows(self, tx: _PgTx, table: str, assignments: str, columns: Sequence[str],  # type: ignore[override]
+                     keys: Sequence[str], rows: Sequence[Sequence[Any]], lock: bool = False) -> None:
+        """One statement however many rows, as ``_insert_rows``: ``UPDATE ... FROM unnest(...)``,
+        which locks the rows in the order of its join; with ``lock`` a ``SELECT ... FOR UPDATE``
+        in key order locks them first."""
+        if len(rows) < 2:
+            super()._update_rows(tx, table, assignments, columns, keys, rows, lock)
+            return
+        if lock:
+            which, params = (self._one_of(keys[0], [row[-1] for row in rows]) if len(keys) == 1
+                             else self._pairs_in(*keys, [tuple(row[-2:]) for row in rows]))
+            tx.execute(f"SELECT 1 FROM {table} WHERE {which} ORDER BY {', '.join(keys)} FOR UPDATE", params)
+        placeholders, arrays = self._unnested(tx, table, (*columns, *keys), rows)
+        names = ", ".join([*(f"new_{c}" for c in columns), *(f"key_{k}" for k in keys)])
+        sets = assignments.format(**{c: f"v.new_{c}" for c in columns})
+        where = " AND ".join(f"{table}.{k} = v.key_{k}" for k in keys)
+        tx.execute_binary(f"UPDATE {table} SET {sets} FROM unnest({placeholders}) AS v({names}) WHERE {where}", arrays)
+
+    def _unnested(self, tx: _PgTx, table: str, columns: Sequence[str],
+                  rows: Sequence[Sequence[Any]]) -> tuple[str, list[list[Any]]]:
+        """``unnest``'s typed placeholders for ``columns`` of ``table``, and the rows' values as one
+        array a column, each of one Python type."""
         types = self._column_types.get(table)
         if types is None:
             types = self._column_types[table] = {r["column_name"]: r["data_type"] for r in tx.execute(
                 "SELECT column_name, data_type FROM information_schema.columns"
                 " WHERE table_schema = current_schema() AND table_name = ?", (table,)).fetchall()}
-        arrays = [[None if v is None else cast(v) for v in values]  # one Python type per array
+        arrays = [[None if v is None else cast(v) for v in values]
                   for cast, values in zip((_PYTHON_TYPE[types[c]] for c in columns), zip(*rows))]
-        placeholders = ", ".join(f"?::{types[c]}[]" for c in columns)
-        tx.execute_binary(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({placeholders})", arrays)
+        return ", ".join(f"?::{types[c]}[]" for c in columns), arrays
 
     def _one_of(self, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         return f"{column} = ANY(?)", (list(values),)

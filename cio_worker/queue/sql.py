@@ -13,6 +13,8 @@ from __future__ import annotations
 import abc
 import json
 import secrets
+import string
+from collections import Counter
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, replace
 from typing import Any, Iterable, Mapping, Protocol, Sequence
@@ -227,6 +229,7 @@ WEB_SESSIONS: tuple[str, ...] = (
 
 
 _EVENT_COLUMNS = ("job_number", "task_number", "time", "kind", "worker", "detail")
+_TASK_KEY = ("job_number", "number")
 # The columns of an attempt's figures in the attempts table (AttemptFigures' names).
 _ATTEMPT_FIGURES = ("wall_seconds", "cpu_seconds", "peak_rss_bytes", "sync_bytes", "sync_seconds", "upload_bytes",
                     "upload_seconds", "instance_type", "hourly_price", "cost", "currency", "log")
@@ -651,17 +654,19 @@ class SqlQueue(Queue):
 
     def _lease_rows(self, tx: Tx, claimed: Sequence[tuple[Row, str, str, int]], now: float, expires: float) -> None:
         """Write the leases of one claim round: the tasks, their events, their workers."""
-        tx.executemany(
-            "UPDATE tasks SET state = 'leased', worker = ?, lease_token = ?, lease_expires = ?, updated = ?"
-            " WHERE job_number = ? AND number = ?",
+        self._update_rows(
+            tx, "tasks", "state = 'leased', worker = {worker}, lease_token = {lease_token}, lease_expires = {lease_expires},"
+            " updated = {updated}", ("worker", "lease_token", "lease_expires", "updated"), _TASK_KEY,
             [(w, token, expires, now, r["job_number"], r["number"]) for r, w, token, _ in claimed],
         )
         self._insert_rows(tx, "events", _EVENT_COLUMNS,
                           [(r["job_number"], r["number"], now, "claimed", w, f"attempt {a}") for r, w, _, a in claimed])
-        tx.executemany(
-            "UPDATE workers SET state = 'syncing', job_number = ?, task_number = ?, progress = NULL, detail = '',"
-            " last_contact = ? WHERE id = ?",
-            sorted(((r["job_number"], r["number"], now, w) for r, w, _, _ in claimed), key=lambda p: p[3]),
+        self._update_rows(
+            tx, "workers", "state = 'syncing', job_number = {job_number}, task_number = {task_number}, progress = NULL,"
+            " detail = '', last_contact = {last_contact}", ("job_number", "task_number", "last_contact"), ("id",),
+            # a worker that took two tasks in this round (an agent of two slots) shows the later one
+            [row for _, row in sorted({w: (r["job_number"], r["number"], now, w) for r, w, _, _ in claimed}.items())],
+            lock=True,
         )
 
     def pending(self, limit: int = 1000) -> int:
@@ -1024,6 +1029,22 @@ class SqlQueue(Queue):
         if rows:
             tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(columns)})", rows)
 
+    def _update_rows(self, tx: Tx, table: str, assignments: str, columns: Sequence[str], keys: Sequence[str],
+                     rows: Sequence[Sequence[Any]], lock: bool = False) -> None:
+        """Update one row of ``table`` for each of ``rows``: its values for ``columns``, then for
+        ``keys`` (which name the row; each row once). ``assignments`` is the SET list, ``{column}``
+        where a row's value goes. An engine may write the rows in any order: they are locked
+        already, or (``lock``, rows given in key order) locked first in key order, the order every
+        writer locks them in."""
+        if not rows:
+            return
+        named = [name for _, name, _, _ in string.Formatter().parse(assignments) if name]
+        where = " AND ".join(f"{key} = ?" for key in keys)
+        at = {name: i for i, name in enumerate((*columns, *keys))}
+        order = [at[name] for name in (*named, *keys)]
+        tx.executemany(f"UPDATE {table} SET {assignments.format(**{n: '?' for n in named})} WHERE {where}",
+                       [tuple(row[i] for i in order) for row in rows])
+
     def _one_of(self, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         """``column`` is one of ``values``: (the condition, its parameters)."""
         return f"{column} IN (SELECT value FROM json_each(?))", (json.dumps(list(values)),)
@@ -1090,9 +1111,9 @@ class SqlQueue(Queue):
     def _set_finals(self, tx: Tx, finals: Sequence[_Final], now: float) -> None:
         if not finals:
             return
-        tx.executemany(
-            "UPDATE tasks SET state = ?, reason = ?, lease_token = NULL, lease_expires = NULL, updated = ?,"
-            " frames_done = COALESCE(?, frames_done) WHERE job_number = ? AND number = ?",
+        self._update_rows(
+            tx, "tasks", "state = {state}, reason = {reason}, lease_token = NULL, lease_expires = NULL, updated = {updated},"
+            " frames_done = COALESCE({frames_done}, frames_done)", ("state", "reason", "updated", "frames_done"), _TASK_KEY,
             [(f.state, f.reason, now, f.frames_done, f.row["job_number"], f.row["number"]) for f in finals],
         )
         self._insert_rows(tx, "events", _EVENT_COLUMNS,
@@ -1320,16 +1341,15 @@ class SqlQueue(Queue):
                         (state, progress, detail, now, state, state, *names),
                     )
 
-    @staticmethod
-    def _worker_finished(tx: Tx, workers: str | Sequence[str], now: float, counter: str) -> None:
-        """Workers whose task ended: idle again, one more in ``counter``; rows locked in id order."""
-        names = [workers] if isinstance(workers, str) else sorted(workers)
-        if names:
-            tx.executemany(
-                f"UPDATE workers SET {counter} = {counter} + 1, state = 'idle', job_number = NULL, task_number = NULL,"
-                " progress = NULL, last_contact = ? WHERE id = ?",
-                [(now, worker) for worker in names],
-            )
+    def _worker_finished(self, tx: Tx, workers: str | Sequence[str], now: float, counter: str) -> None:
+        """Workers whose task ended (a name once per task): idle again, that many more in
+        ``counter``; rows locked in id order."""
+        ended = Counter([workers] if isinstance(workers, str) else workers)
+        self._update_rows(
+            tx, "workers", f"{counter} = {counter} + {{{counter}}}, state = 'idle', job_number = NULL, task_number = NULL,"
+            " progress = NULL, last_contact = {last_contact}", (counter, "last_contact"), ("id",),
+            [(count, now, worker) for worker, count in sorted(ended.items())], lock=True,
+        )
 
     # -- tokens -----------------------------------------------------------------------------------
 
