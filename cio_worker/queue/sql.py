@@ -11,6 +11,7 @@ locks the rows a change reads (``FOR UPDATE``), and claimers skip the rows anoth
 from __future__ import annotations
 
 import abc
+import functools
 import json
 import secrets
 import string
@@ -1036,14 +1037,9 @@ class SqlQueue(Queue):
         where a row's value goes. An engine may write the rows in any order: they are locked
         already, or (``lock``, rows given in key order) locked first in key order, the order every
         writer locks them in."""
-        if not rows:
-            return
-        named = [name for _, name, _, _ in string.Formatter().parse(assignments) if name]
-        where = " AND ".join(f"{key} = ?" for key in keys)
-        at = {name: i for i, name in enumerate((*columns, *keys))}
-        order = [at[name] for name in (*named, *keys)]
-        tx.executemany(f"UPDATE {table} SET {assignments.format(**{n: '?' for n in named})} WHERE {where}",
-                       [tuple(row[i] for i in order) for row in rows])
+        if rows:
+            sql, order = _update_statement(table, assignments, tuple(columns), tuple(keys))
+            tx.executemany(sql, [tuple(row[i] for i in order) for row in rows])
 
     def _one_of(self, column: str, values: Sequence[Any]) -> tuple[str, tuple[Any, ...]]:
         """``column`` is one of ``values``: (the condition, its parameters)."""
@@ -1652,6 +1648,18 @@ def _times(n: int) -> str:
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'s' * (n != 1)}"
+
+
+@functools.lru_cache(maxsize=64)
+def _update_statement(table: str, assignments: str, columns: tuple[str, ...],
+                      keys: tuple[str, ...]) -> tuple[str, tuple[int, ...]]:
+    """``_update_rows``' statement with ``?`` placeholders, and the order in which a row's values
+    (``columns`` then ``keys``) fill them."""
+    named = [name for _, name, _, _ in string.Formatter().parse(assignments) if name]
+    at = {name: i for i, name in enumerate((*columns, *keys))}
+    where = " AND ".join(f"{key} = ?" for key in keys)
+    sql = f"UPDATE {table} SET {assignments.format(**{n: '?' for n in named})} WHERE {where}"
+    return sql, tuple(at[name] for name in (*named, *keys))
 
 
 def _marks(values: Sequence[object]) -> str:
