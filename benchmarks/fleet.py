@@ -8,7 +8,10 @@ complete SQL (``PostgresQueue``) sent straight to PostgreSQL from threads, no HT
 
 Phases (each on a fresh job in one database):
 - ``raw``: ``--raw-threads`` threads claim+complete ``--tasks`` zero-length tasks straight on PostgreSQL.
-- ``throughput``: ``--agents`` async agents claim+complete ``--tasks`` tasks through the coordinator.
+- ``throughput``: ``--agents`` async agents claim+complete ``--tasks`` tasks through the coordinator,
+  as the agent does: each completion claims the next task (``next_lease_seconds``), so a cycle is one
+  request; ``--two-requests``: a completion, then a claim (the agent before 2026-11-30's seventh round).
+  Its latency is the claim's: the round trip of the request that brought a lease.
 - ``burst``: ``--burst`` agents start at once against a job of as many tasks; when does each hold one?
 - ``idle``: ``--idle`` agents long-poll with no work and report every ``--heartbeat`` seconds (0: never,
   as the agent does when idle: its long poll is its contact) for
@@ -186,7 +189,8 @@ def raw_phase(db_url: str, n_tasks: int, threads: int, db_pid: int) -> Phase:
 
 
 async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tasks: int, agents: int,
-                           coordinator: Coordinator, db_pid: int, profile: Path | None = None) -> Phase:
+                           coordinator: Coordinator, db_pid: int, profile: Path | None = None,
+                           two_requests: bool = False) -> Phase:
     q = PostgresQueue(db_url)
     q.create_job(JOB, tasks(n_tasks))
     q.close()
@@ -197,17 +201,29 @@ async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tas
         nonlocal done
         name = f"tp-{i}"
         conn = Connection(base, token)
+        lease = None
         while True:
+            if lease is None:
+                t0 = time.perf_counter()
+                status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 0})
+                latencies.append(time.perf_counter() - t0)
+                if status != 200:
+                    break
+                lease = data["lease"]
+            body = {"lease": {k: lease[k] for k in ("job_id", "task_id", "token", "worker")},
+                    "op_id": f"{name}-{lease['task_id']}"}
+            if not two_requests:
+                body["next_lease_seconds"] = 600
             t0 = time.perf_counter()
-            status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 0})
-            latencies.append(time.perf_counter() - t0)
+            status, data = await conn.post("/v1/complete", body)
             if status != 200:
                 break
-            lease = data["lease"]
-            ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
-            status, _ = await conn.post("/v1/complete", {"lease": ref, "op_id": f"{name}-{lease['task_id']}"})
-            if status == 200:
-                done += 1
+            done += 1
+            lease = data.get("next")
+            if lease is not None:
+                latencies.append(time.perf_counter() - t0)
+            elif not two_requests and "next" not in data:
+                raise SystemExit("the coordinator does not claim with completions (no 'next' in its answer)")
         conn.close()
 
     me = psutil.Process()
@@ -228,7 +244,7 @@ async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tas
                  "client_cpu_us_per_cycle": sum(me.cpu_times()[:2]) - client0}
     return Phase("coordinator (HTTP, async agents)", done, seconds, done / seconds,
                  pct_ms(latencies, 50), pct_ms(latencies, 99),
-                 {"agents": agents, **{k: 1e6 * v / max(1, done) for k, v in per_cycle.items()}})
+                 {"agents": agents, "requests_per_cycle": 2 if two_requests else 1, **{k: 1e6 * v / max(1, done) for k, v in per_cycle.items()}})
 
 
 async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
@@ -488,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="idle agents send their next poll a random 0 to this many ms after an answer")
     parser.add_argument("--cost-seconds", type=float, default=10.0)
     parser.add_argument("--db-threads", type=int, default=8)
+    parser.add_argument("--two-requests", action="store_true",
+                        help="throughput: claim after each completion, not with it")
     parser.add_argument("--quick", action="store_true", help="small sizes for a smoke run")
     parser.add_argument("--phases", default="raw,throughput,burst,cost,pollcost,idle",
                         help="which phases to run, comma-separated (default: all)")
@@ -531,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
         if "throughput" in chosen:
             ran(run(throughput_phase(coordinator.url, agent_token, owner_token, db_url, args.tasks, args.agents,
                                      coordinator, server.process.pid,
-                                     args.profile.with_suffix(".throughput") if args.profile else None)))
+                                     args.profile.with_suffix(".throughput") if args.profile else None,
+                                     args.two_requests)))
         if "burst" in chosen:
             ran(run(burst_phase(coordinator.url, agent_token, db_url, args.burst)))
         for kind in ("cost", "pollcost"):

@@ -274,6 +274,59 @@ def test_a_stop_during_a_long_poll_gives_a_late_task_back_untouched(make_fleet) 
     assert task.state == "pending" and task.attempts["preempted"] == 0 and task.attempts["failed"] == 0
 
 
+class NextCounting(CountingQueue):
+    """Counts completions that claimed the next task; ``then(agent)`` runs as one brings a lease."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.next_asked: list[str] = []  # the task of each completion that asked for the next
+        self.then = None
+
+    def complete(self, lease, download=None, op_id=None, figures=None, next_lease_seconds=None):
+        following = super().complete(lease, download, op_id, figures, next_lease_seconds)
+        if next_lease_seconds is not None:
+            self.next_asked.append(lease.task_id)
+            if following is not None and self.then is not None:
+                self.then()
+        return following
+
+
+def test_a_busy_agent_claims_each_next_task_with_its_completion(fleet) -> None:
+    """One request per task to the coordinator, not two: the first claim is the only one."""
+    job = fleet.backend.create_job(
+        JobInfo(id="00000", title="fleet", project="default", storage=fleet.storage_url, output_path="C:/proj/renders"),
+        [NewTask(str(frame), "echo rendered") for frame in (1, 2, 3)])
+    client = fleet.client(NextCounting)
+    agent = fleet.agent("node-a", queue=client, max_tasks=3)
+    wait_for(lambda: all(t.state == "done" for t in fleet.backend.tasks(job)), 30, "the three tasks")
+    fleet.threads[0][1].join(30)
+    assert agent.summary.done == 3 and agent.summary.exit_reason == "ran 3 tasks"
+    assert len(client.waits) == 1  # one claim; the completions brought the other two tasks
+    assert client.next_asked == ["000", "001"]  # the third ended the agent's run: it asked for none
+    for task in ("000", "001", "002"):
+        assert [(e.kind, e.worker) for e in fleet.backend.events(job, task)] == [("claimed", "node-a"), ("done", "node-a")]
+
+
+@pytest.mark.parametrize("stop", ["shutdown", "soft notice"])
+def test_a_next_task_that_arrives_as_the_agent_stops_is_given_back_untouched(fleet, stop: str) -> None:
+    """A stop between the completion that brought the next task and its start: nothing of it runs,
+    and it goes back at no cost to it, as a claim that crossed a stop does."""
+    job = fleet.backend.create_job(
+        JobInfo(id="00000", title="fleet", project="default", storage=fleet.storage_url, output_path="C:/proj/renders"),
+        [NewTask("1", "echo rendered"), NewTask("2", f"touch {fleet.tmp / 'RAN'}")])
+    client = fleet.client(NextCounting)
+    agent = fleet.agent("node-a", queue=client, start=False)
+    client.then = (lambda: agent.shutdown("a notice")) if stop == "shutdown" else (lambda: agent.stop_claiming("a notice"))
+    thread = fleet.run(agent)
+    thread.join(30)
+    assert not thread.is_alive()
+    first, second = fleet.backend.tasks(job)
+    assert first.state == "done" and client.next_asked == ["000"]
+    assert second.state == "pending" and second.attempts == {"preempted": 0, "failed": 0, "released": 1}
+    assert [e.kind for e in fleet.backend.events(job, "001")] == ["claimed", "released"]
+    assert not (fleet.tmp / "RAN").exists()
+
+
 def test_a_sqlite_queue_is_polled_as_before(tmp_path: Path) -> None:
     fleet = Fleet(tmp_path)
     try:

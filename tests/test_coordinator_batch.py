@@ -4,8 +4,12 @@ gives concurrent claims and completions distinct, correct answers through it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
 import threading
+import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import requests
@@ -14,6 +18,18 @@ from cio_worker.coordinator.app import CoordinatorConfig, create_app
 from cio_worker.coordinator.batch import Batcher
 from cio_worker.queue import NewTask, SqliteQueue
 from tests.fleet import serving_app
+from tests.waiting import wait_for
+
+def raw_post(url: str, path: str, token: str, payload: dict) -> socket.socket:
+    """A request sent on a socket of its own, left open for the caller to close unanswered."""
+    parts = urlsplit(url)
+    body = json.dumps(payload).encode()
+    sock = socket.create_connection((parts.hostname, parts.port))
+    sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
+                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (path.encode(), token.encode(), len(body), body))
+    return sock
+
 
 JOB = {"title": "batch", "project": "default", "storage": "file:///tmp/s", "output_path": "/renders",
        "autoretry_policy": {"preempted": {"max_retries": 3}, "failed": {"max_retries": 1}}}
@@ -182,11 +198,6 @@ def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path, 
     poll of the disconnect (``extension``); under another server, a pending ``receive()`` does."""
     from cio_worker.coordinator.transport import coalescing_protocol
 
-    import json
-    import socket
-    import time
-    from urllib.parse import urlsplit
-
     queue = SqliteQueue(tmp_path / "q.db")
     _, agent = queue.create_token("fleet", ["agent"])
     app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
@@ -194,11 +205,7 @@ def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path, 
     with serving_app(app, **({"http": coalescing_protocol()} if told_by == "extension" else {})) as url:
         for name in ("gone", "waiting"):
             assert requests.post(f"{url}/v1/workers/register", json={"worker": name, "info": {}}, headers=headers).ok
-        parts = urlsplit(url)
-        body = json.dumps({"worker": "gone", "wait_seconds": 30}).encode()
-        sock = socket.create_connection((parts.hostname, parts.port))
-        sock.sendall(b"POST /v1/claim HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer %s\r\n"
-                     b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (agent.encode(), len(body), body))
+        sock = raw_post(url, "/v1/claim", agent, {"worker": "gone", "wait_seconds": 30})
         time.sleep(0.5)  # the gone agent's claim is first in the line of waiters
         answers: list = []
         waiter = threading.Thread(target=lambda: answers.append(requests.post(
@@ -214,6 +221,58 @@ def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path, 
         assert answers[0].json()["lease"]["worker"] == "waiting"
         assert task.state == "leased" and task.worker == "waiting"
         assert [e.worker for e in queue.events(job, task.id) if e.kind == "claimed"] == ["waiting"]
+    queue.close()
+
+
+class SlowQueue(SqliteQueue):
+    """Completions or claims that take a while: time for their agent to go away meanwhile."""
+
+    slow = ""
+
+    def complete_outcomes(self, reports):
+        if self.slow == "completion":
+            time.sleep(1.0)
+        return super().complete_outcomes(reports)
+
+    def claim_many(self, workers, lease_seconds):
+        if self.slow == "claim":
+            time.sleep(1.0)
+        return super().claim_many(workers, lease_seconds)
+
+
+@pytest.mark.parametrize("gone_during", ["completion", "claim"])
+def test_a_completion_whose_agent_went_away_leaves_no_next_task_leased(tmp_path: Path, gone_during: str) -> None:
+    """A completion that also claims the next task, whose agent is gone before the answer: the
+    completion stands, and no task is left leased to nobody until its lease expires. Gone while
+    the completion is at the database: nothing is claimed. Gone while the claim is: the task it
+    leased goes back to pending at no cost (a "released" attempt)."""
+    from cio_worker.coordinator.transport import coalescing_protocol
+
+    queue = SlowQueue(tmp_path / "q.db")
+    _, agent = queue.create_token("fleet", ["agent"])
+    job = queue.create_job(JOB, [NewTask("1", "cnode a"), NewTask("2", "cnode b")])
+    app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
+    headers = {"Authorization": f"Bearer {agent}"}
+    with serving_app(app, http=coalescing_protocol()) as url:
+        lease = requests.post(f"{url}/v1/claim", json={"worker": "w1", "wait_seconds": 0}, headers=headers,
+                              timeout=30).json()["lease"]
+        queue.slow = gone_during
+        ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
+        sock = raw_post(url, "/v1/complete", agent, {"lease": ref, "op_id": "op-1", "next_lease_seconds": 60})
+        time.sleep(0.3)
+        sock.close()  # gone while its completion or claim is at the database
+        wait_for(lambda: queue.tasks(job)[0].state == "done", 20, "the completion")
+        if gone_during == "claim":
+            wait_for(lambda: queue.tasks(job)[1].attempts["released"] == 1, 20, "the next task given back")
+        else:
+            time.sleep(1.5)  # what the coordinator does after the completion, done
+    second = queue.tasks(job)[1]
+    assert second.state == "pending"
+    if gone_during == "claim":
+        assert second.attempts == {"preempted": 0, "failed": 0, "released": 1}
+        assert [e.kind for e in queue.events(job, "001")] == ["claimed", "released"]
+    else:
+        assert second.attempt_count == 0 and queue.events(job, "001") == []
     queue.close()
 
 

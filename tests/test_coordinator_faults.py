@@ -24,6 +24,7 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Iterator
 from urllib.parse import quote, unquote
 
@@ -900,6 +901,73 @@ def test_replayed_reports_get_the_same_answer_and_are_applied_once(backend: Any,
     figures = {"backend": type(backend).__name__, "replays_sent": sum(statuses.values()),
                "answers": dict(sorted(statuses.items())), "duplicates": result["completions_applied_twice"]}
     report(record_property, f"replays ({type(backend).__name__})", figures)
+
+
+def test_a_completion_that_claims_the_next_task_sent_many_times_at_once_claims_one(backend: Any) -> None:
+    """Copies of one completion with ``next_lease_seconds`` in flight together (a client that timed
+    out and sent it again): it is applied once, and exactly one answer carries a next task."""
+    from cio_worker.queue.http import HttpQueue
+
+    _, token = backend.create_token("fleet", ["agent", "owner"])
+    job = new_job(backend, 4)
+    times = 20
+    with serving(backend, CoordinatorConfig(lease_seconds=600, watch_seconds=0.5)) as url:
+        lease = HttpQueue(url, token).claim("w-1", 600)
+        body = {"lease": {"job_id": lease.job_id, "task_id": lease.task_id, "token": lease.token, "worker": "w-1"},
+                "op_id": uuid.uuid4().hex, "next_lease_seconds": 600}
+        request = SimpleNamespace(path="/v1/complete", body=json.dumps(body).encode(),
+                                  headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        answers = replay(url, request, times, concurrently=True)
+    assert {status for status, _ in answers} == {200}
+    nexts = [json.loads(text)["next"] for _, text in answers]
+    assert all(json.loads(text)["state"] == "done" for _, text in answers)
+    assert len([n for n in nexts if n is not None]) == 1, nexts
+    states = {t.id: (t.state, t.worker) for t in backend.tasks(job)}
+    assert states["000"][0] == "done"
+    assert sorted(state for state, _ in states.values()) == ["done", "leased", "pending", "pending"]
+    assert [e.kind for e in backend.events(job)].count("done") == 1
+
+
+def test_a_coordinator_older_than_next_lease_seconds_gets_the_completion_without_it() -> None:
+    """A newer agent before an older coordinator (a fleet upgraded in turn): the coordinator
+    refuses the unknown field before acting (422 naming it), and the client sends the completion
+    again without it, then no longer asks for the next task."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from cio_worker.queue.http import HttpQueue
+
+    bodies: list[dict] = []
+
+    class Older(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            bodies.append(body)
+            status, answer = 200, {"state": "done"}
+            if "next_lease_seconds" in body:  # what a strict model without the field answers
+                status, answer = 422, {"error": "bad_document", "field": "next_lease_seconds",
+                                       "message": "next_lease_seconds: Extra inputs are not permitted"}
+            data = json.dumps(answer).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Older)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        client = HttpQueue(f"http://127.0.0.1:{server.server_address[1]}", "a-token", retry_seconds=1)
+        lease = Lease(job_id="00001", task_id="000", token="t", worker="w-1", expires_at=0.0, document=None)  # type: ignore[arg-type]
+        assert client.complete(lease, op_id="op-1", next_lease_seconds=30) is None
+        assert client.complete(lease, op_id="op-2", next_lease_seconds=30) is None
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(b["op_id"], "next_lease_seconds" in b) for b in bodies] == [("op-1", True), ("op-1", False), ("op-2", False)]
 
 
 # ==================================================================================================

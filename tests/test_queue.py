@@ -637,6 +637,41 @@ def test_a_report_on_another_workers_lease_changes_nothing(queue: Queue) -> None
         queue.complete(stolen, op_id="op-a")
 
 
+def test_a_completion_claims_the_workers_next_task_when_asked(queue: Queue, clock: Clock) -> None:
+    job = queue.create_job(job_spec(), [task("1"), task("2"), task("3")])
+    first = queue.claim("agent-a", 30)
+    assert queue.complete(first, op_id="op-1") is None  # not asked: nothing claimed
+    assert states(queue, job) == ["done", "pending", "pending"]
+    second = queue.claim("agent-a", 30)
+    third = queue.complete(second, download("b.exr"), op_id="op-2", next_lease_seconds=45)
+    assert third is not None and (third.job_id, third.task_id, third.worker) == (job, "002", "agent-a")
+    assert third.expires_at == clock.now + 45
+    assert third.document.task.frames == "3" and third.document.task.attempt == 1
+    assert states(queue, job) == ["done", "done", "leased"]
+    assert queue.heartbeat(third, 30).cancel is False  # a lease like any claim's
+    assert [(e.kind, e.worker) for e in queue.events(job, "002")] == [("claimed", "agent-a")]
+    assert queue.complete(third, op_id="op-3", next_lease_seconds=45) is None  # nothing left to claim
+    assert queue.is_finished(job)
+    assert len(queue.downloads(job)) == 1
+
+
+def test_a_resent_completion_claims_nothing_and_a_refused_one_claims_nothing(queue: Queue) -> None:
+    job = queue.create_job(job_spec(), [task("1"), task("2"), task("3")])
+    first = queue.claim("agent-a", 30)
+    second = queue.complete(first, op_id="op-1", next_lease_seconds=30)
+    assert second is not None
+    # The answer was lost and the report resent: applied once, and no second task is leased.
+    assert queue.complete(first, op_id="op-1", next_lease_seconds=30) is None
+    assert states(queue, job) == ["done", "leased", "pending"]
+    stolen = type(second)(**{**second.__dict__, "worker": "agent-b"})
+    with pytest.raises(LeaseLost):
+        queue.complete(stolen, op_id="op-2", next_lease_seconds=30)
+    with pytest.raises(DocumentError, match="next_lease_seconds"):
+        queue.complete(second, op_id="op-3", next_lease_seconds=0)
+    assert states(queue, job) == ["done", "leased", "pending"]
+    assert queue.tasks(job)[1].worker == "agent-a"
+
+
 def test_workers_register_and_their_state_follows_their_tasks(queue: Queue, clock: Clock) -> None:
     from cio_worker.queue import WorkerStatus
 

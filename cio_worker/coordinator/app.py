@@ -11,7 +11,8 @@ pending work once a second while anyone waits (one cheap query, however many wai
 expired leases, so work submitted through another coordinator also wakes this one's waiters.
 While the queue is known to be empty, a new long poll waits without asking the database, and idle
 agents' contact and status reports are gathered in memory and written together by the watcher:
-thousands of idle agents cost a few queries a second, not one per request.
+thousands of idle agents cost a few queries a second, not one per request. A busy agent claims
+its next task with its completion (``next_lease_seconds``): one request per task, not two.
 
 The agents' hot calls (claim, heartbeat, report, complete, register) are answered by
 ``FastRoutes`` ahead of the framework, and the claims, completions and registrations that arrive
@@ -165,6 +166,8 @@ class CompleteBody(_Strict):
     download: DownloadBody | None = None
     op_id: str | None = OpId
     figures: FiguresBody | None = None
+    # Claim the worker's next task in the same request (no wait): it comes back as "next".
+    next_lease_seconds: float | None = Field(default=None, gt=0, le=86_400)
 
 
 class FailBody(_Strict):
@@ -547,11 +550,10 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         on_leave = None if departure is None else departure.on_leave
         while True:
             if not (empty["now"] and wait > 0):
-                lease = await claims.submit((body.worker, lease_seconds))
+                lease = await lease_now(body.worker, lease_seconds)
                 if lease is not None:
                     timer.leased()
                     return {"lease": wire.lease_to_dict(lease), **settings()}
-                empty["now"] = True
             left = deadline - time.monotonic()
             if left <= 0 or stop.is_set() or (departure is not None and departure.gone):
                 timer.empty()
@@ -572,19 +574,47 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     def figures_of(body: CompleteBody | FailBody | ReleaseBody) -> Any:
         return None if body.figures is None else wire.figures_from_dict(body.figures.model_dump())
 
-    async def do_complete(body: CompleteBody) -> dict:
+    async def lease_now(worker: str, lease_seconds: float) -> Lease | None:
+        lease = await claims.submit((worker, lease_seconds))
+        if lease is None:
+            empty["now"] = True
+        return lease
+
+    async def do_complete(body: CompleteBody, departure: Departure | None = None) -> dict:
+        """With ``next_lease_seconds``, the worker's next task comes back as ``next`` (None: there
+        is none). It is claimed only for a report applied now: a resend after a lost answer gets
+        none, and the lease the lost answer carried expires as a lost claim's does."""
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         figures = figures_of(body)
         outcome = await completions.submit((lease, download, body.op_id, figures))
-        if not outcome.replay:  # a copy resent after a lost answer was counted when it was applied
-            metrics.completions.inc()
-            metrics.attempt("done", figures)
-        return {"state": "done"}
+        if outcome.replay:  # a copy resent after a lost answer was counted when it was applied
+            return {"state": "done"} if body.next_lease_seconds is None else {"state": "done", "next": None}
+        metrics.completions.inc()
+        metrics.attempt("done", figures)
+        if body.next_lease_seconds is None:
+            return {"state": "done"}
+        following = None
+        if departure is None or not departure.gone:
+            timer = metrics.claim()
+            try:
+                following = await lease_now(lease.worker, body.next_lease_seconds)
+            except CioError as exc:  # the completion stands; the agent claims on its own
+                log.warning("claim after the completion of %s failed: %s", lease.label, exc)
+            if following is None:
+                timer.empty()
+            else:
+                timer.leased()
+        return {"state": "done", "next": None if following is None else wire.lease_to_dict(following), **settings()}
 
     async def undelivered_claim(answer: dict) -> None:
         """A claim answered as its agent went away: the lease goes back at no cost to the task."""
         await give_back(wire.lease_from_dict(answer["lease"]))
+
+    async def undelivered_completion(answer: dict) -> None:
+        """A completion answered as its agent went away: the next task it claimed goes back."""
+        if answer.get("next") is not None:
+            await give_back(wire.lease_from_dict(answer["next"]))
 
     async def give_back(lease: Lease) -> None:
         await call(queue.release, lease, "released", "", None, "claimed for a request that went away", None)
@@ -763,7 +793,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         routes={"/v1/claim": FastRoute(ClaimBody, "agent", do_claim, undelivered=undelivered_claim),
                 "/v1/heartbeat": FastRoute(HeartbeatBody, "agent", do_heartbeat),
                 "/v1/workers/report": FastRoute(WorkerReportBody, "agent", do_report),
-                "/v1/complete": FastRoute(CompleteBody, "agent", do_complete),
+                "/v1/complete": FastRoute(CompleteBody, "agent", do_complete, undelivered=undelivered_completion),
                 "/v1/workers/register": FastRoute(RegisterBody, "agent", do_register)},
         authenticate=authenticate, refuse=refusal, invalid=invalid_body, limit=MAX_SMALL_BODY,
         too_large=lambda: refusal(_too_large(MAX_SMALL_BODY)),

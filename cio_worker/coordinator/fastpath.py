@@ -33,9 +33,10 @@ class FastRoute:
     scope: str  # the token scope the route needs
     # ``handler(model)``, or ``handler(model, departure)`` for a long wait; None answers 204 No Content.
     handler: Callable[..., Awaitable[dict[str, Any] | None]]
-    # A long wait (a claim's long poll): the handler is told through its ``Departure`` when the
-    # client goes away meanwhile (and should end its wait), and an answer it made that can no
-    # longer be delivered is handed here (a lease given back) rather than sent to nobody.
+    # An answer that carries a lease (a claim, with its long poll; a completion that claims the
+    # next task): the handler is told through its ``Departure`` when the client goes away
+    # meanwhile (and should end its wait), and an answer it made that can no longer be delivered
+    # is handed here (a lease given back) rather than sent to nobody.
     undelivered: Callable[[dict[str, Any]], Awaitable[None]] | None = None
 
 

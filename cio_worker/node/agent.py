@@ -48,7 +48,7 @@ from cio_worker.node.figures import attempt_figures, stopped_figures
 from cio_worker.node.logship import LogShipper, log_key, upload_log
 from cio_worker.storage.base import object_url
 from cio_worker.node.identity import InstanceIdentity, local_identity
-from cio_worker.node.outbox import Outbox, Report, is_final
+from cio_worker.node.outbox import NextClaim, Outbox, Report, is_final
 from cio_worker.queue import DownloadFile, Lease, NewDownload, Queue
 from cio_worker.queue.base import WORKER_STATES, AttemptFigures, WorkerStatus
 
@@ -190,6 +190,7 @@ class Agent:
         self._long_polls = _accepts_wait(queue)
         self._claimer: _ClaimThread | None = None
         self._abandoned: list[_Pending] = []  # long-poll claims left behind by a stop
+        self._next_lease: Lease | None = None  # the next task, claimed with the last completion
         self._node_faults_in_row = 0
         self._gave_up: str | None = None  # why the node gave up (node faults in a row)
 
@@ -308,6 +309,15 @@ class Agent:
         idle_since = self.clock()
         while True:
             self.alive()
+            lease, self._next_lease = self._next_lease, None
+            if lease is not None:  # the last completion brought the next task
+                if self._gave_up or self._no_new_work:
+                    self._release_untouched(lease, "claimed with a completion as the agent stopped taking work")
+                else:
+                    self._flush_outbox("before the next task")  # in the background, should it fail
+                    self._handle(lease)  # which gives it back untouched, should a stop have come
+                    idle_since = self.clock()
+                continue
             if self._stop_reason:
                 self.summary.exit_reason = self._stop_reason
                 break
@@ -437,6 +447,15 @@ class Agent:
             raise pending.error
         return pending.result
 
+    def _next_claim(self, control: TaskControl) -> NextClaim | None:
+        """Whether a completion should claim the next task with it: only when the loop would
+        claim one right after (one request per task to a coordinator, not two)."""
+        if self._stop_reason or self._gave_up or self._no_new_work or control.stopping or not self._registered:
+            return None
+        if self.config.max_tasks is not None and self.summary.tasks >= self.config.max_tasks:
+            return None
+        return NextClaim(self._lease_seconds())
+
     def _release_untouched(self, lease: Lease, reason: str) -> None:
         """Give a task back that never ran, at no cost to it (cause ``released``)."""
         doc: TaskDocument | None = getattr(lease, "document", None)
@@ -483,11 +502,11 @@ class Agent:
         while not stop.wait(max(0.05, self.config.outbox_retry_seconds)):
             self._flush_outbox("in the background")
 
-    def _deliver(self, report: Report, control: TaskControl | None = None) -> str:
+    def _deliver(self, report: Report, control: TaskControl | None = None, next_claim: NextClaim | None = None) -> str:
         """Write ``report`` to the outbox, then send it, retrying in line while the queue is briefly
         unusable. Returns the task's state after it. LeaseLost (logged here with the op id) and
         refusals for good reach the caller with the report dropped; a queue that stays unavailable
-        raises ReportDeferred with the report kept for later."""
+        raises ReportDeferred with the report kept for later. ``next_claim``: see ``Report.send``."""
         stored = True
         try:
             self.outbox.put(report)
@@ -497,7 +516,7 @@ class Agent:
                            report.label, self.outbox.directory, exc)
         with self.outbox.sending(report.op_id):
             try:
-                return self._reporting(lambda: self.outbox.send(self.queue, report), report.label, control)
+                return self._reporting(lambda: self.outbox.send(self.queue, report, next_claim), report.label, control)
             except LeaseLost as exc:
                 self.log.warning("%s dropped: the lease is gone (%s); the task runs elsewhere", report.describe(), exc)
                 raise
@@ -805,9 +824,12 @@ class Agent:
                 self.log.warning("%s: lease lost; not reporting it", label)
             elif status == "done":
                 self._node_faults_in_row = 0
+                next_claim = self._next_claim(control)
                 self._deliver(Report.of("complete", lease, download=_download(doc, outcome), figures=figures),
-                              control)
+                              control, next_claim)
                 self.summary.done += 1
+                if next_claim is not None and next_claim.lease is not None:
+                    self._next_lease = next_claim.lease
                 if drain is not None:  # finished (and uploaded) inside the notice
                     drain.by, drain.state, drain.released_at = "completed", "done", time.time()
                     drain.frames_done = doc.task.frames

@@ -13,7 +13,9 @@ document the queue calls invalid, a job or task the queue no longer has. A file 
 as a report is moved aside to ``<name>.bad`` with a log line; it never stops the agent.
 
 One delivery at a time: ``send`` holds the outbox's lock while it talks to the queue, and a report
-the agent is still sending itself (``sending``) is left alone by ``flush``.
+the agent is still sending itself (``sending``) is left alone by ``flush``. Only the agent's own
+send of a completion may claim the worker's next task with it (``NextClaim``); a report sent
+again from the outbox never does.
 """
 
 from __future__ import annotations
@@ -51,6 +53,15 @@ def new_op_id() -> str:
     return uuid.uuid4().hex
 
 
+@dataclass
+class NextClaim:
+    """Ask a completion to claim the worker's next task too (``Queue.complete``'s
+    ``next_lease_seconds``); the lease it brings, if any, is left in ``lease``."""
+
+    lease_seconds: float
+    lease: Lease | None = None
+
+
 @dataclass(frozen=True)
 class Report:
     """One report on one lease, with everything needed to send it again after a restart."""
@@ -86,13 +97,18 @@ class Report:
         return Lease(job_id=self.job_id, task_id=self.task_id, token=self.token, worker=self.worker,
                      expires_at=0.0, document=None)  # type: ignore[arg-type]
 
-    def send(self, queue: Queue) -> str:
-        """Make the report on ``queue`` with this report's op id; the task's state after it."""
+    def send(self, queue: Queue, next_claim: NextClaim | None = None) -> str:
+        """Make the report on ``queue`` with this report's op id; the task's state after it.
+        ``next_claim`` (a completion only) gets the next task's lease, if the queue gave one."""
         method = getattr(queue, self.kind)
         # A stand-in queue that predates figures (a wrapper in a test or benchmark) gets none.
         extra = {"figures": self.figures} if self.figures is not None and accepts(method, "figures") else {}
         if self.kind == "complete":
-            method(self.lease, self.download, op_id=self.op_id, **extra)
+            if next_claim is not None and accepts(method, "next_lease_seconds"):
+                next_claim.lease = method(self.lease, self.download, op_id=self.op_id,
+                                          next_lease_seconds=next_claim.lease_seconds, **extra)
+            else:
+                method(self.lease, self.download, op_id=self.op_id, **extra)
             return "done"
         if self.kind == "fail":
             return method(self.lease, self.reason, op_id=self.op_id, **extra)
@@ -271,12 +287,12 @@ class Outbox:
             with self._state:
                 self._sending.discard(op_id)
 
-    def send(self, queue: Queue, report: Report) -> str:
+    def send(self, queue: Queue, report: Report, next_claim: NextClaim | None = None) -> str:
         """Send once. Answered, or refused for good: the file goes. Unavailable (QueueError other
         than LeaseLost): the file stays. Every exception reaches the caller."""
         with self._lock:
             try:
-                state = report.send(queue)
+                state = report.send(queue, next_claim)
             except CioError as exc:
                 if is_final(exc):
                     self.discard(report.op_id)

@@ -48,6 +48,10 @@ A lease holds until its expiry has passed *and* the queue has reaped it (every `
 first); a late heartbeat before that renews it. A killed job asks its leased tasks to stop
 (``HeartbeatReply.cancel``); whatever the agent reports next except ``complete`` ends the task
 failed with "killed by owner", never back to pending.
+
+A worker that ends a task done may claim its next one in the same call (``complete``'s
+``next_lease_seconds``): over HTTP one request per task instead of two, which is most of what a
+coordinator spends on a busy fleet.
 """
 
 from __future__ import annotations
@@ -459,7 +463,12 @@ class Queue(abc.ABC):
 
     @abc.abstractmethod
     def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
-                 figures: AttemptFigures | None = None) -> None: ...
+                 figures: AttemptFigures | None = None, next_lease_seconds: float | None = None) -> Lease | None:
+        """End the task done. With ``next_lease_seconds`` the lease's worker then claims its next
+        task (a claim without a wait) and gets that lease back, so that a busy worker asks once per
+        task; None when there is none, or when this report was applied before (a resend after a
+        lost answer claims nothing: a lease the first answer carried expires like any lost claim's).
+        A claim that fails after the completion was applied answers None, never an error."""
 
     @abc.abstractmethod
     def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:
@@ -545,6 +554,11 @@ def coerce_job(job: JobInfo | Mapping[str, Any]) -> JobInfo:
 
 def job_from_stored(data: Mapping[str, Any]) -> JobInfo:
     return parse_job(_Reader(data, "job"))
+
+
+def check_lease_seconds(seconds: float, field: str = "lease_seconds") -> None:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise DocumentError(field, f"must be a number of seconds above 0, not {seconds!r}")
 
 
 def validate_new_tasks(tasks: Iterable[Any]) -> list[NewTask]:

@@ -36,6 +36,7 @@ from cio_worker.queue.base import (
     TaskRow,
     WorkerRow,
     WorkerStatus,
+    check_lease_seconds,
     coerce_job,
     validate_new_tasks,
 )
@@ -81,6 +82,7 @@ class HttpQueue(Queue):
         self._local = threading.local()
         # What the coordinator last said: how often to heartbeat, how long to long-poll.
         self.settings: dict[str, float] = {}
+        self._claims_with_completions = True  # False once a coordinator refused next_lease_seconds
 
     def __repr__(self) -> str:
         return f"HttpQueue({self.url!r})"
@@ -220,12 +222,26 @@ class HttpQueue(Queue):
         return wire.reply_from_dict(answer)
 
     def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
-                 figures: AttemptFigures | None = None) -> None:
+                 figures: AttemptFigures | None = None, next_lease_seconds: float | None = None) -> Lease | None:
         body = {"lease": wire.lease_to_dict(lease, with_document=False), "op_id": op_id or new_op_id(),
                 "download": None if download is None else wire.new_download_to_dict(download)}
         if figures is not None:
             body["figures"] = wire.figures_to_dict(figures)
+        if next_lease_seconds is not None:
+            check_lease_seconds(next_lease_seconds, "next_lease_seconds")
+        if next_lease_seconds is not None and self._claims_with_completions:
+            try:
+                answer = self._request("POST", "/v1/complete", {**body, "next_lease_seconds": next_lease_seconds})
+            except DocumentError as exc:
+                if exc.field != "next_lease_seconds":
+                    raise
+                # A coordinator older than the field refuses it before it acts: tell it as it knows.
+                self._claims_with_completions = False
+            else:
+                self._remember_settings(answer)
+                return None if answer.get("next") is None else wire.lease_from_dict(answer["next"])
         self._request("POST", "/v1/complete", body)
+        return None
 
     def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:
         body = {"lease": wire.lease_to_dict(lease, with_document=False), "reason": reason, "op_id": op_id or new_op_id()}

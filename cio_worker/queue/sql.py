@@ -52,6 +52,7 @@ from cio_worker.queue.base import (
     WorkerBlock,
     WorkerRow,
     WorkerStatus,
+    check_lease_seconds,
     coerce_job,
     job_from_stored,
     validate_new_tasks,
@@ -533,7 +534,7 @@ class SqlQueue(Queue):
         nothing takes a task it is kept from that no other live worker may take."""
         for worker in workers:
             _check_worker(worker)
-        _check_lease_seconds(lease_seconds)
+        check_lease_seconds(lease_seconds)
         leases: list[Lease | None] = [None] * len(workers)
         waiting = list(range(len(workers)))  # the claimers without a lease yet, in their order
         alone = False
@@ -713,7 +714,7 @@ class SqlQueue(Queue):
         return len(rows)
 
     def heartbeat(self, lease: Lease, lease_seconds: float, status: WorkerStatus | None = None) -> HeartbeatReply:
-        _check_lease_seconds(lease_seconds)
+        check_lease_seconds(lease_seconds)
         if status is not None:
             status.validate()
         with self._transaction() as tx:
@@ -735,10 +736,18 @@ class SqlQueue(Queue):
             return HeartbeatReply(cancel=bool(row["cancel"]), expires_at=expires)
 
     def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
-                 figures: AttemptFigures | None = None) -> None:
-        answer = self.complete_many([(lease, download, op_id, figures)])[0]
-        if answer is not None:
+                 figures: AttemptFigures | None = None, next_lease_seconds: float | None = None) -> Lease | None:
+        if next_lease_seconds is not None:
+            check_lease_seconds(next_lease_seconds, "next_lease_seconds")
+        answer = self.complete_outcomes([(lease, download, op_id, figures)])[0]
+        if isinstance(answer, CioError):
             raise answer
+        if next_lease_seconds is None or answer.replay:
+            return None
+        try:
+            return self.claim(lease.worker, next_lease_seconds)
+        except QueueError:  # the completion stands; the worker claims on its own
+            return None
 
     def complete_many(self, reports: Sequence[Completion]) -> list[CioError | None]:
         """Several completions in one transaction (one commit, a few statements for them all):
@@ -1669,10 +1678,5 @@ def _marks(values: Sequence[object]) -> str:
 def _check_worker(worker: str) -> None:
     if not isinstance(worker, str) or not worker.strip():
         raise DocumentError("worker", "is empty; name the agent (host and process) claiming the task")
-
-
-def _check_lease_seconds(seconds: float) -> None:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
-        raise DocumentError("lease_seconds", f"must be a number of seconds above 0, not {seconds!r}")
 
 
