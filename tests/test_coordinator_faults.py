@@ -4,7 +4,7 @@
   a JSON ``{"error", "message"}`` body, never a 5xx or a dropped connection, and the queue unchanged.
 - ``HttpQueue`` clients driving a job through a fault-injecting proxy (resets, 5xx, delays shorter
   and longer than their timeout, answers dropped after the coordinator acted): no task lost, none
-  completed twice.
+  completed twice. Like the agent, each client's completion claims its next task.
 - complete / fail / release requests replayed raw: the same answer, applied once.
 - the coordinator SIGKILLed and restarted mid-job; unreachable for longer than a heartbeat, and
   for longer than a lease; PostgreSQL restarted under it mid-job.
@@ -661,17 +661,20 @@ class Fleet:
 
     def run(self, client: Any, worker: str, deadline: float) -> None:
         rng = random.Random(f"{self.seed}-{worker}")
+        following = None  # the next task, brought by the last completion (as the agent does)
         while not self.stop.is_set():
             if time.monotonic() > deadline:
                 self.errors.append(f"{worker}: the job did not finish before the test's deadline")
                 return
-            try:
-                lease = client.claim(worker, self.lease_seconds)
-                self.count("claims")
-            except QueueError as exc:  # a claim is sent once: its lost answer is an orphan lease
-                self.count(f"claim failed ({exc.code})")
-                time.sleep(0.05)
-                continue
+            lease, following = following, None
+            if lease is None:
+                try:
+                    lease = client.claim(worker, self.lease_seconds)
+                    self.count("claims")
+                except QueueError as exc:  # a claim is sent once: its lost answer is an orphan lease
+                    self.count(f"claim failed ({exc.code})")
+                    time.sleep(0.05)
+                    continue
             if lease is None:
                 if self.is_finished(self.job):
                     return
@@ -698,7 +701,9 @@ class Fleet:
                     kind = "release"
                     assert client.release(lease, "released", "", None, "given back", op_id) == "pending"
                 else:
-                    client.complete(lease, a_download(f"img.{task}.exr"), op_id)
+                    following = client.complete(lease, a_download(f"img.{task}.exr"), op_id,
+                                                next_lease_seconds=self.lease_seconds)
+                    self.count("completions that brought the next task" if following else "completions")
                 with self.lock:
                     self.applied[(task, kind)] += 1
                     self.report_log.append((time.monotonic(), worker, lease.token, kind))
