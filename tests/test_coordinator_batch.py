@@ -234,10 +234,10 @@ class SlowQueue(SqliteQueue):
             time.sleep(1.0)
         return super().complete_outcomes(reports)
 
-    def claim_many(self, workers, lease_seconds):
+    def claim_many(self, workers, lease_seconds, after=None):
         if self.slow == "claim":
             time.sleep(1.0)
-        return super().claim_many(workers, lease_seconds)
+        return super().claim_many(workers, lease_seconds, after)
 
 
 @pytest.mark.parametrize("gone_during", ["completion", "claim"])

@@ -910,7 +910,8 @@ def test_replayed_reports_get_the_same_answer_and_are_applied_once(backend: Any,
 
 def test_a_completion_that_claims_the_next_task_sent_many_times_at_once_claims_one(backend: Any) -> None:
     """Copies of one completion with ``next_lease_seconds`` in flight together (a client that timed
-    out and sent it again): it is applied once, and exactly one answer carries a next task."""
+    out and sent it again): it is applied once, one next task is claimed, and every answer that
+    carries a next task carries that one."""
     from cio_worker.queue.http import HttpQueue
 
     _, token = backend.create_token("fleet", ["agent", "owner"])
@@ -926,7 +927,7 @@ def test_a_completion_that_claims_the_next_task_sent_many_times_at_once_claims_o
     assert {status for status, _ in answers} == {200}
     nexts = [json.loads(text)["next"] for _, text in answers]
     assert all(json.loads(text)["state"] == "done" for _, text in answers)
-    assert len([n for n in nexts if n is not None]) == 1, nexts
+    assert len({json.dumps(n, sort_keys=True) for n in nexts if n is not None}) == 1, nexts
     states = {t.id: (t.state, t.worker) for t in backend.tasks(job)}
     assert states["000"][0] == "done"
     assert sorted(state for state, _ in states.values()) == ["done", "leased", "pending", "pending"]

@@ -655,14 +655,17 @@ def test_a_completion_claims_the_workers_next_task_when_asked(queue: Queue, cloc
     assert len(queue.downloads(job)) == 1
 
 
-def test_a_resent_completion_claims_nothing_and_a_refused_one_claims_nothing(queue: Queue) -> None:
+def test_a_resent_completion_gets_the_lease_it_claimed_and_claims_no_other(queue: Queue) -> None:
     job = queue.create_job(job_spec(), [task("1"), task("2"), task("3")])
     first = queue.claim("agent-a", 30)
     second = queue.complete(first, op_id="op-1", next_lease_seconds=30)
     assert second is not None
-    # The answer was lost and the report resent: applied once, and no second task is leased.
-    assert queue.complete(first, op_id="op-1", next_lease_seconds=30) is None
+    # The answer was lost and the report resent: applied once, and the same next task comes back.
+    again = queue.complete(first, op_id="op-1", next_lease_seconds=30)
+    assert again is not None and (again.task_id, again.token, again.worker) == (second.task_id, second.token, "agent-a")
+    assert again.document.task.frames == "2" and again.expires_at == second.expires_at
     assert states(queue, job) == ["done", "leased", "pending"]
+    assert queue.complete(first, op_id="op-1") is None  # not asked for it: none
     stolen = type(second)(**{**second.__dict__, "worker": "agent-b"})
     with pytest.raises(LeaseLost):
         queue.complete(stolen, op_id="op-2", next_lease_seconds=30)
@@ -670,6 +673,10 @@ def test_a_resent_completion_claims_nothing_and_a_refused_one_claims_nothing(que
         queue.complete(second, op_id="op-3", next_lease_seconds=0)
     assert states(queue, job) == ["done", "leased", "pending"]
     assert queue.tasks(job)[1].worker == "agent-a"
+    # Once that lease is no longer the worker's, a resend brings nothing.
+    queue.release(second, "released", op_id="op-4")
+    assert queue.complete(first, op_id="op-1", next_lease_seconds=30) is None
+    assert states(queue, job) == ["done", "pending", "pending"]
 
 
 def test_workers_register_and_their_state_follows_their_tasks(queue: Queue, clock: Clock) -> None:

@@ -574,22 +574,26 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     def figures_of(body: CompleteBody | FailBody | ReleaseBody) -> Any:
         return None if body.figures is None else wire.figures_from_dict(body.figures.model_dump())
 
-    async def lease_now(worker: str, lease_seconds: float) -> Lease | None:
-        lease = await claims.submit((worker, lease_seconds))
+    async def lease_now(worker: str, lease_seconds: float, after: str | None = None) -> Lease | None:
+        """A claim without a wait; ``after``: the op id of the completion it is made with."""
+        lease = await claims.submit((worker, lease_seconds, after))
         if lease is None:
             empty["now"] = True
         return lease
 
     async def do_complete(body: CompleteBody, departure: Departure | None = None) -> dict:
         """With ``next_lease_seconds``, the worker's next task comes back as ``next`` (None: there
-        is none). It is claimed only for a report applied now: a resend after a lost answer gets
-        none, and the lease the lost answer carried expires as a lost claim's does."""
+        is none). It is claimed for a report applied now; a resend after a lost answer gets the
+        lease claimed then, while it is still the worker's, and claims nothing."""
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         figures = figures_of(body)
         outcome = await completions.submit((lease, download, body.op_id, figures))
         if outcome.replay:  # a copy resent after a lost answer was counted when it was applied
-            return {"state": "done"} if body.next_lease_seconds is None else {"state": "done", "next": None}
+            if body.next_lease_seconds is None:
+                return {"state": "done"}
+            again = None if body.op_id is None else await call(queue.claimed_after, body.op_id, lease.worker)
+            return {"state": "done", "next": None if again is None else wire.lease_to_dict(again), **settings()}
         metrics.completions.inc()
         metrics.attempt("done", figures)
         if body.next_lease_seconds is None:
@@ -598,7 +602,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         if departure is None or not departure.gone:
             timer = metrics.claim()
             try:
-                following = await lease_now(lease.worker, body.next_lease_seconds)
+                following = await lease_now(lease.worker, body.next_lease_seconds, body.op_id)
             except CioError as exc:  # the completion stands; the agent claims on its own
                 log.warning("claim after the completion of %s failed: %s", lease.label, exc)
             if following is None:
@@ -626,8 +630,9 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     # claim+complete against 1.17-1.22 ms: 574-638 cycles/s against 719-764 in fleet.py.)
     # The other database threads serve every other call.
     inflight = 1
-    claims: Batcher[tuple[str, float], Lease | None] = Batcher(
-        lambda items: call(queue.claim_many, [worker for worker, _ in items], items[0][1]),
+    claims: Batcher[tuple[str, float, str | None], Lease | None] = Batcher(
+        lambda items: call(queue.claim_many, [worker for worker, _, _ in items], items[0][1],
+                           [after for _, _, after in items]),
         key=lambda item: item[1], orphaned=give_back, max_inflight=inflight)
     completions: Batcher[Completion, ReportOutcome] = Batcher(
         lambda items: call(queue.complete_outcomes, items), max_inflight=inflight)

@@ -466,9 +466,10 @@ class Queue(abc.ABC):
                  figures: AttemptFigures | None = None, next_lease_seconds: float | None = None) -> Lease | None:
         """End the task done. With ``next_lease_seconds`` the lease's worker then claims its next
         task (a claim without a wait) and gets that lease back, so that a busy worker asks once per
-        task; None when there is none, or when this report was applied before (a resend after a
-        lost answer claims nothing: a lease the first answer carried expires like any lost claim's).
-        A claim that fails after the completion was applied answers None, never an error."""
+        task; None when there is none. A resend of a report applied before (same op id) claims
+        nothing: it gets the lease the first one claimed, while that is still the worker's, so a
+        lost answer leaves no task leased to nobody. A claim that fails after the completion was
+        applied answers None, never an error."""
 
     @abc.abstractmethod
     def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:

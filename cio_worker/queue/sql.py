@@ -525,13 +525,17 @@ class SqlQueue(Queue):
     def claim(self, worker: str, lease_seconds: float) -> Lease | None:
         return self.claim_many([worker], lease_seconds)[0]
 
-    def claim_many(self, workers: Sequence[str], lease_seconds: float) -> list[Lease | None]:
+    def claim_many(self, workers: Sequence[str], lease_seconds: float,
+                   after: Sequence[str | None] | None = None) -> list[Lease | None]:
         """Lease a task to each of ``workers`` (oldest pending first) in one transaction: what a
         coordinator does with the claims that arrive together. A worker left without one gets None.
         No worker gets a task it is kept from (``job_blocks``): the claimers share one look at the
         pending tasks none of them is kept from; should those run out while some claimer is kept
         from a pending task, each claimer still waiting then looks for itself. A claimer left with
-        nothing takes a task it is kept from that no other live worker may take."""
+        nothing takes a task it is kept from that no other live worker may take.
+        ``after``: for each claim made with a completion, that completion's op id (else None); the
+        lease is recorded with it, so that a resend of the completion gets this lease again
+        (``claimed_after``)."""
         for worker in workers:
             _check_worker(worker)
         check_lease_seconds(lease_seconds)
@@ -567,7 +571,26 @@ class SqlQueue(Queue):
             idle = [i for i in range(len(workers)) if leases[i] is None]
             if idle:
                 self._claim_despite_blocks(tx, workers, idle, leases, now, lease_seconds)
+            if after is not None:
+                self._remember_all(tx, [(_next_of(op_id), lease.worker, "claim", f"{lease.job_id}/{lease.task_id}/{lease.token}", now)
+                                        for lease, op_id in zip(leases, after) if lease is not None and op_id is not None])
         return leases
+
+    def claimed_after(self, op_id: str, worker: str) -> Lease | None:
+        """The lease claimed with completion ``op_id`` for ``worker`` (``claim_many``'s
+        ``after``), while it is still that worker's; else None."""
+        with self._transaction(write=False) as tx:
+            record = tx.execute("SELECT worker, result FROM operations WHERE id = ?", (_next_of(op_id),)).fetchone()
+            if record is None or record["worker"] != worker:
+                return None
+            job_id, task_id, token = record["result"].split("/")
+            row = tx.execute("SELECT * FROM tasks WHERE job_number = ? AND number = ?",
+                             (_number(job_id), _number(task_id))).fetchone()
+            if row is None or row["state"] != "leased" or row["lease_token"] != token or row["worker"] != worker:
+                return None
+            return Lease(job_id=job_id, task_id=task_id, token=token, worker=worker, expires_at=row["lease_expires"],
+                         document=TaskDocument(job=self._job_info(tx, row["job_number"]),
+                                               task=_stored_task(row, _attempts_so_far(row) + 1)))
 
     def _lease_of(self, tx: Tx, row: Row, worker: str, now: float,
                   lease_seconds: float) -> tuple[Lease, tuple[Row, str, str, int]] | None:
@@ -742,10 +765,12 @@ class SqlQueue(Queue):
         answer = self.complete_outcomes([(lease, download, op_id, figures)])[0]
         if isinstance(answer, CioError):
             raise answer
-        if next_lease_seconds is None or answer.replay:
+        if next_lease_seconds is None:
             return None
         try:
-            return self.claim(lease.worker, next_lease_seconds)
+            if answer.replay:
+                return None if op_id is None else self.claimed_after(op_id, lease.worker)
+            return self.claim_many([lease.worker], next_lease_seconds, [op_id])[0]
         except QueueError:  # the completion stands; the worker claims on its own
             return None
 
@@ -1645,6 +1670,11 @@ def _stored_task(row: Row, attempt: int) -> TaskInfo:
 def _short(exc: BaseException, limit: int = 120) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _next_of(op_id: str) -> str:
+    """The operation id under which the lease claimed with completion ``op_id`` is recorded."""
+    return f"{op_id}+next"
 
 
 def _attempts_so_far(row: Row) -> int:
