@@ -224,31 +224,21 @@ def test_a_long_poll_whose_agent_went_away_leases_nothing_to_it(tmp_path: Path, 
     queue.close()
 
 
-class SlowQueue(SqliteQueue):
-    """Completions or claims that take a while: time for their agent to go away meanwhile."""
-
-    slow = ""
+class SlowCompletions(SqliteQueue):
+    """Completions that take a while: time for their agent to go away meanwhile."""
 
     def complete_outcomes(self, reports):
-        if self.slow == "completion":
-            time.sleep(1.0)
+        time.sleep(1.0)
         return super().complete_outcomes(reports)
 
-    def claim_many(self, workers, lease_seconds, after=None):
-        if self.slow == "claim":
-            time.sleep(1.0)
-        return super().claim_many(workers, lease_seconds, after)
 
-
-@pytest.mark.parametrize("gone_during", ["completion", "claim"])
-def test_a_completion_whose_agent_went_away_leaves_no_next_task_leased(tmp_path: Path, gone_during: str) -> None:
+def test_the_next_task_a_completion_claimed_for_an_agent_that_went_away_goes_back(tmp_path: Path) -> None:
     """A completion that also claims the next task, whose agent is gone before the answer: the
-    completion stands, and no task is left leased to nobody until its lease expires. Gone while
-    the completion is at the database: nothing is claimed. Gone while the claim is: the task it
-    leased goes back to pending at no cost (a "released" attempt)."""
+    completion stands, and the task claimed with it goes back to pending at no cost (a
+    "released" attempt), not left leased to nobody until its lease expires."""
     from cio_worker.coordinator.transport import coalescing_protocol
 
-    queue = SlowQueue(tmp_path / "q.db")
+    queue = SlowCompletions(tmp_path / "q.db")
     _, agent = queue.create_token("fleet", ["agent"])
     job = queue.create_job(JOB, [NewTask("1", "cnode a"), NewTask("2", "cnode b")])
     app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
@@ -256,23 +246,15 @@ def test_a_completion_whose_agent_went_away_leaves_no_next_task_leased(tmp_path:
     with serving_app(app, http=coalescing_protocol()) as url:
         lease = requests.post(f"{url}/v1/claim", json={"worker": "w1", "wait_seconds": 0}, headers=headers,
                               timeout=30).json()["lease"]
-        queue.slow = gone_during
         ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
         sock = raw_post(url, "/v1/complete", agent, {"lease": ref, "op_id": "op-1", "next_lease_seconds": 60})
         time.sleep(0.3)
-        sock.close()  # gone while its completion or claim is at the database
-        wait_for(lambda: queue.tasks(job)[0].state == "done", 20, "the completion")
-        if gone_during == "claim":
-            wait_for(lambda: queue.tasks(job)[1].attempts["released"] == 1, 20, "the next task given back")
-        else:
-            time.sleep(1.5)  # what the coordinator does after the completion, done
-    second = queue.tasks(job)[1]
-    assert second.state == "pending"
-    if gone_during == "claim":
-        assert second.attempts == {"preempted": 0, "failed": 0, "released": 1}
-        assert [e.kind for e in queue.events(job, "001")] == ["claimed", "released"]
-    else:
-        assert second.attempt_count == 0 and queue.events(job, "001") == []
+        sock.close()  # gone while its completion (and claim) is at the database
+        wait_for(lambda: queue.tasks(job)[1].attempts["released"] == 1, 20, "the next task given back")
+    first, second = queue.tasks(job)
+    assert first.state == "done"
+    assert second.state == "pending" and second.attempts == {"preempted": 0, "failed": 0, "released": 1}
+    assert [e.kind for e in queue.events(job, "001")] == ["claimed", "released"]
     queue.close()
 
 

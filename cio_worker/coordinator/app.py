@@ -550,10 +550,11 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         on_leave = None if departure is None else departure.on_leave
         while True:
             if not (empty["now"] and wait > 0):
-                lease = await lease_now(body.worker, lease_seconds)
+                lease = await claims.submit((body.worker, lease_seconds))
                 if lease is not None:
                     timer.leased()
                     return {"lease": wire.lease_to_dict(lease), **settings()}
+                empty["now"] = True
             left = deadline - time.monotonic()
             if left <= 0 or stop.is_set() or (departure is not None and departure.gone):
                 timer.empty()
@@ -574,46 +575,37 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     def figures_of(body: CompleteBody | FailBody | ReleaseBody) -> Any:
         return None if body.figures is None else wire.figures_from_dict(body.figures.model_dump())
 
-    async def lease_now(worker: str, lease_seconds: float, after: str | None = None) -> Lease | None:
-        """A claim without a wait; ``after``: the op id of the completion it is made with."""
-        lease = await claims.submit((worker, lease_seconds, after))
-        if lease is None:
-            empty["now"] = True
-        return lease
-
-    async def do_complete(body: CompleteBody, departure: Departure | None = None) -> dict:
+    async def do_complete(body: CompleteBody, _departure: Departure | None = None) -> dict:
         """With ``next_lease_seconds``, the worker's next task comes back as ``next`` (None: there
-        is none). It is claimed for a report applied now; a resend after a lost answer gets the
-        lease claimed then, while it is still the worker's, and claims nothing."""
+        is none), claimed in the completion's transaction; a resend after a lost answer gets the
+        lease claimed then, while it is still the worker's, and claims nothing. Should the agent
+        be gone before the answer, that task goes back (``undelivered_completion``)."""
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         figures = figures_of(body)
-        outcome = await completions.submit((lease, download, body.op_id, figures))
-        if outcome.replay:  # a copy resent after a lost answer was counted when it was applied
-            if body.next_lease_seconds is None:
-                return {"state": "done"}
-            again = None if body.op_id is None else await call(queue.claimed_after, body.op_id, lease.worker)
-            return {"state": "done", "next": None if again is None else wire.lease_to_dict(again), **settings()}
-        metrics.completions.inc()
-        metrics.attempt("done", figures)
-        if body.next_lease_seconds is None:
+        timer = None if body.next_lease_seconds is None else metrics.claim()
+        outcome = await completions.submit((lease, download, body.op_id, figures, body.next_lease_seconds))
+        if not outcome.replay:  # a copy resent after a lost answer was counted when it was applied
+            metrics.completions.inc()
+            metrics.attempt("done", figures)
+        if timer is None:
             return {"state": "done"}
-        following = None
-        if departure is None or not departure.gone:
-            timer = metrics.claim()
-            try:
-                following = await lease_now(lease.worker, body.next_lease_seconds, body.op_id)
-            except CioError as exc:  # the completion stands; the agent claims on its own
-                log.warning("claim after the completion of %s failed: %s", lease.label, exc)
-            if following is None:
+        if not outcome.replay:  # a resend claims nothing: it gets the lease its first copy claimed
+            if outcome.next is None:
                 timer.empty()
+                empty["now"] = True
             else:
                 timer.leased()
-        return {"state": "done", "next": None if following is None else wire.lease_to_dict(following), **settings()}
+        return {"state": "done", "next": None if outcome.next is None else wire.lease_to_dict(outcome.next), **settings()}
 
     async def undelivered_claim(answer: dict) -> None:
         """A claim answered as its agent went away: the lease goes back at no cost to the task."""
         await give_back(wire.lease_from_dict(answer["lease"]))
+
+    async def give_back_next(outcome: ReportOutcome) -> None:
+        """A completion answered after its request was cancelled: the next task it claimed goes back."""
+        if outcome.next is not None:
+            await give_back(outcome.next)
 
     async def undelivered_completion(answer: dict) -> None:
         """A completion answered as its agent went away: the next task it claimed goes back."""
@@ -630,12 +622,11 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     # claim+complete against 1.17-1.22 ms: 574-638 cycles/s against 719-764 in fleet.py.)
     # The other database threads serve every other call.
     inflight = 1
-    claims: Batcher[tuple[str, float, str | None], Lease | None] = Batcher(
-        lambda items: call(queue.claim_many, [worker for worker, _, _ in items], items[0][1],
-                           [after for _, _, after in items]),
+    claims: Batcher[tuple[str, float], Lease | None] = Batcher(
+        lambda items: call(queue.claim_many, [worker for worker, _ in items], items[0][1]),
         key=lambda item: item[1], orphaned=give_back, max_inflight=inflight)
     completions: Batcher[Completion, ReportOutcome] = Batcher(
-        lambda items: call(queue.complete_outcomes, items), max_inflight=inflight)
+        lambda items: call(queue.complete_outcomes, items), max_inflight=inflight, orphaned=give_back_next)
     registrations: Batcher[tuple[str, dict], None] = Batcher(
         lambda items: call(queue.register_many, items), max_inflight=inflight)
     app.state.claims, app.state.completions = claims, completions

@@ -468,8 +468,8 @@ class Queue(abc.ABC):
         task (a claim without a wait) and gets that lease back, so that a busy worker asks once per
         task; None when there is none. A resend of a report applied before (same op id) claims
         nothing: it gets the lease the first one claimed, while that is still the worker's, so a
-        lost answer leaves no task leased to nobody. A claim that fails after the completion was
-        applied answers None, never an error."""
+        lost answer leaves no task leased to nobody. The engines claim in the completion's own
+        transaction: both are applied, or neither."""
 
     @abc.abstractmethod
     def fail(self, lease: Lease, reason: str, op_id: str | None = None, figures: AttemptFigures | None = None) -> str:

@@ -261,8 +261,11 @@ class Tx(Protocol):
 
 
 # A complete() call's arguments: (lease, download, op id) and, optionally, the attempt's figures.
+# (lease, download, op id[, figures[, next_lease_seconds]]): with next_lease_seconds, the worker's
+# next task is claimed in the completion's transaction (``ReportOutcome.next``).
 Completion = tuple[Lease, "NewDownload | None", "str | None"] | tuple[Lease, "NewDownload | None", "str | None",
-                                                                     "AttemptFigures | None"]
+                                                                     "AttemptFigures | None"] | tuple[
+    Lease, "NewDownload | None", "str | None", "AttemptFigures | None", "float | None"]
 
 
 @dataclass(frozen=True)
@@ -305,6 +308,7 @@ class ReportOutcome:
 
     state: str
     replay: bool = False
+    next: Lease | None = None  # the next task a completion claimed for its worker (``Completion``)
 
 
 class SqlQueue(Queue):
@@ -525,72 +529,74 @@ class SqlQueue(Queue):
     def claim(self, worker: str, lease_seconds: float) -> Lease | None:
         return self.claim_many([worker], lease_seconds)[0]
 
-    def claim_many(self, workers: Sequence[str], lease_seconds: float,
-                   after: Sequence[str | None] | None = None) -> list[Lease | None]:
+    def claim_many(self, workers: Sequence[str], lease_seconds: float) -> list[Lease | None]:
         """Lease a task to each of ``workers`` (oldest pending first) in one transaction: what a
         coordinator does with the claims that arrive together. A worker left without one gets None.
         No worker gets a task it is kept from (``job_blocks``): the claimers share one look at the
         pending tasks none of them is kept from; should those run out while some claimer is kept
         from a pending task, each claimer still waiting then looks for itself. A claimer left with
-        nothing takes a task it is kept from that no other live worker may take.
-        ``after``: for each claim made with a completion, that completion's op id (else None); the
-        lease is recorded with it, so that a resend of the completion gets this lease again
-        (``claimed_after``)."""
+        nothing takes a task it is kept from that no other live worker may take."""
         for worker in workers:
             _check_worker(worker)
         check_lease_seconds(lease_seconds)
-        leases: list[Lease | None] = [None] * len(workers)
-        waiting = list(range(len(workers)))  # the claimers without a lease yet, in their order
-        alone = False
         with self._transaction() as tx:
             now = self._now(tx)
             if now >= self._next_reap:
                 self._reap(tx, now)
                 self._next_reap = now + self.REAP_INTERVAL
-            while waiting:
-                group = waiting[:1] if alone else waiting
-                names = sorted({workers[i] for i in group})
-                rows = self._pending_for(tx, names, len(group))
-                claimed: list[tuple[Row, str, str, int]] = []  # (row, worker, token, attempt)
-                for row in rows:
-                    i = group[len(claimed)]
-                    got = self._lease_of(tx, row, workers[i], now, lease_seconds)
-                    if got is not None:
-                        leases[i], entry = got
-                        claimed.append(entry)
-                if claimed:
-                    self._lease_rows(tx, claimed, now, now + lease_seconds)
-                served = set(group[:len(claimed)])
-                if len(rows) < len(group):  # no more pending tasks this group may take
-                    served |= set(group) if alone else set()
-                    if not alone and len(names) > 1 and self._blocked(tx, names):
-                        alone = True
-                    elif not alone:
-                        break
-                waiting = [i for i in waiting if i not in served]
-            idle = [i for i in range(len(workers)) if leases[i] is None]
-            if idle:
-                self._claim_despite_blocks(tx, workers, idle, leases, now, lease_seconds)
-            if after is not None:
-                self._remember_all(tx, [(_next_of(op_id), lease.worker, "claim", f"{lease.job_id}/{lease.task_id}/{lease.token}", now)
-                                        for lease, op_id in zip(leases, after) if lease is not None and op_id is not None])
+            return self._claim_in(tx, workers, lease_seconds, None, now)
+
+    def _claim_in(self, tx: Tx, workers: Sequence[str], lease_seconds: float, after: Sequence[str | None] | None,
+                  now: float) -> list[Lease | None]:
+        """``claim_many`` inside ``tx``, without the reap. ``after``: for each claim made with a
+        completion, that completion's op id (else None); the lease is recorded under it, so that a
+        resend of the completion gets this lease again (``_claimed_after``)."""
+        leases: list[Lease | None] = [None] * len(workers)
+        waiting = list(range(len(workers)))  # the claimers without a lease yet, in their order
+        alone = False
+        while waiting:
+            group = waiting[:1] if alone else waiting
+            names = sorted({workers[i] for i in group})
+            rows = self._pending_for(tx, names, len(group))
+            claimed: list[tuple[Row, str, str, int]] = []  # (row, worker, token, attempt)
+            for row in rows:
+                i = group[len(claimed)]
+                got = self._lease_of(tx, row, workers[i], now, lease_seconds)
+                if got is not None:
+                    leases[i], entry = got
+                    claimed.append(entry)
+            if claimed:
+                self._lease_rows(tx, claimed, now, now + lease_seconds)
+            served = set(group[:len(claimed)])
+            if len(rows) < len(group):  # no more pending tasks this group may take
+                served |= set(group) if alone else set()
+                if not alone and len(names) > 1 and self._blocked(tx, names):
+                    alone = True
+                elif not alone:
+                    break
+            waiting = [i for i in waiting if i not in served]
+        idle = [i for i in range(len(workers)) if leases[i] is None]
+        if idle:
+            self._claim_despite_blocks(tx, workers, idle, leases, now, lease_seconds)
+        if after is not None:
+            self._remember_all(tx, [(_next_of(op_id), lease.worker, "claim", f"{lease.job_id}/{lease.task_id}/{lease.token}", now)
+                                    for lease, op_id in zip(leases, after) if lease is not None and op_id is not None])
         return leases
 
-    def claimed_after(self, op_id: str, worker: str) -> Lease | None:
-        """The lease claimed with completion ``op_id`` for ``worker`` (``claim_many``'s
-        ``after``), while it is still that worker's; else None."""
-        with self._transaction(write=False) as tx:
-            record = tx.execute("SELECT worker, result FROM operations WHERE id = ?", (_next_of(op_id),)).fetchone()
-            if record is None or record["worker"] != worker:
-                return None
-            job_id, task_id, token = record["result"].split("/")
-            row = tx.execute("SELECT * FROM tasks WHERE job_number = ? AND number = ?",
-                             (_number(job_id), _number(task_id))).fetchone()
-            if row is None or row["state"] != "leased" or row["lease_token"] != token or row["worker"] != worker:
-                return None
-            return Lease(job_id=job_id, task_id=task_id, token=token, worker=worker, expires_at=row["lease_expires"],
-                         document=TaskDocument(job=self._job_info(tx, row["job_number"]),
-                                               task=_stored_task(row, _attempts_so_far(row) + 1)))
+    def _claimed_after(self, tx: Tx, op_id: str, worker: str) -> Lease | None:
+        """The lease claimed with completion ``op_id`` for ``worker`` (``_claim_in``'s ``after``),
+        while it is still that worker's; else None."""
+        record = tx.execute("SELECT worker, result FROM operations WHERE id = ?", (_next_of(op_id),)).fetchone()
+        if record is None or record["worker"] != worker:
+            return None
+        job_id, task_id, token = record["result"].split("/")
+        row = tx.execute("SELECT * FROM tasks WHERE job_number = ? AND number = ?",
+                         (_number(job_id), _number(task_id))).fetchone()
+        if row is None or row["state"] != "leased" or row["lease_token"] != token or row["worker"] != worker:
+            return None
+        return Lease(job_id=job_id, task_id=task_id, token=token, worker=worker, expires_at=row["lease_expires"],
+                     document=TaskDocument(job=self._job_info(tx, row["job_number"]),
+                                           task=_stored_task(row, _attempts_so_far(row) + 1)))
 
     def _lease_of(self, tx: Tx, row: Row, worker: str, now: float,
                   lease_seconds: float) -> tuple[Lease, tuple[Row, str, str, int]] | None:
@@ -760,19 +766,10 @@ class SqlQueue(Queue):
 
     def complete(self, lease: Lease, download: NewDownload | None = None, op_id: str | None = None,
                  figures: AttemptFigures | None = None, next_lease_seconds: float | None = None) -> Lease | None:
-        if next_lease_seconds is not None:
-            check_lease_seconds(next_lease_seconds, "next_lease_seconds")
-        answer = self.complete_outcomes([(lease, download, op_id, figures)])[0]
+        answer = self.complete_outcomes([(lease, download, op_id, figures, next_lease_seconds)])[0]
         if isinstance(answer, CioError):
             raise answer
-        if next_lease_seconds is None:
-            return None
-        try:
-            if answer.replay:
-                return None if op_id is None else self.claimed_after(op_id, lease.worker)
-            return self.claim_many([lease.worker], next_lease_seconds, [op_id])[0]
-        except QueueError:  # the completion stands; the worker claims on its own
-            return None
+        return answer.next
 
     def complete_many(self, reports: Sequence[Completion]) -> list[CioError | None]:
         """Several completions in one transaction (one commit, a few statements for them all):
@@ -795,6 +792,8 @@ class SqlQueue(Queue):
                 if figures is not None:
                     figures.validate()
                 _check_op_id(op_id)
+                if _next_lease_seconds(report) is not None:
+                    check_lease_seconds(_next_lease_seconds(report), "next_lease_seconds")
             except CioError as exc:
                 answers[i] = exc
                 continue
@@ -803,7 +802,8 @@ class SqlQueue(Queue):
             return answers
         try:
             with self._transaction() as tx:
-                for i, answer in zip(order, self._complete_in(tx, [reports[i] for i in order])):
+                ordered = [reports[i] for i in order]
+                for i, answer in zip(order, self._claim_next(tx, ordered, self._complete_in(tx, ordered))):
                     answers[i] = answer
         except CioError as exc:  # the database, or one report's stored row: each report alone then
             if len(order) == 1:
@@ -812,6 +812,31 @@ class SqlQueue(Queue):
             for i in order:
                 answers[i] = self.complete_outcomes([reports[i]])[0]
         return answers
+
+    def _claim_next(self, tx: Tx, reports: Sequence[Completion],
+                    outcomes: list[ReportOutcome | CioError]) -> list[ReportOutcome | CioError]:
+        """The next task of each completion that asked for one, in the completions' transaction
+        (one commit for both): claimed for those applied now, one claim round per lease length
+        (without the reap, which would lock rows out of the order every writer keeps); for a
+        resend, the lease its first copy claimed (``_claimed_after``)."""
+        wanted: dict[float, list[int]] = {}
+        for i, (report, outcome) in enumerate(zip(reports, outcomes)):
+            seconds = _next_lease_seconds(report)
+            if seconds is None or not isinstance(outcome, ReportOutcome):
+                continue
+            lease, _, op_id, _ = _completion(report)
+            if not outcome.replay:
+                wanted.setdefault(seconds, []).append(i)
+            elif op_id is not None:
+                outcomes[i] = replace(outcome, next=self._claimed_after(tx, op_id, lease.worker))
+        if wanted:
+            now = self._now(tx)
+            for seconds, group in wanted.items():
+                leases = self._claim_in(tx, [reports[i][0].worker for i in group], seconds,
+                                        [reports[i][2] for i in group], now)
+                for i, lease in zip(group, leases):
+                    outcomes[i] = replace(outcomes[i], next=lease)  # type: ignore[arg-type]
+        return outcomes
 
     def _complete_in(self, tx: Tx, reports: Sequence[Completion]) -> list[ReportOutcome | CioError]:
         now = self._now(tx)
@@ -1583,6 +1608,10 @@ class SqlQueue(Queue):
 def _completion(report: Completion) -> tuple[Lease, NewDownload | None, str | None, AttemptFigures | None]:
     lease, download, op_id = report[0], report[1], report[2]
     return lease, download, op_id, report[3] if len(report) > 3 else None  # type: ignore[misc]
+
+
+def _next_lease_seconds(report: Completion) -> float | None:
+    return report[4] if len(report) > 4 else None  # type: ignore[misc]
 
 
 def _attempt_values(row: Row, worker: str, outcome: str, reason: str, now: float,
