@@ -1106,7 +1106,7 @@ def test_a_worker_that_fails_m_tasks_of_a_job_is_blocked_from_it_and_retry_clear
 
 def test_the_only_worker_is_not_blocked(queue: Queue) -> None:
     queue.register_worker("only", {})
-    job_id = queue.create_job(blocking_spec(failed=0, workers=1, block_after=1), [task("1"), task("2")])
+    queue.create_job(blocking_spec(failed=0, workers=1, block_after=1), [task("1"), task("2")])
     assert fail_on(queue, "only") == ("000", "failed")
     assert queue.jobs()[0].blocked == ()
     assert queue.claim("only", 10).task_id == "001"
