@@ -258,6 +258,35 @@ def test_the_next_task_a_completion_claimed_for_an_agent_that_went_away_goes_bac
     queue.close()
 
 
+def test_a_resend_whose_agent_went_away_leaves_the_next_task_with_its_worker(tmp_path: Path) -> None:
+    """The first copy of a completion delivered its next task; a resend (replay) whose agent is
+    gone before its answer must not give that task back: the worker holds it."""
+    from cio_worker.coordinator.transport import coalescing_protocol
+
+    queue = SlowCompletions(tmp_path / "q.db")
+    _, agent = queue.create_token("fleet", ["agent"])
+    job = queue.create_job(JOB, [NewTask("1", "cnode a"), NewTask("2", "cnode b")])
+    app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
+    headers = {"Authorization": f"Bearer {agent}"}
+    with serving_app(app, http=coalescing_protocol()) as url:
+        lease = requests.post(f"{url}/v1/claim", json={"worker": "w1", "wait_seconds": 0}, headers=headers,
+                              timeout=30).json()["lease"]
+        body = {"lease": {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}, "op_id": "op-1",
+                "next_lease_seconds": 60}
+        first = requests.post(f"{url}/v1/complete", json=body, headers=headers, timeout=30).json()
+        assert first["next"]["task_id"] == "001" and "replay" not in first
+        again = requests.post(f"{url}/v1/complete", json=body, headers=headers, timeout=30).json()
+        assert again["next"] == first["next"] and again["replay"] is True
+        sock = raw_post(url, "/v1/complete", agent, body)
+        time.sleep(0.3)
+        sock.close()  # this resend's agent is gone before its answer
+        time.sleep(2.0)  # the resend is answered (to nobody) meanwhile
+    second = queue.tasks(job)[1]
+    assert second.state == "leased" and second.worker == "w1" and second.attempt_count == 0
+    assert [e.kind for e in queue.events(job, "001")] == ["claimed"]
+    queue.close()
+
+
 def test_an_idle_report_after_a_stop_is_written_at_once(tmp_path: Path) -> None:
     """"idle" from a worker whose last written state was something else is a change of state,
     written before the answer, not left for the watcher's grouped write of still-idle workers."""

@@ -578,8 +578,9 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     async def do_complete(body: CompleteBody, _departure: Departure | None = None) -> dict:
         """With ``next_lease_seconds``, the worker's next task comes back as ``next`` (None: there
         is none), claimed in the completion's transaction; a resend after a lost answer gets the
-        lease claimed then, while it is still the worker's, and claims nothing. Should the agent
-        be gone before the answer, that task goes back (``undelivered_completion``)."""
+        lease claimed then, while it is still the worker's, claims nothing, and says
+        ``"replay": true``. Should the agent be gone before the answer, the task it claimed goes
+        back (``undelivered_completion``)."""
         lease = wire.lease_ref_from_dict(body.lease.model_dump())
         download = None if body.download is None else wire.new_download_from_dict(body.download.model_dump())
         figures = figures_of(body)
@@ -596,20 +597,23 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
                 empty["now"] = True
             else:
                 timer.leased()
-        return {"state": "done", "next": None if outcome.next is None else wire.lease_to_dict(outcome.next), **settings()}
+        answer = {"state": "done", "next": None if outcome.next is None else wire.lease_to_dict(outcome.next), **settings()}
+        return {**answer, "replay": True} if outcome.replay else answer
 
     async def undelivered_claim(answer: dict) -> None:
         """A claim answered as its agent went away: the lease goes back at no cost to the task."""
         await give_back(wire.lease_from_dict(answer["lease"]))
 
     async def give_back_next(outcome: ReportOutcome) -> None:
-        """A completion answered after its request was cancelled: the next task it claimed goes back."""
-        if outcome.next is not None:
+        """A completion answered after its request was cancelled: the next task it claimed goes
+        back. Not a resend's: another copy of the report may have delivered that lease."""
+        if outcome.next is not None and not outcome.replay:
             await give_back(outcome.next)
 
     async def undelivered_completion(answer: dict) -> None:
-        """A completion answered as its agent went away: the next task it claimed goes back."""
-        if answer.get("next") is not None:
+        """A completion answered as its agent went away: the next task it claimed goes back (not
+        a resend's, see ``give_back_next``)."""
+        if answer.get("next") is not None and not answer.get("replay"):
             await give_back(wire.lease_from_dict(answer["next"]))
 
     async def give_back(lease: Lease) -> None:

@@ -313,8 +313,7 @@ class Agent:
             if lease is not None:  # the last completion brought the next task
                 if self._gave_up or self._no_new_work:
                     self._release_untouched(lease, "claimed with a completion as the agent stopped taking work")
-                else:
-                    self._flush_outbox("before the next task")  # in the background, should it fail
+                else:  # (the outbox waits for the background sender: the lease runs already)
                     self._handle(lease)  # which gives it back untouched, should a stop have come
                     idle_since = self.clock()
                 continue
