@@ -260,9 +260,9 @@ class Tx(Protocol):
     def executemany(self, sql: str, params: Iterable[Sequence[Any]]) -> Any: ...
 
 
-# A complete() call's arguments: (lease, download, op id) and, optionally, the attempt's figures.
-# (lease, download, op id[, figures[, next_lease_seconds]]): with next_lease_seconds, the worker's
-# next task is claimed in the completion's transaction (``ReportOutcome.next``).
+# A complete() call's arguments: (lease, download, op id[, the attempt's figures[, next_lease_seconds]]);
+# with next_lease_seconds, the worker's next task is claimed in the completion's transaction
+# (``ReportOutcome.next``).
 Completion = tuple[Lease, "NewDownload | None", "str | None"] | tuple[Lease, "NewDownload | None", "str | None",
                                                                      "AttemptFigures | None"] | tuple[
     Lease, "NewDownload | None", "str | None", "AttemptFigures | None", "float | None"]
