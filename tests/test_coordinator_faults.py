@@ -934,6 +934,34 @@ def test_a_completion_that_claims_the_next_task_sent_many_times_at_once_claims_o
     assert [e.kind for e in backend.events(job)].count("done") == 1
 
 
+@pytest.mark.parametrize("lost", ["reset_body", "cut_body"])
+def test_a_claim_whose_answer_was_lost_is_resent_and_gets_the_same_lease(tmp_path: Path, fault_proxy, lost: str) -> None:
+    """The coordinator leased a task but its answer was cut on the way: the client sends the claim
+    again, marked as a resend, and gets that lease; no second task is leased to the worker."""
+    from cio_worker.queue.http import HttpQueue
+    from tests.servers import Fault
+
+    backend = SqliteQueue(tmp_path / "queue.db")
+    _, token = backend.create_token("fleet", ["agent"])
+    job = new_job(backend, 3)
+    with serving(backend, CoordinatorConfig(lease_seconds=600, watch_seconds=0.5)) as url:
+        proxy = fault_proxy(url)
+        proxy.add(Fault(lost, method="POST", path_contains="/v1/claim", times=1))
+        client = HttpQueue(proxy.url, token, retry_seconds=10)
+        try:
+            lease = client.claim("w-1", 600)
+            again = client.claim("w-1", 600)  # a fresh claim (a new op id) leases the next task
+        finally:
+            client.close()
+    assert len(proxy.requests("POST", "/v1/claim")) == 3
+    assert (lease.task_id, again.task_id) == ("000", "001")
+    tasks = {t.id: t for t in backend.tasks(job)}
+    assert [tasks[t].state for t in ("000", "001", "002")] == ["leased", "leased", "pending"]
+    assert tasks["000"].worker == "w-1" and backend.heartbeat(lease, 600).cancel is False  # the token holds
+    assert [e.kind for e in backend.events(job, "000")] == ["claimed"]
+    backend.close()
+
+
 def test_a_coordinator_older_than_next_lease_seconds_gets_the_completion_without_it() -> None:
     """A newer agent before an older coordinator (a fleet upgraded in turn): the coordinator
     refuses the unknown field before acting (422 naming it), and the client sends the completion

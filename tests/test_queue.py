@@ -679,6 +679,24 @@ def test_a_resent_completion_gets_the_lease_it_claimed_and_claims_no_other(queue
     assert states(queue, job) == ["done", "pending", "pending"]
 
 
+def test_a_claim_recorded_under_its_op_id_is_found_again_while_its_lease_holds(queue: Queue) -> None:
+    if not hasattr(queue, "claim_many"):
+        pytest.skip("claim_many is the engines' (the coordinator batches claims into it)")
+    job = queue.create_job(job_spec(), [task("1"), task("2"), task("3")])
+    [first] = queue.claim_many(["w1"], 30, ["c-1"])
+    again = queue.claimed_after("c-1", "w1")
+    assert again is not None and (again.task_id, again.token, again.expires_at) == (first.task_id, first.token, first.expires_at)
+    assert again.document.task.frames == "1" and again.document.task.attempt == 1
+    assert queue.claimed_after("c-1", "w2") is None and queue.claimed_after("c-2", "w1") is None
+    # A copy of the claim that crossed the first (both sent before either was answered) leases
+    # too, without an error; the first record stands.
+    [crossed] = queue.claim_many(["w1"], 30, ["c-1"])
+    assert crossed.task_id == "001" and queue.claimed_after("c-1", "w1").token == first.token
+    queue.complete(first)
+    assert queue.claimed_after("c-1", "w1") is None  # no longer the worker's lease
+    assert states(queue, job) == ["done", "leased", "pending"]
+
+
 def test_workers_register_and_their_state_follows_their_tasks(queue: Queue, clock: Clock) -> None:
     from cio_worker.queue import WorkerStatus
 

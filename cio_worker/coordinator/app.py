@@ -96,6 +96,10 @@ class ClaimBody(_Strict):
     worker: str = Name
     lease_seconds: float | None = Field(default=None, gt=0, le=86_400)
     wait_seconds: float | None = Field(default=None, ge=0, le=300)
+    # A claim with an op id has its lease recorded under it; a copy sent again after a lost
+    # answer says ``resend`` and gets that lease back, while it is still the worker's.
+    op_id: str | None = OpId
+    resend: bool = False
 
 
 class StatusBody(_Strict):
@@ -541,7 +545,12 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
 
     async def do_claim(body: ClaimBody, departure: Departure | None = None) -> dict | None:
         """A lease, or None when the poll ended first; ``departure`` ends the wait when the agent
-        goes away meanwhile (the caller gives back a lease made all the same)."""
+        goes away meanwhile (the caller gives back a lease made all the same). A resend finds the
+        lease its first copy made, if any (``"replay": true``), before it claims anew."""
+        if body.resend and body.op_id is not None:
+            again = await call(queue.claimed_after, body.op_id, body.worker)
+            if again is not None:
+                return {"lease": wire.lease_to_dict(again), "replay": True, **settings()}
         lease_seconds = body.lease_seconds or config.lease_seconds
         wait = config.long_poll_seconds if body.wait_seconds is None else body.wait_seconds
         deadline = time.monotonic() + poll_length(wait, random.random())
@@ -550,7 +559,7 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         on_leave = None if departure is None else departure.on_leave
         while True:
             if not (empty["now"] and wait > 0):
-                lease = await claims.submit((body.worker, lease_seconds))
+                lease = await claims.submit((body.worker, lease_seconds, body.op_id))
                 if lease is not None:
                     timer.leased()
                     return {"lease": wire.lease_to_dict(lease), **settings()}
@@ -601,8 +610,10 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
         return {**answer, "replay": True} if outcome.replay else answer
 
     async def undelivered_claim(answer: dict) -> None:
-        """A claim answered as its agent went away: the lease goes back at no cost to the task."""
-        await give_back(wire.lease_from_dict(answer["lease"]))
+        """A claim answered as its agent went away: the lease goes back at no cost to the task
+        (not a resend's: its first copy's answer may have reached the agent after all)."""
+        if not answer.get("replay"):
+            await give_back(wire.lease_from_dict(answer["lease"]))
 
     async def give_back_next(outcome: ReportOutcome) -> None:
         """A completion answered after its request was cancelled: the next task it claimed goes
@@ -626,8 +637,9 @@ def create_app(queue: SqlQueue, config: CoordinatorConfig | None = None,
     # claim+complete against 1.17-1.22 ms: 574-638 cycles/s against 719-764 in fleet.py.)
     # The other database threads serve every other call.
     inflight = 1
-    claims: Batcher[tuple[str, float], Lease | None] = Batcher(
-        lambda items: call(queue.claim_many, [worker for worker, _ in items], items[0][1]),
+    claims: Batcher[tuple[str, float, str | None], Lease | None] = Batcher(
+        lambda items: call(queue.claim_many, [worker for worker, _, _ in items], items[0][1],
+                           [op_id for _, _, op_id in items]),
         key=lambda item: item[1], orphaned=give_back, max_inflight=inflight)
     completions: Batcher[Completion, ReportOutcome] = Batcher(
         lambda items: call(queue.complete_outcomes, items), max_inflight=inflight, orphaned=give_back_next)

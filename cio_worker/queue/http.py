@@ -3,7 +3,8 @@
 Every call sends the bearer token and retries what a retry can fix (connection refused or reset,
 timeouts, 502/503/504) with exponential backoff and full jitter, within ``retry_seconds``; every
 report carries an operation id that stays the same across those retries, so a report whose answer
-was lost is applied once. The coordinator's refusals come back as the errors the other backends
+was lost is applied once. So does a claim: a copy sent again is marked as a resend and gets the
+lease the first copy made, never a second one. The coordinator's refusals come back as the errors the other backends
 raise: 409 is ``LeaseLost``, 422 a ``DocumentError`` naming the field, 404 an unknown job or task;
 401/403 say to check the token. The token never appears in a message or a log line.
 """
@@ -43,6 +44,9 @@ from cio_worker.queue.base import (
 
 SCHEMES = ("http", "https")
 _RETRY_STATUS = frozenset({502, 503, 504})
+# How long a claim whose answer was lost is sent again: long enough for a dropped answer or a
+# reset; a coordinator that stays away is the agent's loop's to wait for, between claims.
+CLAIM_RESEND_SECONDS = 5.0
 
 
 class _Retryable(Exception):
@@ -99,13 +103,17 @@ class HttpQueue(Queue):
         return session
 
     def _request(self, method: str, path: str, body: Any = None, *, params: Mapping[str, Any] | None = None,
-                 timeout: float | None = None, retry_seconds: float | None = None) -> Any:
+                 timeout: float | None = None, retry_seconds: float | None = None, resends_marked: bool = False) -> Any:
+        """``resends_marked``: every copy after the first carries ``"resend": true``."""
         url = f"{self.url}{path}"
         budget = self.retry_seconds if retry_seconds is None else retry_seconds
+        sent = [0]
 
         def attempt() -> Any:
+            payload = {**body, "resend": True} if resends_marked and sent[0] else body
+            sent[0] += 1
             try:
-                response = self._session().request(method, url, json=body, params=params, timeout=timeout or self.timeout)
+                response = self._session().request(method, url, json=payload, params=params, timeout=timeout or self.timeout)
             except requests.exceptions.SSLError as exc:
                 raise QueueError(f"coordinator {self.url}: TLS failed ({_short(exc)}); check its certificate "
                                  "(or point REQUESTS_CA_BUNDLE at the CA that signed it)", code="queue_unavailable") from None
@@ -200,11 +208,13 @@ class HttpQueue(Queue):
     # -- leases ---------------------------------------------------------------------------------
 
     def claim(self, worker: str, lease_seconds: float, wait: float = 0.0) -> Lease | None:
-        """``wait``: seconds the coordinator may hold the request until a task comes (long poll)."""
-        body = {"worker": worker, "lease_seconds": lease_seconds, "wait_seconds": wait}
-        # A claim is not resent after a lost answer (that could hold two leases); the lost
-        # lease expires and the task goes back.
-        answer = self._request("POST", "/v1/claim", body, timeout=self.timeout + wait, retry_seconds=0)
+        """``wait``: seconds the coordinator may hold the request until a task comes (long poll).
+        A claim whose answer was lost is sent again, marked as a resend, for a few seconds: the
+        coordinator answers it with the lease the first copy made (recorded under the claim's op
+        id) rather than leasing a second task."""
+        body = {"worker": worker, "lease_seconds": lease_seconds, "wait_seconds": wait, "op_id": new_op_id()}
+        answer = self._request("POST", "/v1/claim", body, timeout=self.timeout + wait,
+                               retry_seconds=min(self.retry_seconds, CLAIM_RESEND_SECONDS), resends_marked=True)
         if answer is None:
             return None
         self._remember_settings(answer)

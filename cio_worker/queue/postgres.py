@@ -166,16 +166,17 @@ class PostgresQueue(SqlQueue):
     _column_types: dict[str, dict[str, str]] = {}
 
     def _insert_rows(self, tx: _PgTx, table: str, columns: Sequence[str],  # type: ignore[override]
-                     rows: Sequence[Sequence[Any]]) -> None:
+                     rows: Sequence[Sequence[Any]], or_ignore: bool = False) -> None:
         """One statement however many rows: each column's values as one array, unnested. An
         ``executemany`` costs psycopg a statement sent and a result handled for each row; for the
         rows a batch of claims and completions writes that was a large part of a busy
         coordinator's CPU (benchmarks/README.md, Fleet, sixth round)."""
         if len(rows) < 2:
-            super()._insert_rows(tx, table, columns, rows)
+            super()._insert_rows(tx, table, columns, rows, or_ignore)
             return
         placeholders, arrays = self._unnested(tx, table, columns, rows)
-        tx.execute_binary(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({placeholders})", arrays)
+        tx.execute_binary(f"INSERT INTO {table} ({', '.join(columns)}) SELECT * FROM unnest({placeholders})"
+                          + (" ON CONFLICT DO NOTHING" if or_ignore else ""), arrays)
 
     def _update_rows(self, tx: _PgTx, table: str, assignments: str, columns: Sequence[str],  # type: ignore[override]
                      keys: Sequence[str], rows: Sequence[Sequence[Any]], lock: bool = False) -> None:

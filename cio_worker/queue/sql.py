@@ -529,13 +529,16 @@ class SqlQueue(Queue):
     def claim(self, worker: str, lease_seconds: float) -> Lease | None:
         return self.claim_many([worker], lease_seconds)[0]
 
-    def claim_many(self, workers: Sequence[str], lease_seconds: float) -> list[Lease | None]:
+    def claim_many(self, workers: Sequence[str], lease_seconds: float,
+                   after: Sequence[str | None] | None = None) -> list[Lease | None]:
         """Lease a task to each of ``workers`` (oldest pending first) in one transaction: what a
         coordinator does with the claims that arrive together. A worker left without one gets None.
         No worker gets a task it is kept from (``job_blocks``): the claimers share one look at the
         pending tasks none of them is kept from; should those run out while some claimer is kept
         from a pending task, each claimer still waiting then looks for itself. A claimer left with
-        nothing takes a task it is kept from that no other live worker may take."""
+        nothing takes a task it is kept from that no other live worker may take. ``after``: each
+        claim's op id (or None), under which its lease is recorded (``claimed_after``), so that a
+        copy of the claim resent after a lost answer can get that lease rather than another."""
         for worker in workers:
             _check_worker(worker)
         check_lease_seconds(lease_seconds)
@@ -544,13 +547,12 @@ class SqlQueue(Queue):
             if now >= self._next_reap:
                 self._reap(tx, now)
                 self._next_reap = now + self.REAP_INTERVAL
-            return self._claim_in(tx, workers, lease_seconds, None, now)
+            return self._claim_in(tx, workers, lease_seconds, after, now)
 
     def _claim_in(self, tx: Tx, workers: Sequence[str], lease_seconds: float, after: Sequence[str | None] | None,
                   now: float) -> list[Lease | None]:
-        """``claim_many`` inside ``tx``, without the reap. ``after``: for each claim made with a
-        completion, that completion's op id (else None); the lease is recorded under it, so that a
-        resend of the completion gets this lease again (``_claimed_after``)."""
+        """``claim_many`` inside ``tx``, without the reap; ``after``: each claim's op id, or that of
+        the completion it is made with (or None)."""
         leases: list[Lease | None] = [None] * len(workers)
         waiting = list(range(len(workers)))  # the claimers without a lease yet, in their order
         alone = False
@@ -578,14 +580,20 @@ class SqlQueue(Queue):
         idle = [i for i in range(len(workers)) if leases[i] is None]
         if idle:
             self._claim_despite_blocks(tx, workers, idle, leases, now, lease_seconds)
-        if after is not None:
+        if after is not None:  # two copies of one claim may both lease: the first record stands
             self._remember_all(tx, [(_next_of(op_id), lease.worker, "claim", f"{lease.job_id}/{lease.task_id}/{lease.token}", now)
-                                    for lease, op_id in zip(leases, after) if lease is not None and op_id is not None])
+                                    for lease, op_id in zip(leases, after) if lease is not None and op_id is not None],
+                               or_ignore=True)
         return leases
 
+    def claimed_after(self, op_id: str, worker: str) -> Lease | None:
+        """The lease claimed for ``worker`` under ``op_id`` (a claim's own op id, or that of the
+        completion it was made with), while it is still that worker's; else None."""
+        with self._transaction(write=False) as tx:
+            return self._claimed_after(tx, op_id, worker)
+
     def _claimed_after(self, tx: Tx, op_id: str, worker: str) -> Lease | None:
-        """The lease claimed with completion ``op_id`` for ``worker`` (``_claim_in``'s ``after``),
-        while it is still that worker's; else None."""
+        """``claimed_after`` inside ``tx``."""
         record = tx.execute("SELECT worker, result FROM operations WHERE id = ?", (_next_of(op_id),)).fetchone()
         if record is None or record["worker"] != worker:
             return None
@@ -1084,10 +1092,13 @@ class SqlQueue(Queue):
     # any count: the driver parses and caches it once (psycopg's parse of a statement with hundreds
     # of placeholders was most of a grouped write's cost). Each engine spells it its own way.
 
-    def _insert_rows(self, tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        """Insert ``rows`` (values in the order of ``columns``) into ``table``."""
+    def _insert_rows(self, tx: Tx, table: str, columns: Sequence[str], rows: Sequence[Sequence[Any]],
+                     or_ignore: bool = False) -> None:
+        """Insert ``rows`` (values in the order of ``columns``) into ``table``; ``or_ignore``: a
+        row whose key is there already is left out, not an error."""
         if rows:
-            tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(columns)})", rows)
+            tx.executemany(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({_marks(columns)})"
+                           + (" ON CONFLICT DO NOTHING" if or_ignore else ""), rows)
 
     def _update_rows(self, tx: Tx, table: str, assignments: str, columns: Sequence[str], keys: Sequence[str],
                      rows: Sequence[Sequence[Any]], lock: bool = False) -> None:
@@ -1191,9 +1202,10 @@ class SqlQueue(Queue):
         if op_id is not None:
             self._remember_all(tx, [(op_id, lease.worker, kind, result, now)])
 
-    def _remember_all(self, tx: Tx, operations: Sequence[tuple[str, str, str, str, float]]) -> None:
+    def _remember_all(self, tx: Tx, operations: Sequence[tuple[str, str, str, str, float]],
+                      or_ignore: bool = False) -> None:
         """Record (op id, worker, kind, result, time) of applied reports, to answer their copies."""
-        self._insert_rows(tx, "operations", ("id", "worker", "kind", "result", "created"), operations)
+        self._insert_rows(tx, "operations", ("id", "worker", "kind", "result", "created"), operations, or_ignore)
 
     # -- attempts and their logs ------------------------------------------------------------------
 
@@ -1702,7 +1714,7 @@ def _short(exc: BaseException, limit: int = 120) -> str:
 
 
 def _next_of(op_id: str) -> str:
-    """The operation id under which the lease claimed with completion ``op_id`` is recorded."""
+    """The operation id under which the lease claimed under ``op_id`` is recorded."""
     return f"{op_id}+next"
 
 
