@@ -37,7 +37,8 @@ from cio_worker.queue.http import HttpQueue
 from tests.servers import HOP_BY_HOP, Fault, FaultProxy, Seen, _ProxyHandler
 
 # What a job of these tests looks like: retry budgets at the document's maximum (5), so that
-# injected faults (orphaned claims, a deliberate failure) never exhaust a task's budget.
+# injected faults (a lease orphaned by a request that outlived its client, a deliberate failure)
+# never exhaust a task's budget.
 JOB = {
     "title": "fleet faults",
     "project": "default",
