@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import random
@@ -143,6 +144,14 @@ def tree_cpu_since(pid: int, before: dict[int, float]) -> float:
     return sum(cpu - before.get(p, 0.0) for p, cpu in tree_cpu(pid).items())
 
 
+_claims = itertools.count()
+
+
+def op_id() -> str:
+    """A claim's op id, as the agent sends one with every claim (``HttpQueue.claim``)."""
+    return f"bench-claim-{next(_claims)}"
+
+
 # -- phases ------------------------------------------------------------------------------------------
 
 def raw_phase(db_url: str, n_tasks: int, threads: int, db_pid: int) -> Phase:
@@ -205,7 +214,7 @@ async def throughput_phase(base: str, token: str, owner: str, db_url: str, n_tas
         while True:
             if lease is None:
                 t0 = time.perf_counter()
-                status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 0})
+                status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 0, "op_id": op_id()})
                 latencies.append(time.perf_counter() - t0)
                 if status != 200:
                     break
@@ -262,7 +271,7 @@ async def burst_phase(base: str, token: str, db_url: str, agents: int) -> Phase:
             status, _ = await conn.post("/v1/workers/register", {"worker": name, "info": {"provider": "bench"}})
             if status != 200:
                 failures[f"register {status}"] = failures.get(f"register {status}", 0) + 1
-            status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 30})
+            status, data = await conn.post("/v1/claim", {"worker": name, "wait_seconds": 30, "op_id": op_id()})
         except OSError as exc:
             failures[type(exc).__name__] = failures.get(type(exc).__name__, 0) + 1
             return
@@ -293,7 +302,7 @@ COST_KINDS = {
     "cost": ("report cost (coordinator CPU per request)", "/v1/workers/report",
              lambda name: {"worker": name, "status": {"state": "idle"}}, 200),
     "pollcost": ("long-poll cost (coordinator CPU per empty 50 ms poll)", "/v1/claim",
-                 lambda name: {"worker": name, "wait_seconds": 0.05}, 204),
+                 lambda name: {"worker": name, "wait_seconds": 0.05, "op_id": op_id()}, 204),
 }
 
 
@@ -409,7 +418,7 @@ async def idle_phase(base: str, token: str, coordinator: Coordinator, db_url: st
             wait = poll_seconds * (i % 1000) / 1000
             while not stop.is_set():
                 try:
-                    status, _ = await polls.post("/v1/claim", {"worker": name, "wait_seconds": wait})
+                    status, _ = await polls.post("/v1/claim", {"worker": name, "wait_seconds": wait, "op_id": op_id()})
                     if measuring[0] and status == 204:
                         polled[0] += 1
                     if spread:
