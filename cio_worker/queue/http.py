@@ -4,9 +4,10 @@ Every call sends the bearer token and retries what a retry can fix (connection r
 timeouts, 502/503/504) with exponential backoff and full jitter, within ``retry_seconds``; every
 report carries an operation id that stays the same across those retries, so a report whose answer
 was lost is applied once. So does a claim: a copy sent again is marked as a resend and gets the
-lease the first copy made, never a second one. The coordinator's refusals come back as the errors the other backends
-raise: 409 is ``LeaseLost``, 422 a ``DocumentError`` naming the field, 404 an unknown job or task;
-401/403 say to check the token. The token never appears in a message or a log line.
+lease the first copy made, never a second one. The coordinator's refusals come back as the
+errors the other backends raise: 409 is ``LeaseLost``, 422 a ``DocumentError`` naming the field,
+404 an unknown job or task; 401/403 say to check the token. The token never appears in a message
+or a log line.
 """
 
 from __future__ import annotations
