@@ -8,7 +8,9 @@ import json
 import socket
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 from urllib.parse import urlsplit
 
 import pytest
@@ -232,47 +234,47 @@ class SlowCompletions(SqliteQueue):
         return super().complete_outcomes(reports)
 
 
-def test_the_next_task_a_completion_claimed_for_an_agent_that_went_away_goes_back(tmp_path: Path) -> None:
-    """A completion that also claims the next task, whose agent is gone before the answer: the
-    completion stands, and the task claimed with it goes back to pending at no cost (a
-    "released" attempt), not left leased to nobody until its lease expires."""
+@contextmanager
+def slow_farm(tmp_path: Path) -> Iterator[tuple[SqliteQueue, str, str, str, dict]]:
+    """A coordinator on ``SlowCompletions`` (its own protocol: it tells a request of its client
+    leaving), a job of two tasks, the first claimed by w1: (queue, agent token, job, url, the
+    completion of that task asking for the next)."""
     from cio_worker.coordinator.transport import coalescing_protocol
 
     queue = SlowCompletions(tmp_path / "q.db")
     _, agent = queue.create_token("fleet", ["agent"])
     job = queue.create_job(JOB, [NewTask("1", "cnode a"), NewTask("2", "cnode b")])
     app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
-    headers = {"Authorization": f"Bearer {agent}"}
-    with serving_app(app, http=coalescing_protocol()) as url:
-        lease = requests.post(f"{url}/v1/claim", json={"worker": "w1", "wait_seconds": 0}, headers=headers,
-                              timeout=30).json()["lease"]
-        ref = {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}
-        sock = raw_post(url, "/v1/complete", agent, {"lease": ref, "op_id": "op-1", "next_lease_seconds": 60})
+    try:
+        with serving_app(app, http=coalescing_protocol()) as url:
+            lease = requests.post(f"{url}/v1/claim", json={"worker": "w1", "wait_seconds": 0},
+                                  headers={"Authorization": f"Bearer {agent}"}, timeout=30).json()["lease"]
+            yield queue, agent, job, url, {"lease": {k: lease[k] for k in ("job_id", "task_id", "token", "worker")},
+                                           "op_id": "op-1", "next_lease_seconds": 60}
+    finally:
+        queue.close()
+
+
+def test_the_next_task_a_completion_claimed_for_an_agent_that_went_away_goes_back(tmp_path: Path) -> None:
+    """A completion that also claims the next task, whose agent is gone before the answer: the
+    completion stands, and the task claimed with it goes back to pending at no cost (a
+    "released" attempt), not left leased to nobody until its lease expires."""
+    with slow_farm(tmp_path) as (queue, agent, job, url, body):
+        sock = raw_post(url, "/v1/complete", agent, body)
         time.sleep(0.3)
         sock.close()  # gone while its completion (and claim) is at the database
         wait_for(lambda: queue.tasks(job)[1].attempts["released"] == 1, 20, "the next task given back")
-    first, second = queue.tasks(job)
-    assert first.state == "done"
-    assert second.state == "pending" and second.attempts == {"preempted": 0, "failed": 0, "released": 1}
-    assert [e.kind for e in queue.events(job, "001")] == ["claimed", "released"]
-    queue.close()
+        first, second = queue.tasks(job)
+        assert first.state == "done"
+        assert second.state == "pending" and second.attempts == {"preempted": 0, "failed": 0, "released": 1}
+        assert [e.kind for e in queue.events(job, "001")] == ["claimed", "released"]
 
 
 def test_a_resend_whose_agent_went_away_leaves_the_next_task_with_its_worker(tmp_path: Path) -> None:
     """The first copy of a completion delivered its next task; a resend (replay) whose agent is
     gone before its answer must not give that task back: the worker holds it."""
-    from cio_worker.coordinator.transport import coalescing_protocol
-
-    queue = SlowCompletions(tmp_path / "q.db")
-    _, agent = queue.create_token("fleet", ["agent"])
-    job = queue.create_job(JOB, [NewTask("1", "cnode a"), NewTask("2", "cnode b")])
-    app = create_app(queue, CoordinatorConfig(watch_seconds=0.2))
-    headers = {"Authorization": f"Bearer {agent}"}
-    with serving_app(app, http=coalescing_protocol()) as url:
-        lease = requests.post(f"{url}/v1/claim", json={"worker": "w1", "wait_seconds": 0}, headers=headers,
-                              timeout=30).json()["lease"]
-        body = {"lease": {k: lease[k] for k in ("job_id", "task_id", "token", "worker")}, "op_id": "op-1",
-                "next_lease_seconds": 60}
+    with slow_farm(tmp_path) as (queue, agent, job, url, body):
+        headers = {"Authorization": f"Bearer {agent}"}
         first = requests.post(f"{url}/v1/complete", json=body, headers=headers, timeout=30).json()
         assert first["next"]["task_id"] == "001" and "replay" not in first
         again = requests.post(f"{url}/v1/complete", json=body, headers=headers, timeout=30).json()
@@ -281,10 +283,9 @@ def test_a_resend_whose_agent_went_away_leaves_the_next_task_with_its_worker(tmp
         time.sleep(0.3)
         sock.close()  # this resend's agent is gone before its answer
         time.sleep(2.0)  # the resend is answered (to nobody) meanwhile
-    second = queue.tasks(job)[1]
-    assert second.state == "leased" and second.worker == "w1" and second.attempt_count == 0
-    assert [e.kind for e in queue.events(job, "001")] == ["claimed"]
-    queue.close()
+        second = queue.tasks(job)[1]
+        assert second.state == "leased" and second.worker == "w1" and second.attempt_count == 0
+        assert [e.kind for e in queue.events(job, "001")] == ["claimed"]
 
 
 def test_an_idle_report_after_a_stop_is_written_at_once(tmp_path: Path) -> None:
