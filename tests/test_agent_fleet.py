@@ -275,7 +275,7 @@ def test_a_stop_during_a_long_poll_gives_a_late_task_back_untouched(make_fleet) 
 
 
 class NextCounting(CountingQueue):
-    """Counts completions that claimed the next task; ``then(agent)`` runs as one brings a lease."""
+    """Counts completions that asked for the next task; ``then()`` runs when one brings a lease."""
 
     def __init__(self, *args, **kw) -> None:
         super().__init__(*args, **kw)
