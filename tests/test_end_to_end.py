@@ -15,7 +15,6 @@ import psutil
 import pytest
 
 from cio_worker.sim.examples import example_job_path, example_root
-from cio_worker.job.frames import FrameSet
 from cio_worker.job.project import load_project, output_file_name
 from cio_worker.queue import open_queue
 from cio_worker.sim.simulate import Simulation, SimulationConfig

@@ -172,4 +172,4 @@ def test_a_flood_beyond_the_lag_bound_is_skipped_never_stored_and_said(tmp_path)
     assert len(log) < 4 * MIB
     written, dropped, rest = output_bytes(log)
     assert written < 3 * MIB and dropped > 13 * MIB
-    assert rest.endswith(f"of them unread: the command outran the reader by more than 2.0 MiB")
+    assert rest.endswith("of them unread: the command outran the reader by more than 2.0 MiB")
