@@ -695,6 +695,9 @@ def test_a_claim_recorded_under_its_op_id_is_found_again_while_its_lease_holds(q
     queue.complete(first)
     assert queue.claimed_after("c-1", "w1") is None  # no longer the worker's lease
     assert states(queue, job) == ["done", "leased", "pending"]
+    # A report whose op id ends as a claim's record does is not read as one.
+    queue.complete(crossed, op_id="c-3+next")
+    assert queue.claimed_after("c-3", "w1") is None
 
 
 def test_workers_register_and_their_state_follows_their_tasks(queue: Queue, clock: Clock) -> None:

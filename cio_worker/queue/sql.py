@@ -594,8 +594,9 @@ class SqlQueue(Queue):
 
     def _claimed_after(self, tx: Tx, op_id: str, worker: str) -> Lease | None:
         """``claimed_after`` inside ``tx``."""
-        record = tx.execute("SELECT worker, result FROM operations WHERE id = ?", (_next_of(op_id),)).fetchone()
-        if record is None or record["worker"] != worker:
+        record = tx.execute("SELECT worker, kind, result FROM operations WHERE id = ?", (_next_of(op_id),)).fetchone()
+        # (a report's own op id may end like a claim's record: only a claim's record is read)
+        if record is None or record["worker"] != worker or record["kind"] != "claim":
             return None
         job_id, task_id, token = record["result"].split("/")
         row = tx.execute("SELECT * FROM tasks WHERE job_number = ? AND number = ?",
@@ -800,8 +801,8 @@ class SqlQueue(Queue):
                 if figures is not None:
                     figures.validate()
                 _check_op_id(op_id)
-                if _next_lease_seconds(report) is not None:
-                    check_lease_seconds(_next_lease_seconds(report), "next_lease_seconds")
+                if (seconds := _next_lease_seconds(report)) is not None:
+                    check_lease_seconds(seconds, "next_lease_seconds")
             except CioError as exc:
                 answers[i] = exc
                 continue
