@@ -10,9 +10,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from cio_worker.node.clarisse import MONITORED_LINES
 from cio_worker.node.logscan import LineFilter
 from cio_worker.node.runner import ProcessRunner, RunSpec
+from cio_worker.node.scandb import Engine
+from tests.test_scandb import ENGINES
 
 PY = sys.executable
 MiB = 1 << 20
@@ -36,16 +40,17 @@ for i in range(60000):
 """
 
 
-def run(tmp_path: Path, cap: int, **kw):
+def run(tmp_path: Path, cap: int, scan_engine: Engine = "auto", **kw):
     lines: list[str] = []
     spec = RunSpec([PY, "-c", WRITER], cwd=tmp_path, env={"PATH": os.environ["PATH"], "LIC_SECRET": "hunter2-secret-value"},
                    log_path=tmp_path / "task.log", log_cap_bytes=cap)
-    result = ProcessRunner().start(spec, on_line=lines.append, **kw).wait(timeout=120)
+    result = ProcessRunner(scan_engine=scan_engine).start(spec, on_line=lines.append, **kw).wait(timeout=120)
     return result, lines, (tmp_path / "task.log").read_bytes()
 
 
-def test_on_line_gets_only_the_lines_the_filter_selects_in_order_and_the_log_gets_all(tmp_path):
-    result, lines, log = run(tmp_path, 64 * MiB, line_filter=MONITORED_LINES)
+@pytest.mark.parametrize("engine", ENGINES)
+def test_on_line_gets_only_the_lines_the_filter_selects_in_order_and_the_log_gets_all(tmp_path, engine):
+    result, lines, log = run(tmp_path, 64 * MiB, engine, line_filter=MONITORED_LINES)
     assert result.exit_code == 0 and result.log_bytes_dropped == 0
     assert len(lines) == 60 + 1 + 1  # progress x60, saved, error (the secret lines hold no hint)
     assert lines[0] == "Progress for 'project://scene/beauty' : 0.0 %"

@@ -2,8 +2,9 @@
 reads.
 
 ``OutputScanner`` compiles the secret values and a ``LineFilter`` (line prefixes, words in any
-case) into one Hyperscan database: a block is scanned once, in C, without the GIL, at several
-GB/s; Python only sees the matches (most 1 MiB blocks of a render log hold none or a few dozen).
+case) into one Hyperscan database (``scandb.py``): a block is scanned once, in C, without the GIL,
+at several GB/s; Python only sees the matches (most 1 MiB blocks of a render log hold none or a
+few dozen).
 """
 
 from __future__ import annotations
@@ -12,9 +13,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Mapping, Sequence
 
-import hyperscan
-
 from cio_worker.job.environment import is_secret_name
+from cio_worker.node.scandb import CASELESS, MULTILINE, Engine, ScanDatabase, compile_database
 
 MASK = "****"
 _MASK_BYTES = MASK.encode()
@@ -73,7 +73,7 @@ class OutputScanner:
     """Finds secrets and filtered lines in blocks of whole lines. One per reader thread (a
     Hyperscan database has one scratch space)."""
 
-    def __init__(self, secrets: Sequence[bytes], line_filter: LineFilter | None) -> None:
+    def __init__(self, secrets: Sequence[bytes], line_filter: LineFilter | None, engine: Engine = "auto") -> None:
         expressions: list[bytes] = []
         flags: list[int] = []
         self._secret_len: dict[int, int] = {}
@@ -84,15 +84,11 @@ class OutputScanner:
         if line_filter is not None:
             for prefix in line_filter.prefixes:
                 expressions.append(b"^" + _literal(prefix.encode()))
-                flags.append(hyperscan.HS_FLAG_MULTILINE)
+                flags.append(MULTILINE)
             for word in line_filter.words:
                 expressions.append(_literal(word.encode()))
-                flags.append(hyperscan.HS_FLAG_CASELESS)
-        self._db: hyperscan.Database | None = None
-        if expressions:
-            self._db = hyperscan.Database(mode=hyperscan.HS_MODE_BLOCK)
-            self._db.compile(expressions=expressions, ids=list(range(len(expressions))),
-                             elements=len(expressions), flags=flags)
+                flags.append(CASELESS)
+        self._db: ScanDatabase | None = compile_database(expressions, flags, engine) if expressions else None
 
     def scan(self, data: bytes | bytearray, end: int | None = None) -> Found:
         """Scan ``data[:end]`` (whole lines)."""
@@ -100,9 +96,7 @@ class OutputScanner:
         end = len(data) if end is None else end
         if self._db is None or not end:
             return found
-        hits: list[tuple[int, int]] = []
-        with memoryview(data) as view, view[:end] as block:
-            self._db.scan(block, match_event_handler=lambda id_, _from, to, _flags, _ctx: hits.append((id_, to)))
+        hits = self._db.scan(data, end)
         secrets: list[tuple[int, int]] = []
         starts: dict[int, int] = {}
         for id_, to in hits:
@@ -137,10 +131,19 @@ class OutputScanner:
         return pieces
 
     @staticmethod
-    def masked(data: bytes | bytearray, secrets: list[tuple[int, int]], start: int = 0, end: int | None = None) -> bytes:
-        """``data[start:end]`` with the secrets masked, as one bytes object."""
-        with memoryview(data) as view:
-            return b"".join(OutputScanner.pieces(view, secrets, start, len(data) if end is None else end))
+    def line_texts(view: memoryview, found: Found) -> list[str]:
+        """The selected lines of a scanned block, masked and decoded (bad UTF-8 replaced, a
+        trailing CR dropped). Lines without a secret are decoded straight from the buffer."""
+        texts: list[str] = []
+        secrets, i = found.secrets, 0
+        for start, stop in found.lines:
+            while i < len(secrets) and secrets[i][1] <= start:
+                i += 1
+            if i < len(secrets) and secrets[i][0] < stop:
+                texts.append(b"".join(OutputScanner.pieces(view, secrets, start, stop)).decode("utf-8", "replace").rstrip("\r"))
+            else:
+                texts.append(str(view[start:stop], "utf-8", "replace").rstrip("\r"))
+        return texts
 
 
 def _literal(text: bytes) -> bytes:

@@ -60,6 +60,7 @@ from cio_worker.job.environment import masked
 from cio_worker.errors import RenderError
 from cio_worker.node.containment import Containment, TaskGroup, detect
 from cio_worker.node.logscan import LineFilter, OutputScanner, SecretMasker
+from cio_worker.node.scandb import Engine
 from cio_worker.node.render_user import RenderUser, current_user
 from cio_worker.node.spool import OutputSpool
 
@@ -493,6 +494,7 @@ class RunningProcess:
         spool: OutputSpool,
         spool_lag_bytes: int,
         line_filter: LineFilter | None = None,
+        scan_engine: Engine = "auto",
         group: TaskGroup | None = None,
         mark: str | None = None,
         containment: str = "",
@@ -505,7 +507,7 @@ class RunningProcess:
         self._on_line = on_line
         self._line_filter = line_filter
         # One pass per read finds the secrets and the lines on_line wants (every line without a filter).
-        self._scanner = OutputScanner(masker.needles, line_filter if on_line is not None else None)
+        self._scanner = OutputScanner(masker.needles, line_filter if on_line is not None else None, scan_engine)
         self._group = group
         self._containment = containment
         self._clock = clock
@@ -708,12 +710,12 @@ class RunningProcess:
             if self._on_line is None:
                 return
             if self._line_filter is None:
-                lines: Iterable[bytes] = b"".join(shown).split(b"\n")[:-1]
+                texts = [line.decode("utf-8", "replace").rstrip("\r") for line in b"".join(shown).split(b"\n")[:-1]]
             else:
-                lines = [self._scanner.masked(data, found.secrets, start, stop) for start, stop in found.lines]
-        for line in lines:
+                texts = self._scanner.line_texts(view, found)
+        for text in texts:
             try:
-                self._on_line(line.decode("utf-8", "replace").rstrip("\r"))
+                self._on_line(text)
             except Exception:
                 if not self._on_line_failed:
                     self._on_line_failed = True
@@ -886,6 +888,7 @@ class ProcessRunner:
         spool_lag_bytes: int = 1 << 30,
         containment: Containment | None = None,
         render_user: RenderUser | None = None,
+        scan_engine: Engine = "auto",
     ) -> None:
         self._clock = clock
         self._wall_clock = wall_clock
@@ -894,6 +897,7 @@ class ProcessRunner:
         self._spool_lag_bytes = spool_lag_bytes  # unread output the disk may hold before the reader skips it
         self.containment = containment if containment is not None else detect()
         self.render_user = render_user
+        self._scan_engine = scan_engine  # which Hyperscan build scans the output (scandb.py)
         self._runs = 0
         self._lock = threading.Lock()
 
@@ -995,6 +999,7 @@ class ProcessRunner:
             spool=spool,
             spool_lag_bytes=self._spool_lag_bytes,
             line_filter=line_filter,
+            scan_engine=self._scan_engine,
             group=group,
             mark=mark,
             containment=self._describe(group),

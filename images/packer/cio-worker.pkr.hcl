@@ -102,7 +102,8 @@ build {
 
   provisioner "shell" {
     inline = [
-      "sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv",
+      # libvectorscan5: Hyperscan with AVX2 code, which the agent scans render output with (node/scandb.py).
+      "sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y python3-venv libvectorscan5",
       # The renders' user: no home, no shell, no groups of note; the agent (root) runs as itself.
       "sudo useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin render || true",
       "sudo python3 -m venv /opt/cio-worker/venv",
