@@ -140,8 +140,13 @@ def main() -> int:
             for cap_label, cap in (("cap on", args.cap_mib * MiB), ("cap above output", (mib + 1) * MiB)):
                 runs_out = []
                 for _ in range(runs):
+                    # Each timed run starts with nothing dirty: else the writeback of the previous
+                    # runs' gigabytes throttles whichever run crosses the kernel's dirty limit.
+                    os.sync()
                     d = direct(argv, scratch / "direct.log")
+                    os.sync()
                     c = through_cat(argv, scratch / "direct.log")
+                    os.sync()
                     r, seen = through_runner(runner, argv, scratch, cap, progress)
                     runs_out.append({"direct_s": d, "cat_s": c, "runner_s": r, "ratio": d / r, "cat_ratio": d / c,
                                      "log_complete_ratio": d / seen["log_complete_s"],
