@@ -8,7 +8,9 @@ The ratio is direct wall / the command's wall through the runner (start to exit:
 renderer took; 1.0: the runner costs the command nothing; goal >= 0.5), the median over runs, each
 runner run paired with a direct run just before it. "Log complete" is direct wall / the wall until
 ``wait()`` returns (the agent has read, masked and stored the rest of the output and written the
-footer). Two figures help read it on a busy machine: the same command piped through ``cat`` into
+footer); "vs the fastest direct run" divides the fastest direct run of that size (either cap) by
+the same wall instead, which a slowed direct run cannot flatter. Two figures help read it on a
+busy machine: the same command piped through ``cat`` into
 the file (what a pipe reader costs), and the agent's own CPU time per MiB (user + system, all its
 threads), which load does not inflate much.
 """
@@ -27,6 +29,7 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -108,6 +111,20 @@ def through_runner(runner: ProcessRunner, argv: list[str], scratch: Path, cap: i
                           "log_bytes_dropped": result.log_bytes_dropped, "agent_cpu_s": agent_cpu}
 
 
+def settler(drop_caches: bool) -> tuple[Callable[[], None], str]:
+    """What runs before each timed run, and its description. Each starts with nothing dirty and,
+    where allowed (root), with the clean page cache dropped: measured here, a 1 GiB direct run
+    right after a run that stored 1 GiB took 1.6-1.9 s with only ``sync`` and 0.39-0.53 s after
+    a drop as well (the same as on a fresh machine)."""
+    drop = Path("/proc/sys/vm/drop_caches")
+    if drop_caches and os.access(drop, os.W_OK):
+        def settle() -> None:
+            os.sync()
+            drop.write_text("1\n")
+        return settle, "sync and drop the page cache"
+    return os.sync, "sync"
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -122,7 +139,10 @@ def main() -> int:
     parser.add_argument("--scratch", default=None, help="where the output files go (default: the temp dir)")
     parser.add_argument("--scan-engine", choices=("auto", "system", "wheel"), default="auto",
                         help="the Hyperscan build that scans the output (default: the system's libhs where installed)")
+    parser.add_argument("--keep-caches", action="store_true",
+                        help="do not drop the page cache before each timed run (it is dropped where allowed: root)")
     args = parser.parse_args()
+    settle, settled = settler(not args.keep_caches)
     sizes = [int(s) for s in (args.sizes or ("4,16" if args.quick else "256,1024")).split(",")]
     runs = args.runs or (2 if args.quick else 5)
     load_before = os.getloadavg()
@@ -140,28 +160,35 @@ def main() -> int:
             for cap_label, cap in (("cap on", args.cap_mib * MiB), ("cap above output", (mib + 1) * MiB)):
                 runs_out = []
                 for _ in range(runs):
-                    # Each timed run starts with nothing dirty: else the writeback of the previous
-                    # runs' gigabytes throttles whichever run crosses the kernel's dirty limit.
-                    os.sync()
+                    settle()
                     d = direct(argv, scratch / "direct.log")
-                    os.sync()
+                    settle()
                     c = through_cat(argv, scratch / "direct.log")
-                    os.sync()
+                    settle()
                     r, seen = through_runner(runner, argv, scratch, cap, progress)
                     runs_out.append({"direct_s": d, "cat_s": c, "runner_s": r, "ratio": d / r, "cat_ratio": d / c,
                                      "log_complete_ratio": d / seen["log_complete_s"],
                                      "direct_mib_s": mib / d, "runner_mib_s": mib / r,
                                      "agent_cpu_ms_per_mib": 1000 * seen["agent_cpu_s"] / mib, **seen})
                     (scratch / "direct.log").unlink()
-                rows.append({"mib": mib, "cap": cap_label, "cap_bytes": cap, "runs": runs_out,
-                             "summary": {k: summary([x[k] for x in runs_out])
-                                         for k in ("direct_s", "cat_s", "runner_s", "ratio", "cat_ratio", "log_complete_s",
-                                                   "log_complete_ratio", "direct_mib_s", "runner_mib_s",
-                                                   "agent_cpu_ms_per_mib")}})
+                rows.append({"mib": mib, "cap": cap_label, "cap_bytes": cap, "runs": runs_out})
+            # A direct run is only ever slowed by the machine (writeback, reclaim, other people's
+            # load), so the fastest one of this size is the best measure of the limit: the log
+            # complete against it is the conservative ratio.
+            sized = [row for row in rows if row["mib"] == mib]
+            best = min(run["direct_s"] for row in sized for run in row["runs"])
+            for row in sized:
+                for run in row["runs"]:
+                    run["best_direct_s"] = best
+                    run["log_complete_vs_best"] = best / run["log_complete_s"]
+                row["summary"] = {k: summary([x[k] for x in row["runs"]])
+                                  for k in ("direct_s", "cat_s", "runner_s", "ratio", "cat_ratio", "log_complete_s",
+                                            "log_complete_ratio", "log_complete_vs_best", "direct_mib_s", "runner_mib_s",
+                                            "agent_cpu_ms_per_mib")}
     report = {
         "benchmark": "log_throughput", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"nproc": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
-        "containment": runner.containment.describe(), "scan_engine": engine,
+        "containment": runner.containment.describe(), "scan_engine": engine, "before_each_run": settled,
         "load_before": load_before, "load_after": os.getloadavg(),
         "parameters": {"quick": args.quick, "sizes_mib": sizes, "runs": runs, "cap_mib": args.cap_mib},
         "rows": rows,
@@ -170,17 +197,19 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print(f"Log throughput (load {load_before[0]:.2f} before, {report['load_after'][0]:.2f} after; {runs} runs, medians; "
-          f"scan engine: {engine})\n")
+          f"scan engine: {engine}; before each run: {settled})\n")
     print("| output | log cap | direct | the command through the runner | ratio (goal >= 0.5) | range "
-          "| log complete: ratio (range) | piped to cat: ratio | agent CPU |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "| log complete: ratio (range) | log complete vs the fastest direct run (range) | piped to cat: ratio | agent CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         s = row["summary"]
         print(f"| {row['mib']} MiB | {row['cap']} | {s['direct_s']['median']:.2f} s ({s['direct_mib_s']['median']:.0f} MiB/s) "
               f"| {s['runner_s']['median']:.2f} s ({s['runner_mib_s']['median']:.0f} MiB/s) "
               f"| {s['ratio']['median']:.2f} | {s['ratio']['min']:.2f}-{s['ratio']['max']:.2f} "
               f"| {s['log_complete_ratio']['median']:.2f} ({s['log_complete_ratio']['min']:.2f}-"
-              f"{s['log_complete_ratio']['max']:.2f}) | {s['cat_ratio']['median']:.2f} | {s['agent_cpu_ms_per_mib']['median']:.2f} ms/MiB |")
+              f"{s['log_complete_ratio']['max']:.2f}) | {s['log_complete_vs_best']['median']:.2f} ({s['log_complete_vs_best']['min']:.2f}-"
+              f"{s['log_complete_vs_best']['max']:.2f}; {row['runs'][0]['best_direct_s']:.2f} s) "
+              f"| {s['cat_ratio']['median']:.2f} | {s['agent_cpu_ms_per_mib']['median']:.2f} ms/MiB |")
     print(f"\nJSON: {out}")
     return 0
 

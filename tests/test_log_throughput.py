@@ -81,7 +81,7 @@ def test_a_line_filter_finds_words_in_any_case_and_prefixes_at_line_starts_only(
 def test_log_throughput_benchmark_quick_runs_and_reports(tmp_path):
     out = tmp_path / "lt.json"
     done = subprocess.run([PY, str(BENCHMARKS / "log_throughput.py"), "--quick", "--sizes", "1,2", "--runs", "2",
-                           "--json", str(out), "--scratch", str(tmp_path)], capture_output=True, text=True, timeout=240)
+                           "--json", str(out), "--scratch", str(tmp_path), "--keep-caches"], capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out.read_text())
     assert report["parameters"]["sizes_mib"] == [1, 2] and len(report["rows"]) == 4
