@@ -3,7 +3,9 @@ wheel find the same matches; a missing library falls back, or is refused when as
 
 from __future__ import annotations
 
+import gc
 import random
+import weakref
 
 import pytest
 
@@ -92,3 +94,16 @@ def test_selected_lines_are_masked_only_where_a_secret_is_and_decoded(engine):
     with memoryview(data) as view:
         assert OutputScanner.line_texts(view, found) == [
             "Saved a", "ERROR **** x", "error \ufffd bad byte", "**** error"]
+
+
+@pytest.mark.skipif(not HAVE_SYSTEM, reason="libhs.so.5 is not installed")
+def test_a_system_database_is_freed_when_dropped_without_waiting_for_the_collector():
+    db = compile_database([b"ab"], [0], "system")
+    assert db.scan(b"xxabyyab", 8) == [(0, 4), (0, 8)]
+    gone = weakref.ref(db)
+    gc.disable()
+    try:
+        del db  # each task drops its scanner: the library's database and scratch go with it
+        assert gone() is None
+    finally:
+        gc.enable()

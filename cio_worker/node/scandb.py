@@ -111,18 +111,16 @@ class _SystemDatabase:
             raise ScanEngineError("allocating the output scan's scratch space failed")
         self.engine = f"system {lib.hs_version().decode(errors='replace').split()[0]}"
         self._lib, self._db, self._scratch = lib, db, scratch
-        self._hits: Hits = []
-        self._handler = _MatchHandler(self._on_match)  # kept: the library holds a pointer to it
+        # The current scan's list; the handler holds it, not self (no cycle: freed when dropped).
+        self._into: list[Hits] = [[]]
+        into = self._into
+        self._handler = _MatchHandler(lambda id_, _from, to, _flags, _context: into[0].append((id_, to)) or 0)
         weakref.finalize(self, _free, lib, db, scratch)
-
-    def _on_match(self, id_: int, _from: int, to: int, _flags: int, _context: object) -> int:
-        self._hits.append((id_, to))
-        return 0
 
     def scan(self, data: bytes | bytearray, end: int) -> Hits:
         if end > _MAX_SCAN:
             raise ValueError("a block to scan must be under 4 GiB")
-        self._hits = hits = []
+        self._into[0] = hits = []
         # bytes go as they are; a bytearray as a ctypes view of it (no copy), alive for the call
         buffer = data if isinstance(data, bytes) else (ctypes.c_char * len(data)).from_buffer(data)
         status = self._lib.hs_scan(self._db, buffer, end, 0, self._scratch, self._handler, None)
