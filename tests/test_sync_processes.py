@@ -16,6 +16,7 @@ from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.node import sync as sync_module
 from cio_worker.node.faults import node_fault
 from cio_worker.node.sync import InputSync
+from cio_worker.storage.base import StorageOptions
 from cio_worker.storage.file import FileStorage
 from tests.test_sync import Farm, assert_placed, leftovers
 
@@ -223,3 +224,12 @@ def test_a_workers_error_that_does_not_come_out_of_a_pickle_reaches_the_agent_as
     assert type(failures[1].error) is StorageError and failures[1].error.code == "not_found"  # kept as it was
     failed = pickle.loads(pickle.dumps(_portable(("failed", Odd("no share", 3)))))
     assert str(failed[1]) == "Odd: no share"
+
+
+def test_a_split_worker_fetches_with_one_thread_unless_a_concurrency_was_set(tmp_path):
+    store = FileStorage(f"file://{tmp_path}")
+    worker = store.for_split_worker()  # a process a core already: its own threads would trade its GIL
+    assert isinstance(worker, FileStorage) and worker.url == store.url and worker.options.concurrency == 1
+    assert store.options.concurrency == 0  # the agent's own copy is unchanged
+    told = FileStorage(f"file://{tmp_path}", StorageOptions(concurrency=3))
+    assert told.for_split_worker() is told

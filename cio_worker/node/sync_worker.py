@@ -93,7 +93,7 @@ def serve(conn: Connection) -> None:
     try:
         storage, cache, groups, unnamed = conn.recv()
         progress = _SentProgress(conn)
-        syncer = InputSync(storage, cache, None, PathMap(), progress=progress, processes=1)
+        syncer = InputSync(storage.for_split_worker(), cache, None, PathMap(), progress=progress, processes=1)
         outcomes = _Summed()
         records: list[_Record] = []
         failures: list[_Failure] = []

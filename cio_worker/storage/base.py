@@ -107,6 +107,11 @@ class Storage(abc.ABC):
     # large one is worth splitting over processes; the object then pickles into a working copy.
     splits_over_processes: bool = False
 
+    def for_split_worker(self) -> "Storage":
+        """This store as used by one of the processes a split download runs in (one a core,
+        ``splits_over_processes``)."""
+        return self
+
     @abc.abstractmethod
     def exists(self, keys: Iterable[str]) -> set[str]:
         """The subset of ``keys`` that the store holds."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Sequence
@@ -40,6 +41,13 @@ class FileStorage(Storage):
         self.options = options or StorageOptions()
         if not self.root.is_absolute():
             raise StorageError(f"{url!r} must name an absolute directory", code="bad_storage_url")
+
+    def for_split_worker(self) -> FileStorage:
+        # A process a core already: threads of its own would only trade its GIL (20,000 x 4 KiB
+        # over 2 processes: 2.66-3.04 s with one thread each, 2.89-4.58 s with two).
+        if self.options.concurrency:
+            return self
+        return FileStorage(self.url, replace(self.options, concurrency=1))
 
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*clean_key(key))
