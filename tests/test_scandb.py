@@ -75,6 +75,10 @@ def test_a_missing_system_library_falls_back_to_the_wheel_or_is_refused_when_ask
     assert compile_database([b"x"], [0], "auto", library="libhs-missing.so.9").engine == "wheel"
     with pytest.raises(ScanEngineError, match="libvectorscan5"):
         compile_database([b"x"], [0], "system", library="libhs-missing.so.9")
+    not_hyperscan = "libz.so.1"  # a library that loads but has no Hyperscan in it
+    assert compile_database([b"x"], [0], "auto", library=not_hyperscan).engine == "wheel"
+    with pytest.raises(ScanEngineError, match="not a Hyperscan"):
+        compile_database([b"x"], [0], "system", library=not_hyperscan)
     with pytest.raises(ValueError, match="unknown scan engine"):
         compile_database([b"x"], [0], "fast")  # type: ignore[arg-type]
 

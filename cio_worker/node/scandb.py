@@ -62,12 +62,15 @@ def _system_library(name: str) -> ctypes.CDLL:
         return lib
     try:
         lib = ctypes.CDLL(name)
+        valid_platform, version = lib.hs_valid_platform, lib.hs_version
     except OSError as exc:
         raise ScanEngineError(f"{name} is not installed (Debian: apt-get install libvectorscan5): {exc}") from exc
-    lib.hs_valid_platform.restype = ctypes.c_int
-    if lib.hs_valid_platform() != _SUCCESS:
+    except AttributeError as exc:  # another library of that name, or a Hyperscan older than 4.4
+        raise ScanEngineError(f"{name} is not a Hyperscan this agent can use: {exc}") from exc
+    valid_platform.restype = ctypes.c_int
+    if valid_platform() != _SUCCESS:
         raise ScanEngineError(f"{name} does not run on this CPU")
-    lib.hs_version.restype = ctypes.c_char_p
+    version.restype = ctypes.c_char_p
     lib.hs_compile_multi.argtypes = [
         ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_uint), ctypes.POINTER(ctypes.c_uint), ctypes.c_uint,
         ctypes.c_uint, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.POINTER(_CompileError))]
