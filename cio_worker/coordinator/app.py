@@ -223,7 +223,7 @@ class CreateJobBody(_Strict):
 
 _STATUS_BY_CODE = {
     "unknown_job": 404, "unknown_task": 404, "unknown_download": 404, "unknown_worker": 404,
-    "queue_unavailable": 503, "queue_db": 503, "queue_closed": 503,
+    "queue_unavailable": 503, "queue_db": 503, "queue_closed": 503, "queue_busy": 503,
 }
 
 

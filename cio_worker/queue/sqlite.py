@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from cio_worker.errors import QueueError
+from cio_worker.sqlite_wal import busy, use_wal
 from cio_worker.queue.sql import JOB_BLOCKS, WEB_SESSIONS, WORKERS_TOKENS_OPERATIONS, attempts_tables, SqlQueue, queue_tables
 
 _VERSION_1 = (
@@ -89,11 +90,11 @@ class SqliteQueue(SqlQueue):
         conn.row_factory = sqlite3.Row
         try:
             self._check_schema(conn)  # before any write: never convert someone else's database
-            self._with_retry(lambda: conn.execute("PRAGMA journal_mode=WAL").fetchone())
+            use_wal(conn, wait_seconds=self._busy_timeout)
             self._create_schema(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise self._read_only(exc) or QueueError(
+            raise self._read_only(exc) or self._held(exc) or QueueError(
                 f"{self.path} is not a cio_worker queue database (sqlite: {exc}); point the queue URL at a new file",
                 code="not_a_queue",
             ) from exc
@@ -119,16 +120,15 @@ class SqliteQueue(SqlQueue):
                               code="queue_read_only")
         return QueueError(f"cannot create queue {self.path} (sqlite: {exc}): {need}", code="queue_read_only")
 
-    def _with_retry(self, action: Callable[[], Any]) -> Any:
-        # Changing the journal mode does not wait on the busy handler, so wait here.
-        deadline = time.monotonic() + self._busy_timeout
-        while True:
-            try:
-                return action()
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.02)
+    def _held(self, exc: sqlite3.Error) -> QueueError | None:
+        """The error for a queue another process kept locked past the wait, or None."""
+        if not busy(exc):
+            return None
+        return QueueError(
+            f"queue {self.path} stayed locked by another process for {self._busy_timeout:g} s (sqlite: {exc}); "
+            f"nothing was changed: try again, or find the holder with `fuser {self.path}`",
+            code="queue_busy",
+        )
 
     def _check_schema(self, conn: sqlite3.Connection) -> int:
         """The file's schema version (0: an empty file); QueueError if it is not ours or too new."""

@@ -27,6 +27,7 @@ from typing import Callable, Iterable
 
 from cio_worker.errors import CioError
 from cio_worker.job.hashing import md5_b64_of_file
+from cio_worker.sqlite_wal import busy, use_wal
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS md5 (
@@ -282,13 +283,13 @@ class Md5Cache:
                 self.db_path, timeout=self._busy_timeout, isolation_level=None, check_same_thread=False
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self._busy_timeout * 1000)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            use_wal(conn, wait_seconds=self._busy_timeout)
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute(_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
-            raise Md5CacheError(
-                f"cannot open the MD5 cache {self.db_path}: {exc} (delete the file to start an empty cache)"
-            ) from exc
+            advice = (f"another process held it for {self._busy_timeout:g} s; try again" if busy(exc)
+                      else "delete the file to start an empty cache")
+            raise Md5CacheError(f"cannot open the MD5 cache {self.db_path}: {exc} ({advice})") from exc
         self._conn, self._pid = conn, os.getpid()
         return conn
 
