@@ -12,10 +12,12 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cio_worker"
 # What each top-level part of the package may import from the package (besides itself).
 ALLOWED: dict[str, set[str]] = {
     "errors": set(),
+    # Switching SQLite to its write-ahead log, for the queue and the MD5 cache alike.
+    "sqlite_wal": set(),
     "job": {"errors"},
     "imaging": {"errors"},
-    "queue": {"errors", "job"},
-    "storage": {"errors", "job"},
+    "queue": {"errors", "job", "sqlite_wal"},
+    "storage": {"errors", "job", "sqlite_wal"},
     "node": {"errors", "job", "queue", "storage", "imaging"},
     "artist": {"errors", "job", "queue", "storage", "imaging"},
     # The web view reads frame previews and stored task logs from the job's storage.

@@ -94,7 +94,7 @@ class SqliteQueue(SqlQueue):
             self._create_schema(conn)
         except sqlite3.DatabaseError as exc:
             conn.close()
-            raise self._read_only(exc) or self._held(exc) or QueueError(
+            raise self._read_only(exc) or self._locked_out(exc) or QueueError(
                 f"{self.path} is not a cio_worker queue database (sqlite: {exc}); point the queue URL at a new file",
                 code="not_a_queue",
             ) from exc
@@ -120,7 +120,7 @@ class SqliteQueue(SqlQueue):
                               code="queue_read_only")
         return QueueError(f"cannot create queue {self.path} (sqlite: {exc}): {need}", code="queue_read_only")
 
-    def _held(self, exc: sqlite3.Error) -> QueueError | None:
+    def _locked_out(self, exc: sqlite3.Error) -> QueueError | None:
         """The error for a queue another process kept locked past the wait, or None."""
         if not busy(exc):
             return None
