@@ -11,7 +11,9 @@ from __future__ import annotations
 import sqlite3
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -62,23 +64,24 @@ def test_processes_opening_one_new_database_together_all_succeed(tmp_path, kind)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
-def _held(db: Path) -> sqlite3.Connection:
+@contextmanager
+def held(db: Path) -> Iterator[None]:
+    """Another connection holds ``db`` in an exclusive transaction meanwhile."""
     holder = sqlite3.connect(db, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")
-    return holder
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def test_a_queue_held_past_the_wait_says_so_and_is_left_as_it_was(tmp_path):
     db = tmp_path / "queue.db"
     SqliteQueue(db).close()
     before = db.read_bytes()
-    holder = _held(db)
-    try:
-        with pytest.raises(QueueError) as info:
-            SqliteQueue(db, busy_timeout=0.3)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    with held(db), pytest.raises(QueueError) as info:
+        SqliteQueue(db, busy_timeout=0.3)
     assert info.value.code == "queue_busy"
     message = str(info.value)
     assert "locked by another process for 0.3 s" in message and str(db) in message
@@ -89,12 +92,7 @@ def test_a_queue_held_past_the_wait_says_so_and_is_left_as_it_was(tmp_path):
 
 def test_an_md5_cache_held_past_the_wait_is_not_called_damaged(tmp_path):
     db = tmp_path / "md5.db"  # a new file, still in rollback mode, that another process is writing
-    holder = _held(db)
-    try:
-        with pytest.raises(Md5CacheError) as info:
-            Md5Cache(db, busy_timeout_seconds=0.3)
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
+    with held(db), pytest.raises(Md5CacheError) as info:
+        Md5Cache(db, busy_timeout_seconds=0.3)
     assert "another process held it for 0.3 s; try again" in str(info.value)
     assert "delete the file" not in str(info.value)
