@@ -59,6 +59,15 @@ def test_on_line_gets_only_the_lines_the_filter_selects_in_order_and_the_log_get
     output = log.split(b"==== cio_worker: output ====\n", 1)[1]
     assert output.count(b"[render] bucket") == 60000 - 60 - 60 - 2
     assert b"hunter2-secret-value" not in log and output.count(b"key **** seat") == 60
+    header = log.split(b"==== cio_worker: output ====\n", 1)[0]
+    assert f"\noutput scan: Hyperscan, {engine}".encode() in header  # "system 5.4.9" for the system's libhs
+
+
+def test_the_header_says_when_nothing_is_scanned(tmp_path):
+    spec = RunSpec([PY, "-c", "print('hi')"], cwd=tmp_path, env={"PATH": os.environ["PATH"]},
+                   log_path=tmp_path / "task.log")
+    assert ProcessRunner().start(spec).wait(timeout=60).exit_code == 0
+    assert "\noutput scan: none (no secret to mask, no line to pick)\n" in (tmp_path / "task.log").read_text()
 
 
 def test_the_cap_stops_storing_but_the_pipe_is_drained_and_progress_still_parsed(tmp_path):
@@ -90,6 +99,8 @@ def test_log_throughput_benchmark_quick_runs_and_reports(tmp_path):
         assert row["summary"]["ratio"]["min"] <= row["summary"]["ratio"]["median"] <= row["summary"]["ratio"]["max"]
         assert all(r["progress_lines_parsed"] > 0 for r in row["runs"])
     assert "| 2 MiB | cap on |" in done.stdout
+    assert report["scan_engine"].startswith("Hyperscan, ")  # from the task log's header
+    assert f"scan engine: {report['scan_engine']};" in done.stdout
 
 
 def run_writer(tmp_path: Path, code: str, env: dict[str, str], **kw):

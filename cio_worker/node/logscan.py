@@ -90,6 +90,12 @@ class OutputScanner:
                 flags.append(CASELESS)
         self._db: ScanDatabase | None = compile_database(expressions, flags, engine) if expressions else None
 
+    @property
+    def engine(self) -> str:
+        """The Hyperscan build that scans (``Hyperscan, system 5.4.9``: the system's libhs; ``Hyperscan,
+        wheel``), or why nothing is scanned."""
+        return f"Hyperscan, {self._db.engine}" if self._db is not None else "none (no secret to mask, no line to pick)"
+
     def scan(self, data: bytes | bytearray, end: int | None = None) -> Found:
         """Scan ``data[:end]`` (whole lines)."""
         found = Found()

@@ -493,8 +493,8 @@ class RunningProcess:
         verify_timeout: float,
         spool: OutputSpool,
         spool_lag_bytes: int,
+        scanner: OutputScanner,
         line_filter: LineFilter | None = None,
-        scan_engine: Engine = "auto",
         group: TaskGroup | None = None,
         mark: str | None = None,
         containment: str = "",
@@ -506,8 +506,7 @@ class RunningProcess:
         self._mask = masker
         self._on_line = on_line
         self._line_filter = line_filter
-        # One pass per read finds the secrets and the lines on_line wants (every line without a filter).
-        self._scanner = OutputScanner(masker.needles, line_filter if on_line is not None else None, scan_engine)
+        self._scanner = scanner
         self._group = group
         self._containment = containment
         self._clock = clock
@@ -921,11 +920,14 @@ class ProcessRunner:
             mark = f"{os.getpid()}-{self._runs}"
         env = {**spec.env, RUN_MARK_ENV: mark}
         masker = SecretMasker.for_env(spec.env, spec.secret_names)
+        # One pass per read finds the secrets and the lines on_line wants (every line without a
+        # filter). Compiled before anything starts: the header names its engine.
+        scanner = OutputScanner(masker.needles, line_filter if on_line is not None else None, self._scan_engine)
         task_log = TaskLog(spec.log_path, spec.log_cap_bytes, masker)
         group = self.containment.new_group(spec.owner)
         spool: OutputSpool | None = None
         try:
-            task_log.section("start", self._header(spec, self._wall_clock(), self._describe(group)))
+            task_log.section("start", self._header(spec, self._wall_clock(), self._describe(group), scanner.engine))
             spool = OutputSpool(spec.log_path.parent)
             writer = spool.writer()
         except OSError as exc:
@@ -998,8 +1000,8 @@ class ProcessRunner:
             verify_timeout=self._verify_timeout,
             spool=spool,
             spool_lag_bytes=self._spool_lag_bytes,
+            scanner=scanner,
             line_filter=line_filter,
-            scan_engine=self._scan_engine,
             group=group,
             mark=mark,
             containment=self._describe(group),
@@ -1029,7 +1031,7 @@ class ProcessRunner:
             return f"{self.containment.describe()}: {group.path}"
         return self.containment.describe() + ("" if self.containment.hierarchy is None else " (this task: none)")
 
-    def _header(self, spec: RunSpec, started_at: datetime, containment: str) -> list[str]:
+    def _header(self, spec: RunSpec, started_at: datetime, containment: str, scan_engine: str) -> list[str]:
         env = masked(spec.env, spec.secret_names)
         lines = [
             f"started: {started_at.isoformat(timespec='seconds')}",
@@ -1039,6 +1041,7 @@ class ProcessRunner:
             f"run by: {SHELL} -c" if isinstance(spec.command, str) else "run by: exec",
             f"run as: {self.render_user.name if self.render_user is not None else current_user() + ' (the agent)'}",
             f"containment: {containment}",
+            f"output scan: {scan_engine}",
             f"timeout: {format(spec.timeout, 'g') + ' s' if spec.timeout is not None else 'none'}",
         ]
         lines += [f"{key}: {value}" for key, value in spec.header.items()]
