@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import signal
+import multiprocessing
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ from cio_worker.errors import CioError, StorageError
 from cio_worker.job.document import UploadFile
 from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.node import sync as sync_module
+from cio_worker.node import sync_worker
 from cio_worker.node.faults import node_fault
 from cio_worker.node.sync import InputSync
 from cio_worker.storage.base import StorageOptions
@@ -233,3 +236,25 @@ def test_a_split_worker_fetches_with_one_thread_unless_a_concurrency_was_set(tmp
     assert store.options.concurrency == 0  # the agent's own copy is unchanged
     told = FileStorage(f"file://{tmp_path}", StorageOptions(concurrency=3))
     assert told.for_split_worker() is told
+
+
+class _AskedStorage(FileStorage):
+    """Leaves a mark in its root when a split worker asks for its own copy."""
+
+    def for_split_worker(self) -> FileStorage:
+        (self.root / "asked").touch()
+        return super().for_split_worker()
+
+
+def test_a_split_workers_share_is_fetched_through_its_for_split_worker_copy(tmp_path):
+    parent, child = multiprocessing.Pipe()
+    server = threading.Thread(target=sync_worker.serve, args=(child,))
+    server.start()
+    try:
+        parent.send((_AskedStorage(f"file://{tmp_path}"), None, [], False))
+        assert parent.recv()[0] == "done"
+    finally:
+        server.join(30)
+        parent.close()
+        child.close()
+    assert (tmp_path / "asked").exists()
