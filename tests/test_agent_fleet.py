@@ -33,6 +33,7 @@ from cio_worker.job.paths import PathMap
 from cio_worker.node.agent import Agent, AgentConfig
 from cio_worker.node.execution import ExecutionContext
 from cio_worker.node.identity import read_identity
+from cio_worker.node.outbox import Outbox
 from cio_worker.node.preemption import Notice, PreemptionConfig
 from cio_worker.node.runner import ProcessRunner
 from cio_worker.queue import NewTask, SqliteQueue
@@ -93,7 +94,7 @@ class Fleet:
         return client
 
     def agent(self, node: str, *, queue=None, worker: str | None = None, env: dict | None = None,
-              identity=None, start: bool = True, **config) -> Agent:
+              identity=None, outbox=None, start: bool = True, **config) -> Agent:
         where = self.tmp / node
         where.mkdir(exist_ok=True)
         ctx = ExecutionContext(work_root=where / "work", open_storage=open_storage, runner=ProcessRunner(),
@@ -102,7 +103,7 @@ class Fleet:
         settings = {"poll_seconds": 0.1, "outbox_retry_seconds": 0.2, "report_retry_seconds": 0.2,
                     "exit_report_seconds": 2.0, **config}
         agent = Agent(AgentConfig(worker_id=worker or node, **settings), queue or self.client(), ctx,
-                      identity=identity)
+                      identity=identity, outbox=None if outbox is None else outbox(where / "work" / "outbox"))
         if start:
             self.run(agent)
         return agent
@@ -386,6 +387,28 @@ def test_a_report_made_while_the_coordinator_is_down_is_delivered_once_when_it_r
     assert agent.summary.outcomes == [(job, "000", "deferred")]
     assert waiting.stem in caplog.text  # the delivery names the op id
     fleet.finish(agent)
+
+
+def test_a_flush_as_a_report_is_written_leaves_it_to_the_agent_and_it_is_counted_once(fleet) -> None:
+    # The background flush runs at the worst moment: right after the report's file appears, before
+    # the agent sends it. It must leave that report alone (the agent is sending it), or the task is
+    # delivered twice and counted done twice (seen in CI: done=17 of 16 tasks).
+    flushes = []
+
+    class FlushAfterPut(Outbox):
+        def put(self, report):
+            path = super().put(report)
+            flushes.append(self.flush(fleet.backend))
+            return path
+
+    job = fleet.command_job("echo rendered")
+    agent = fleet.agent("node-a", outbox=FlushAfterPut, idle_exit_seconds=1.0)
+    fleet.threads[0][1].join(30)
+    assert not fleet.threads[0][1].is_alive()
+    assert flushes and all(not f.delivered and f.error is None for f in flushes)
+    assert fleet.task(job).state == "done"
+    assert agent.summary.done == 1 and agent.summary.redelivered == 0 and agent.summary.tasks == 1
+    assert not fleet.outbox("node-a")
 
 
 def test_a_report_left_in_the_outbox_is_delivered_by_the_next_agent_on_the_work_dir(fleet, tmp_path) -> None:

@@ -183,7 +183,8 @@ class Agent:
         self.summary = AgentSummary()
         self.identity = identity  # resolved (read) when the agent starts
         self._info: dict[str, Any] | None = None
-        self.outbox = outbox or Outbox(ctx.work_root / "outbox", log=self.log)
+        # "is None", not "or": an empty Outbox is falsy.
+        self.outbox = Outbox(ctx.work_root / "outbox", log=self.log) if outbox is None else outbox
         self._registered = False
         self._next_register = 0.0
         self._send_status = True
@@ -506,14 +507,16 @@ class Agent:
         unusable. Returns the task's state after it. LeaseLost (logged here with the op id) and
         refusals for good reach the caller with the report dropped; a queue that stays unavailable
         raises ReportDeferred with the report kept for later. ``next_claim``: see ``Report.send``."""
-        stored = True
-        try:
-            self.outbox.put(report)
-        except OSError as exc:
-            stored = False
-            self.log.error("%s: cannot write the report to the outbox %s (%s); sending it without a copy",
-                           report.label, self.outbox.directory, exc)
+        # Marked as ours before its file appears: the background flush, which reads the files,
+        # must never find it unmarked and send it a second time alongside this call.
         with self.outbox.sending(report.op_id):
+            stored = True
+            try:
+                self.outbox.put(report)
+            except OSError as exc:
+                stored = False
+                self.log.error("%s: cannot write the report to the outbox %s (%s); sending it without a copy",
+                               report.label, self.outbox.directory, exc)
             try:
                 return self._reporting(lambda: self.outbox.send(self.queue, report, next_claim), report.label, control)
             except LeaseLost as exc:

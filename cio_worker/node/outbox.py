@@ -278,7 +278,8 @@ class Outbox:
 
     @contextmanager
     def sending(self, op_id: str) -> Iterator[None]:
-        """The agent is sending this report itself: ``flush`` leaves it alone meanwhile."""
+        """The agent is sending this report itself: ``flush`` leaves it alone meanwhile. Enter it
+        before ``put``, or a flush between the two sends the report as well."""
         with self._state:
             self._sending.add(op_id)
         try:
