@@ -94,7 +94,7 @@ class Fleet:
         return client
 
     def agent(self, node: str, *, queue=None, worker: str | None = None, env: dict | None = None,
-              identity=None, outbox=None, start: bool = True, **config) -> Agent:
+              identity=None, outbox_class=None, start: bool = True, **config) -> Agent:
         where = self.tmp / node
         where.mkdir(exist_ok=True)
         ctx = ExecutionContext(work_root=where / "work", open_storage=open_storage, runner=ProcessRunner(),
@@ -103,7 +103,7 @@ class Fleet:
         settings = {"poll_seconds": 0.1, "outbox_retry_seconds": 0.2, "report_retry_seconds": 0.2,
                     "exit_report_seconds": 2.0, **config}
         agent = Agent(AgentConfig(worker_id=worker or node, **settings), queue or self.client(), ctx,
-                      identity=identity, outbox=None if outbox is None else outbox(where / "work" / "outbox"))
+                      identity=identity, outbox=outbox_class and outbox_class(where / "work" / "outbox"))
         if start:
             self.run(agent)
         return agent
@@ -402,7 +402,7 @@ def test_a_flush_as_a_report_is_written_leaves_it_to_the_agent_and_it_is_counted
             return path
 
     job = fleet.command_job("echo rendered")
-    agent = fleet.agent("node-a", outbox=FlushAfterPut, idle_exit_seconds=1.0)
+    agent = fleet.agent("node-a", outbox_class=FlushAfterPut, idle_exit_seconds=1.0)
     fleet.threads[0][1].join(30)
     assert not fleet.threads[0][1].is_alive()
     assert flushes and all(not f.delivered and f.error is None for f in flushes)
