@@ -107,7 +107,10 @@ def through_runner(runner: ProcessRunner, argv: list[str], scratch: Path, cap: i
     with open(log_path, "rb") as f:
         while chunk := f.read(64 * MiB):  # the whole log (at most the cap)
             assert SECRET.encode() not in chunk, "a secret reached the log"
-            engine = engine or re.search(rb"\noutput scan: (.*)\n", chunk)[1].decode()  # the header's
+            if not engine:  # the header's
+                found = re.search(rb"\noutput scan: (.*)\n", chunk)
+                assert found, f"{log_path}: the header has no 'output scan:' line"
+                engine = found[1].decode()
     assert seen["progress"] == progress, f"progress lines parsed: {seen['progress']} of {progress}"
     return command_wall, {"log_complete_s": wall, "progress_lines_parsed": seen["progress"],
                           "log_bytes_dropped": result.log_bytes_dropped, "agent_cpu_s": agent_cpu,
