@@ -21,6 +21,7 @@ from cio_worker.node.faults import node_fault
 from cio_worker.node.sync import InputSync
 from cio_worker.storage.base import StorageOptions
 from cio_worker.storage.file import FileStorage
+from tests.slow_store import SlowFileStorage
 from tests.test_sync import Farm, assert_placed, leftovers
 
 
@@ -53,11 +54,11 @@ def farm(tmp_path: Path, request: pytest.FixtureRequest) -> Farm:
     return Farm(tmp_path, unnamed=request.param == "unnamed")
 
 
-def split_syncer(farm: Farm, **kw) -> InputSync:
+def split_syncer(farm: Farm, storage: FileStorage | None = None, **kw) -> InputSync:
     """The farm's sync on the plain FileStorage (which splits), split from 2 contents on."""
     if not farm.unnamed:
         kw.setdefault("unnamed", lambda: None)
-    return InputSync(FileStorage(farm.storage.url), farm.cache, farm.md5cache, farm.path_map,
+    return InputSync(storage or FileStorage(farm.storage.url), farm.cache, farm.md5cache, farm.path_map,
                      processes=2, split_from=2, **kw)  # fmt: skip
 
 
@@ -140,7 +141,7 @@ def test_a_worker_that_dies_fails_its_share_as_the_nodes_fault_and_the_other_sha
 
 def test_a_stop_during_a_split_download_ends_every_worker_and_leaves_nothing_half_made(farm, monkeypatch):
     started = Started(monkeypatch)
-    files = many(farm, 1500)
+    files = many(farm, 300)
 
     class StopAtFirstReport:
         def start(self, files, total_bytes):
@@ -152,12 +153,15 @@ def test_a_stop_during_a_split_download_ends_every_worker_and_leaves_nothing_hal
         def file_done(self, key):
             pass
 
+    # 150 objects a worker at 5 ms each (0.75 s): the stop, at the first report (50 ms in), lands
+    # in the middle on any machine (with 1,500 fast ones a quick machine placed them all first).
+    slow = SlowFileStorage(farm.storage.url, delay=0.005)
     with pytest.raises(Stop):
-        split_syncer(farm, progress=StopAtFirstReport()).sync(files)
+        split_syncer(farm, slow, progress=StopAtFirstReport()).sync(files)
     assert len(started.processes) == 2 and started.all_ended()
     assert [p.returncode for p in started.processes] == [0, 0]  # each ended on its own, not killed
     placed = [f for f in files if farm.local(f.destination).exists()]
-    assert len(placed) < len(files)
+    assert len(placed) < len(files) // 2  # 25 of 301 here: the workers stopped at their next report
     assert_placed(farm, placed)  # what is there is whole
     assert leftovers(farm.root, farm.cache.root) == []
     rest = split_syncer(farm).sync(files)  # and a later sync finishes the job
