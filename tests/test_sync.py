@@ -7,6 +7,7 @@ import os
 import stat
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Sequence
@@ -20,6 +21,7 @@ from cio_worker.job.hashing import hashstore_key, md5_b64_of_bytes, md5_b64_of_f
 from cio_worker.storage.md5cache import FileStamp, Md5Cache
 from cio_worker.job.paths import PathMap
 from cio_worker.storage.base import DownloadItem, Progress, Storage, UploadItem
+from cio_worker.storage.common import UnnamedFiles
 from cio_worker.storage.file import FileStorage
 from cio_worker.node.sync import InputSync, SyncResult
 
@@ -618,8 +620,6 @@ class RefusingUnnamed:
     """The real UnnamedFiles, but one directory's filesystem "cannot" (as NFS or an old kernel)."""
 
     def __init__(self, refused: Path) -> None:
-        from cio_worker.storage.common import UnnamedFiles
-
         self.inner = UnnamedFiles.open()
         self.refused = str(refused)
 
@@ -717,3 +717,31 @@ def test_copies_from_the_cache_are_never_visible_under_a_temporary_name(tmp_path
     assert (result.placed, result.from_cache, result.downloaded) == (7, 7, 0)
     assert_placed(farm, files)
     assert farm.cache.seen and not [name for name in farm.cache.seen if ".part" in name]
+
+
+def test_the_unnamed_files_probe_runs_before_any_copy_starts(tmp_path):
+    # The probe links a file under a temporary name in the destination for a moment: made on the
+    # sync's own thread before the pool starts, it is never there while a copy is (the test above
+    # saw one in 1 of 7 full runs when the pool's threads probed as they went).
+    events: list[tuple[str, str]] = []
+
+    class Probing(UnnamedFiles):
+        def _probe(self, directory):
+            events.append(("probe", threading.current_thread().name))
+            return super()._probe(directory)
+
+    class Copying(ContentCache):
+        def copy_out_fd(self, md5, out):
+            events.append(("copy", threading.current_thread().name))
+            return super().copy_out_fd(md5, out)
+
+    farm = Farm(tmp_path, unnamed=True)
+    files = [farm.put(f"C:/proj/tex/t{i}.exr", os.urandom(10_000 + i)) for i in range(8)]
+    farm.sync(files)
+    farm.cache = Copying(farm.cache.root, 1 << 30)
+    farm.path_map = PathMap.rooted(str(tmp_path / "again"))
+    result = farm.sync(files, unnamed=lambda: Probing.open())
+    assert (result.placed, result.from_cache) == (8, 8)
+    kinds = [kind for kind, _ in events]
+    assert kinds[0] == "probe" and kinds.count("probe") == 1 and kinds.count("copy") == 8, events
+    assert events[0][1] == threading.current_thread().name  # not one of the pool's threads

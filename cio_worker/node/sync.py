@@ -225,9 +225,14 @@ class InputSync:
                 for target in todo:
                     groups.setdefault(target.md5, []).append(target)
                 del todo
-                for directory in {os.path.dirname(t.path) for group in groups.values() for t in group}:
+                directories = {os.path.dirname(t.path) for group in groups.values() for t in group}
+                for directory in directories:
                     os.makedirs(directory, exist_ok=True)
                 names = self.unnamed() if groups else None
+                if names is not None:  # decided before any copy starts: never a probe's name beside one
+                    for directory in directories:
+                        names.usable_in(directory)
+                del directories
                 if groups and self.cache is not None:
                     with self.cache.pinned(groups):
                         again = self._round(groups, True, result, pool, records, failures, names)
