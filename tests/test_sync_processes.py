@@ -18,8 +18,9 @@ from cio_worker.job.hashing import md5_b64_of_bytes
 from cio_worker.node import sync as sync_module
 from cio_worker.node import sync_worker
 from cio_worker.node.faults import node_fault
-from cio_worker.node.sync import InputSync
+from cio_worker.node.sync import InputSync, _Target
 from cio_worker.storage.base import StorageOptions
+from cio_worker.storage.common import UnnamedFiles
 from cio_worker.storage.file import FileStorage
 from tests.slow_store import SlowFileStorage
 from tests.test_sync import Farm, assert_placed, leftovers
@@ -255,10 +256,43 @@ def test_a_split_workers_share_is_fetched_through_its_for_split_worker_copy(tmp_
     server = threading.Thread(target=sync_worker.serve, args=(child,))
     server.start()
     try:
-        parent.send((_AskedStorage(f"file://{tmp_path}"), None, [], False))
+        parent.send((_AskedStorage(f"file://{tmp_path}"), None, [], None))
         assert parent.recv()[0] == "done"
     finally:
         server.join(30)
         parent.close()
         child.close()
     assert (tmp_path / "asked").exists()
+
+
+def test_a_split_worker_takes_the_parents_probes_and_makes_none_of_its_own(tmp_path, monkeypatch):
+    # A worker probing as it starts would put the probe's temporary name in the tree while the
+    # other worker copies: the parent probed every destination first and tells them what it found.
+    farm = Farm(tmp_path, unnamed=True)
+    data = [os.urandom(1000 + i) for i in range(4)]
+    files = [farm.put(f"C:/proj/tex/t{i}.exr", body) for i, body in enumerate(data)]
+    probes: list[str] = []
+    real_probe = UnnamedFiles._probe
+    monkeypatch.setattr(UnnamedFiles, "_probe", lambda self, directory: probes.append(directory) or real_probe(self, directory))
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    names = UnnamedFiles.open()
+    assert names is not None and names.usable_in(str(dest)) and probes == [str(dest)]  # the parent's probe
+    names.close()
+    groups = {f.md5: [_Target(f.destination, f"{dest}/t{i}.exr", f.md5, f.size, 0o644, str(dest))]
+              for i, f in enumerate(files)}  # fmt: skip
+    parent, child = multiprocessing.Pipe()
+    server = threading.Thread(target=sync_worker.serve, args=(child,))
+    server.start()
+    try:
+        parent.send((FileStorage(farm.storage.url), farm.cache, groups, names.decided()))
+        answer = parent.recv()
+        while answer[0] == "moved":
+            answer = parent.recv()
+    finally:
+        server.join(30)
+        parent.close()
+        child.close()
+    assert answer[0] == "done" and answer[3] == [], answer
+    assert probes == [str(dest)]  # none in the worker
+    assert [(dest / f"t{i}.exr").read_bytes() for i in range(4)] == data

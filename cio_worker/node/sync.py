@@ -473,17 +473,18 @@ class InputSync:
         A large one from a local store is split over processes (``_download_in_processes``)."""
         if self.processes > 1 and len(groups) >= max(2, self.split_from) and self.storage.splits_over_processes:
             groups = self._download_in_processes(groups, min(self.processes, len(groups)), outcomes, records,
-                                                 failures, names is not None)
+                                                 failures, None if names is None else names.decided())
         if names is not None and groups:
             groups = self._download_unnamed(groups, names, outcomes, records, failures)
         self._download_named(groups, outcomes, records, failures, names)
 
     def _download_in_processes(
         self, groups: dict[str, list[_Target]], count: int, outcomes: list[_Placed], records: list[_Record],
-        failures: list[_Failure], unnamed: bool,
+        failures: list[_Failure], unnamed: dict[int, bool] | None,
     ) -> dict[str, list[_Target]]:  # fmt: skip
         """Fetch and place ``groups`` in ``count`` worker processes (``node/sync_worker.py``), a
-        share of the contents each, as this process would (the same code, the same cache); their
+        share of the contents each, as this process would (the same code, the same cache; files
+        without a name where this process found they can be: ``unnamed``, None for never); their
         progress comes back as they go, then their outcomes and MD5 records. A worker that ends
         without an answer fails its share (the node's fault, not the task's). Anything raised here
         (a stop requested through the progress) ends every worker first: each fails its next

@@ -87,9 +87,11 @@ class _Summed:
 
 
 def serve(conn: Connection) -> None:
-    """Take one share (storage, cache, groups, whether to make files without a name), fetch and
-    place it as the parent would, then answer ("done", outcomes, MD5 records, failures), or
-    ("failed", error) when the share could not even begin."""
+    """Take one share (storage, cache, groups, and where the parent found files without a name
+    can be made, per filesystem, or None for nowhere), fetch and place it as the parent would,
+    then answer ("done", outcomes, MD5 records, failures), or ("failed", error) when the share
+    could not even begin. The parent probed every destination before the workers started: a
+    probe's short-lived name is never in the tree while another worker copies."""
     try:
         storage, cache, groups, unnamed = conn.recv()
         progress = _SentProgress(conn)
@@ -97,7 +99,7 @@ def serve(conn: Connection) -> None:
         outcomes = _Summed()
         records: list[_Record] = []
         failures: list[_Failure] = []
-        names = UnnamedFiles.open() if unnamed else None
+        names = None if unnamed is None else UnnamedFiles.open(unnamed)
         try:
             syncer._download(groups, outcomes, records, failures, names)  # type: ignore[arg-type]
         finally:

@@ -297,20 +297,25 @@ class UnnamedFiles:
     ``/proc/self/fd``; Python's ``os.link`` only follows that link given a directory descriptor).
     ``usable_in`` tells, per filesystem, whether the kernel and the filesystem can (tried once
     each: make one, name it, remove the name). ``open()`` is None where /proc is not mounted.
-    Only in the process that opened it (the descriptor names this process's /proc entry)."""
+    Only in the process that opened it (the descriptor names this process's /proc entry).
+    ``devices``: what another process found (``decided``), so that it is not probed again."""
 
-    def __init__(self, fds: int) -> None:
+    def __init__(self, fds: int, devices: dict[int, bool] | None = None) -> None:
         self._fds = fds
         self._pid = os.getpid()
-        self._devices: dict[int, bool] = {}
+        self._devices: dict[int, bool] = dict(devices or {})
         self._dirs: dict[str, bool] = {}
 
     @classmethod
-    def open(cls) -> UnnamedFiles | None:
+    def open(cls, devices: dict[int, bool] | None = None) -> UnnamedFiles | None:
         try:
-            return cls(os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC))
+            return cls(os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), devices)
         except OSError:
             return None
+
+    def decided(self) -> dict[int, bool]:
+        """Each filesystem (device number) probed so far, and whether it can."""
+        return dict(self._devices)
 
     def close(self) -> None:
         if self._fds >= 0:
